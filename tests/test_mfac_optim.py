@@ -1,0 +1,273 @@
+"""MFAC against a dense float64 reference written here from the paper's definitions, plus its plumbing."""
+import io
+import warnings
+
+import pytest
+import torch
+
+from mfac_optim import GRAD_DTYPES, MFAC
+
+TOLERANCE = 1e-4
+
+
+class DenseReference:
+    """M-FAC from the definitions: F = λI + (1/m) Σ gᵢgᵢᵀ over the stored gradients, u = F⁻¹g by a dense float64
+    solve, momentum v ← μv + (1 − μ)u per group. The stored g is formed as the optimizer must form it (fp32
+    gradient plus wd · p, rounded to the window dtype); everything after that is float64."""
+
+    def __init__(self, num_grads, damp, grad_dtype=torch.float32):
+        self.num_grads, self.damp, self.grad_dtype = num_grads, damp, grad_dtype
+        self.rows = []
+        self.slot = 0
+        self.velocity = None
+
+    def stored_gradient(self, groups):
+        pieces = []
+        for group in groups:
+            for p in group["params"]:
+                grad = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
+                pieces.append((grad + group["weight_decay"] * p.float()).reshape(-1))
+        return torch.cat(pieces).to(self.grad_dtype).double()
+
+    def direction(self, groups):
+        """Stores the new gradient and returns the per-group directions (after momentum) as one flat vector."""
+        g = self.stored_gradient(groups)
+        if len(self.rows) < self.num_grads:
+            self.rows.append(g)
+        else:
+            self.rows[self.slot] = g
+        self.slot = (self.slot + 1) % self.num_grads
+        window = torch.stack(self.rows)
+        fisher = self.damp * torch.eye(g.numel(), dtype=torch.float64) + window.T @ window / self.num_grads
+        u = torch.linalg.solve(fisher, g)
+        if self.velocity is None:
+            self.velocity = torch.zeros_like(u)
+        out, offset = u.clone(), 0
+        for group in groups:
+            size = sum(p.numel() for p in group["params"])
+            mu = group["momentum"]
+            if mu > 0:
+                self.velocity[offset:offset + size] = mu * self.velocity[offset:offset + size] + (1 - mu) * u[offset:offset + size]
+                out[offset:offset + size] = self.velocity[offset:offset + size]
+            offset += size
+        return out
+
+
+def flat(params):
+    return torch.cat([p.detach().double().reshape(-1) for p in params])
+
+
+def set_random_grads(params, generator, scale=0.1, none_mask=()):
+    for index, p in enumerate(params):
+        p.grad = None if index in none_mask else scale * torch.randn(p.shape, generator=generator).to(p.device)
+
+
+def run_against_reference(shapes, num_grads, damp, steps, grad_dtype=torch.float32, group_options=None,
+                          none_every=0, device="cpu"):
+    """Steps MFAC and the reference on the same gradients; returns the worst relative error of an update."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(shape, generator=generator).to(device).requires_grad_() for shape in shapes]
+    group_options = group_options or [{}]
+    split = len(params) // len(group_options) or 1
+    groups = [{"params": params[i * split:(i + 1) * split] if i < len(group_options) - 1 else params[i * split:], **opts}
+              for i, opts in enumerate(group_options)]
+    optimizer = MFAC(groups, num_grads=num_grads, damp=damp, grad_dtype=grad_dtype)
+    reference = DenseReference(num_grads, damp, grad_dtype)
+    worst = 0.0
+    for step in range(steps):
+        none_mask = {step % len(params)} if none_every and step % none_every == 0 else ()
+        set_random_grads(params, generator, none_mask=none_mask)
+        before = flat(params)
+        expected_direction = reference.direction(optimizer.param_groups)
+        # An lr read afresh each step (as a scheduler sets it) that moves the parameters by ~10% of their norm
+        # keeps the fp32 rounding of p − lr·u far below the tolerance.
+        expected_update, offset = torch.zeros_like(before), 0
+        for group in optimizer.param_groups:
+            size = sum(p.numel() for p in group["params"])
+            group["lr"] = group.get("lr_scale", 1.0) * 0.1 * before.norm().item() / expected_direction.norm().item()
+            expected_update[offset:offset + size] = -group["lr"] * expected_direction[offset:offset + size]
+            offset += size
+        optimizer.step()
+        update = flat(params) - before
+        worst = max(worst, ((update.cpu() - expected_update.cpu()).norm() / expected_update.norm()).item())
+    return worst
+
+
+@pytest.mark.parametrize("damp", [1e-2, 1e-4, 1e-6])
+@pytest.mark.parametrize(
+    "shapes,num_grads,steps",
+    [
+        ([(40, 30), (30,), (7,)], 16, 40),  # m < d, two and a half ring wrap-arounds
+        ([(9, 5), (5,)], 64, 150),  # m > d: the window is rank-deficient
+        ([(12, 10)], 60, 70),  # m ≈ d/2: nearly rank-deficient
+        ([(20, 3)], 1, 5),  # m = 1
+    ],
+)
+def test_updates_match_dense_float64_solve(shapes, num_grads, steps, damp):
+    assert run_against_reference(shapes, num_grads, damp, steps) < TOLERANCE
+
+
+@pytest.mark.parametrize("grad_dtype", ["bfloat16", "float16", torch.bfloat16])
+def test_low_precision_window_matches_reference_on_rounded_gradients(grad_dtype):
+    dtype = GRAD_DTYPES[grad_dtype] if isinstance(grad_dtype, str) else grad_dtype
+    assert run_against_reference([(40, 30), (30,)], 16, 1e-6, 40, grad_dtype=dtype) < TOLERANCE
+    assert run_against_reference([(9, 5)], 64, 1e-6, 100, grad_dtype=dtype) < TOLERANCE
+
+
+def test_momentum_two_groups_weight_decay_and_missing_grads():
+    group_options = [
+        {"momentum": 0.9, "weight_decay": 0.01},
+        {"momentum": 0.5, "weight_decay": 0.0, "lr_scale": 3.0},
+    ]
+    worst = run_against_reference([(20, 10), (10,), (10, 6), (6,)], 8, 1e-4, 30, group_options=group_options,
+                                  none_every=3)
+    assert worst < TOLERANCE
+
+
+def test_single_gradient_window_by_hand():
+    # m = 1: F = λI + ggᵀ, so F⁻¹g = g / (λ + ‖g‖²) (Sherman–Morrison).
+    p = torch.zeros(3, requires_grad=True)
+    optimizer = MFAC([p], lr=1.0, num_grads=1, damp=0.5)
+    p.grad = torch.tensor([1.0, 2.0, 2.0])
+    optimizer.step()
+    torch.testing.assert_close(p.detach(), -torch.tensor([1.0, 2.0, 2.0]) / 9.5)
+
+
+def test_two_step_window_by_hand():
+    # m = 2, orthogonal gradients g₁ = (1,0), g₂ = (0,2): F = λI + diag(1, 4)/2, so u₂ = (0, 2/(λ + 2)).
+    p = torch.zeros(2, requires_grad=True)
+    optimizer = MFAC([p], lr=1.0, num_grads=2, damp=0.25)
+    p.grad = torch.tensor([1.0, 0.0])
+    optimizer.step()
+    # u₁ = g₁ / (λ + ‖g₁‖²/2) = (1/0.75, 0)
+    torch.testing.assert_close(p.detach(), torch.tensor([-1 / 0.75, 0.0]))
+    p.grad = torch.tensor([0.0, 2.0])
+    optimizer.step()
+    torch.testing.assert_close(p.detach(), torch.tensor([-1 / 0.75, -2 / 2.25]))
+
+
+def make_model_and_optimizer(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    groups = [
+        {"params": [model[0].weight, model[2].weight], "weight_decay": 0.01},
+        {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0},
+    ]
+    return model, MFAC(groups, lr=1e-2, **kwargs)
+
+
+def train_steps(model, optimizer, steps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=generator)
+        y = torch.randint(0, 2, (8,), generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("grad_dtype", ["float32", "bfloat16"])
+def test_state_dict_round_trip_continues_bit_identically(grad_dtype):
+    options = dict(num_grads=4, damp=1e-3, momentum=0.9, grad_dtype=grad_dtype)
+    model, optimizer = make_model_and_optimizer(**options)
+    train_steps(model, optimizer, 6, seed=1)  # past one ring wrap-around
+
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed_model, resumed_optimizer = make_model_and_optimizer(seed=99, **options)
+    resumed_model.load_state_dict(saved["model"])
+    resumed_optimizer.load_state_dict(saved["optimizer"])
+
+    state = resumed_optimizer.state[resumed_model[0].weight]
+    assert state["gram"].dtype == torch.float64
+    assert state["window"].dtype == GRAD_DTYPES[grad_dtype]
+    assert int(state["step"]) == 6
+
+    train_steps(model, optimizer, 5, seed=2)
+    train_steps(resumed_model, resumed_optimizer, 5, seed=2)
+    for original, resumed in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(original, resumed)
+
+
+def test_nonfinite_gradient_skips_step_and_warns_once():
+    model, optimizer = make_model_and_optimizer(num_grads=4)
+    train_steps(model, optimizer, 2, seed=1)
+    state = optimizer.state[model[0].weight]
+    before_params = [p.detach().clone() for p in model.parameters()]
+    before_window, before_gram = state["window"].clone(), state["gram"].clone()
+
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[2].bias.grad[0] = float("nan")
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        optimizer.step()
+    model[2].bias.grad[0] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+
+    assert all(torch.equal(a, b) for a, b in zip(before_params, model.parameters()))
+    assert torch.equal(state["window"], before_window) and torch.equal(state["gram"], before_gram)
+    assert int(state["skipped_steps"]) == 2 and int(state["step"]) == 2
+
+
+def test_closure_is_evaluated_with_grad_and_loss_returned():
+    model, optimizer = make_model_and_optimizer(num_grads=4)
+    x, y = torch.randn(8, 6), torch.randint(0, 2, (8,))
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    before = model[0].weight.detach().clone()
+    loss = optimizer.step(closure)
+    assert torch.is_tensor(loss) and loss.item() > 0
+    assert not torch.equal(before, model[0].weight)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lr": -1.0}, "Invalid learning rate: -1.0"),
+        ({"lr": float("nan")}, "Invalid learning rate: nan"),
+        ({"num_grads": 0}, "Invalid num_grads: 0"),
+        ({"num_grads": 2.5}, "Invalid num_grads: 2.5"),
+        ({"num_grads": True}, "Invalid num_grads: True"),
+        ({"damp": 0.0}, "Invalid damp: 0.0"),
+        ({"damp": -1e-6}, "Invalid damp: -1e-06"),
+        ({"damp": float("inf")}, "Invalid damp: inf"),
+        ({"momentum": 1.0}, "Invalid momentum: 1.0"),
+        ({"momentum": -0.1}, "Invalid momentum: -0.1"),
+        ({"weight_decay": -0.5}, "Invalid weight_decay: -0.5"),
+        ({"grad_dtype": "int8"}, "Invalid grad_dtype: 'int8'"),
+        ({"grad_dtype": torch.float64}, "Invalid grad_dtype: torch.float64"),
+    ],
+)
+def test_invalid_arguments_are_rejected_with_their_name(kwargs, message):
+    with pytest.raises(ValueError, match="allowed|must") as error:
+        MFAC([torch.zeros(2, requires_grad=True)], **kwargs)
+    assert message in str(error.value)
+
+
+def test_groups_must_share_the_window_settings():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid num_grads in param group 1: 8"):
+        MFAC([{"params": [a]}, {"params": [b], "num_grads": 8}], num_grads=4)
+    with pytest.raises(ValueError, match="Invalid momentum: 2"):
+        MFAC([{"params": [a]}, {"params": [b], "momentum": 2}])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_dense_reference(grad_dtype):
+    worst = run_against_reference([(300, 40), (40,)], 32, 1e-6, 70, grad_dtype=grad_dtype, device="cuda")
+    assert worst < TOLERANCE
+    p = torch.zeros(3, device="cuda", requires_grad=True)
+    optimizer = MFAC([p], num_grads=2, grad_dtype=grad_dtype)
+    p.grad = torch.ones(3, device="cuda")
+    optimizer.step()
+    assert optimizer.state[p]["window"].device.type == "cuda"
