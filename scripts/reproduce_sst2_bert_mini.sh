@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The published M-FAC run: bert-mini fine-tuned on SST-2 (Frantar, Kurtic, Alistarh 2021: 84.74 accuracy at
+# seed 1234; 84.20 ± 0.58 over 5 seeds). Settings are the published ones; these environment variables override
+# what a user without the Hub, or with other paths, must change:
+#   MODEL            model id or local folder        (default prajjwal1/bert-mini)
+#   SEED             random seed                     (default 1234)
+#   OUTPUT_DIR       run folder                      (default out_dir/)
+#   TRAIN_FILE       local SST-2 train (.tsv/.csv/.json), with VALIDATION_FILE; default: GLUE from the Hub
+#   VALIDATION_FILE  local SST-2 dev
+# Extra arguments go last to run_glue.py, so they override (e.g. --max_steps 4). Uses the `python` on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+die() { echo "reproduce_sst2_bert_mini: $*" >&2; exit 1; }
+
+MODEL=${MODEL:-prajjwal1/bert-mini}
+SEED=${SEED:-1234}
+OUTPUT_DIR=${OUTPUT_DIR:-out_dir/}
+data=()
+if [ -n "${TRAIN_FILE:-}${VALIDATION_FILE:-}" ]; then
+  [ -n "${TRAIN_FILE:-}" ] && [ -n "${VALIDATION_FILE:-}" ] || die "set both TRAIN_FILE and VALIDATION_FILE, or neither (GLUE from the Hub)"
+  for file in "$TRAIN_FILE" "$VALIDATION_FILE"; do [ -f "$file" ] || die "data file not found: $file"; done
+  data=(--train_file "$TRAIN_FILE" --validation_file "$VALIDATION_FILE")
+fi
+command -v python >/dev/null || die "no python on PATH (activate the project's venv: . .venv/bin/activate)"
+
+# Fail in a second, with what to set, rather than deep inside a download.
+python - "$MODEL" "${#data[@]}" <<'PY' || exit 1
+import os, sys
+model, hub_data = sys.argv[1], sys.argv[2] == "0"
+wanted = ([] if os.path.isdir(model) else [("model", model)]) + ([("dataset", "nyu-mll/glue")] if hub_data else [])
+if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(model):
+    sys.exit(f"reproduce_sst2_bert_mini: MODEL folder not found: {model}")
+try:
+    from huggingface_hub import HfApi
+    for kind, name in wanted:
+        getattr(HfApi(), f"{kind}_info")(name, timeout=10)
+except Exception as error:
+    sys.exit(f"reproduce_sst2_bert_mini: cannot reach {kind} {name!r} on the Hugging Face Hub ({type(error).__name__}). "
+             "Offline, set MODEL=/path/to/model and TRAIN_FILE/VALIDATION_FILE to SST-2's train.tsv/dev.tsv.")
+PY
+
+exec python run_glue.py --seed "$SEED" --model_name_or_path "$MODEL" --task_name sst2 --do_train --do_eval \
+  --max_seq_length 128 --per_device_train_batch_size 32 --learning_rate 1e-4 --num_train_epochs 3 \
+  --output_dir "$OUTPUT_DIR" --optim MFAC --optim_args '{"lr": 1e-4, "num_grads": 1024, "damp": 1e-6}' \
+  ${data[@]+"${data[@]}"} "$@"

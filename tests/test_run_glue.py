@@ -1,0 +1,227 @@
+"""run_glue.py: argument handling, local GLUE data, local metrics, and end-to-end offline runs with a tiny BERT."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run_glue
+from conftest import SHARED_GLUE
+
+SEED_COMMAND = (
+    "--seed 1234 --model_name_or_path prajjwal1/bert-mini --task_name sst2 --do_train --do_eval "
+    "--max_seq_length 128 --per_device_train_batch_size 32 --learning_rate 1e-4 --num_train_epochs 3 "
+    "--output_dir out_dir/ --optim MFAC"
+).split() + ["--optim_args", '{"lr": 1e-4, "num_grads": 1024, "damp": 1e-6}']
+
+QUICK = ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--max_seq_length", "32",
+         "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"]
+
+
+def run(tmp_path, model, glue_dir, task, folder, *extra, train_samples=64, eval_samples=48):
+    output = tmp_path / f"out-{task}"
+    run_glue.main([
+        "--model_name_or_path", str(model), "--task_name", task,
+        "--train_file", str(glue_dir / folder / "train.tsv"), "--validation_file", str(glue_dir / folder / "dev.tsv"),
+        "--do_train", "--do_eval", "--max_train_samples", str(train_samples), "--max_eval_samples", str(eval_samples),
+        "--output_dir", str(output), *QUICK, *extra,
+    ])
+    return output, json.loads((output / "all_results.json").read_text())
+
+
+# --- arguments ---------------------------------------------------------------------------------------------------
+def test_seed_command_parses_to_the_published_mfac_settings():
+    model_args, data_args, training_args, local = run_glue.parse_and_check_inputs(SEED_COMMAND)
+    assert training_args.optim == "mfac"
+    assert json.loads(training_args.optim_args) == {"lr": 1e-4, "weight_decay": 0.0, "num_grads": 1024, "damp": 1e-6}
+    assert (training_args.seed, training_args.learning_rate, training_args.num_train_epochs) == (1234, 1e-4, 3)
+    assert training_args.per_device_train_batch_size == 32 and training_args.max_grad_norm == 1.0
+    assert (model_args.model_name_or_path, data_args.task_name, data_args.max_seq_length) == ("prajjwal1/bert-mini", "sst2", 128)
+    assert data_args.pad_to_max_length and local is None
+    assert run_glue.optimizer_cls_and_kwargs(training_args)[0].__name__ == "MFAC"
+
+
+def test_mfac_is_case_insensitive_and_json_lr_wins_over_learning_rate(caplog):
+    argv = [a if a != "MFAC" else "mfac" for a in SEED_COMMAND]
+    argv[argv.index("--learning_rate") + 1] = "5e-5"
+    argv += ["--weight_decay", "0.01"]
+    _, _, training_args, _ = run_glue.parse_and_check_inputs(argv)
+    assert training_args.learning_rate == 1e-4 and training_args.weight_decay == 0.01
+    assert json.loads(training_args.optim_args)["lr"] == 1e-4
+    assert "--optim_args lr=0.0001 overrides --learning_rate 5e-05" in caplog.text
+
+
+def test_other_optimizers_are_hf_unchanged():
+    _, _, training_args, _ = run_glue.parse_and_check_inputs(
+        ["--model_name_or_path", "m", "--task_name", "rte", "--output_dir", "o", "--optim", "sgd",
+         "--optim_args", "momentum=0.9"])
+    assert training_args.optim == "sgd" and training_args.optim_args == "momentum=0.9"
+    assert run_glue.optimizer_cls_and_kwargs(training_args) is None
+
+
+def test_json_config_file_with_command_line_override(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_name_or_path": "m", "task_name": "mrpc", "output_dir": "o", "seed": 1,
+                                  "do_train": True, "optim": "MFAC", "optim_args": {"num_grads": 512}}))
+    _, data_args, training_args, _ = run_glue.parse_and_check_inputs([str(config), "--seed", "7"])
+    assert training_args.seed == 7 and training_args.do_train and data_args.task_name == "mrpc"
+    assert json.loads(training_args.optim_args)["num_grads"] == 512
+
+
+BAD_INPUTS = [
+    (["--optim", "MFAC", "--optim_args", '{"lr": 1e-4,'], "--optim_args: not valid JSON"),
+    (["--optim", "MFAC", "--optim_args", "[1, 2]"], "--optim_args: must be a JSON object"),
+    (["--optim", "MFAC", "--optim_args", '{"num_grad": 8}'],
+     "--optim_args: unknown key(s) num_grad for MFAC (allowed: lr, num_grads, damp, momentum, weight_decay, grad_dtype"),
+    (["--optim", "MFAC", "--optim_args", '{"damp": -1}'], "--optim_args: Invalid damp: -1"),
+    (["--optim", "MFAC", "--optim_args", '{"grad_dtype": "int4"}'], "--optim_args: Invalid grad_dtype: 'int4'"),
+    (["--optim", "adamw_torch", "--optim_args", '{"lr": 1}'], "--optim_args: adamw_torch takes no optimizer arguments"),
+    (["--optim", "shampoo"], "--optim: unknown optimizer 'shampoo' (allowed: MFAC, adamw_torch"),
+    (["--task_name", "squad"], "--task_name: unknown task 'squad' (allowed: cola, mnli"),
+    (["--train_file", "/nonexistent/train.tsv"], "--train_file: file not found: /nonexistent/train.tsv"),
+    (["--train_file", "train.parquet"], "--train_file: 'train.parquet' must end with one of .tsv, .csv, .json, .jsonl"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2_before_any_loading(extra, message, capsys):
+    argv = ["--model_name_or_path", "/nonexistent/model", "--task_name", "sst2", "--output_dir", "o", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_data_file_without_the_task_columns_is_rejected(tmp_path, glue_dir, capsys):
+    argv = ["--model_name_or_path", "/nonexistent/model", "--task_name", "rte", "--output_dir", "o", "--do_train",
+            "--train_file", str(glue_dir / "SST-2" / "train.tsv")]
+    with pytest.raises(SystemExit):
+        run_glue.main(argv)
+    err = capsys.readouterr().err
+    assert "no rte columns (sentence1, sentence2, label) in its header" in err and err.count("\n") == 1
+
+
+def test_stage_without_its_local_file_is_rejected(glue_dir, capsys):
+    argv = ["--model_name_or_path", "/nonexistent/model", "--task_name", "sst2", "--output_dir", "o", "--do_eval",
+            "--train_file", str(glue_dir / "SST-2" / "train.tsv")]
+    with pytest.raises(SystemExit):
+        run_glue.main(argv)
+    assert "--validation_file: required for --do_eval when data comes from local files" in capsys.readouterr().err
+
+
+# --- local data --------------------------------------------------------------------------------------------------
+def test_glue_tsv_layouts(tmp_path):
+    cola = tmp_path / "cola.tsv"
+    cola.write_text("gj04\t1\t\tThe sailors rode the breeze.\ngj04\t0\t*\tThe more books I ask to whom.\n")
+    assert run_glue.read_glue_tsv(str(cola), "cola") == {
+        "sentence": ["The sailors rode the breeze.", "The more books I ask to whom."], "label": [1, 0]}
+    mrpc = tmp_path / "mrpc.tsv"
+    mrpc.write_bytes("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said \" no .\tHe did .\n".encode())
+    assert run_glue.read_glue_tsv(str(mrpc), "mrpc") == {
+        "sentence1": ['He said " no .'], "sentence2": ["He did ."], "label": [1]}
+    mnli = tmp_path / "mnli.tsv"
+    mnli.write_text("index\tsentence1\tsentence2\tgold_label\n0\tA\tB\tcontradiction\n1\tC\tD\tneutral\n")
+    assert run_glue.read_glue_tsv(str(mnli), "mnli")["label"] == [2, 1]
+    test = tmp_path / "test.tsv"
+    test.write_text("index\tsentence\n0\tunlabelled .\n")
+    assert run_glue.read_glue_tsv(str(test), "sst2") == {"sentence": ["unlabelled ."], "label": [-1]}
+    stsb = tmp_path / "stsb.tsv"
+    stsb.write_text("index\tsentence1\tsentence2\tscore\n0\ta\tb\t3.800\n")
+    assert run_glue.read_glue_tsv(str(stsb), "stsb")["label"] == [3.8]
+
+
+@pytest.mark.skipif(not SHARED_GLUE.exists(), reason="needs ../shared/data/glue")
+@pytest.mark.parametrize("task,folder,rows,label_counts", [
+    ("sst2", "SST-2", 872, [428, 444]), ("cola", "CoLA", 1043, [322, 721]), ("mrpc", "MRPC", 408, [129, 279]),
+    ("rte", "RTE", 277, [146, 131]), ("qnli", "QNLI", 5463, [2702, 2761]),
+])
+def test_real_glue_dev_files_match_hf_glue(task, folder, rows, label_counts):
+    columns = run_glue.read_glue_tsv(str(SHARED_GLUE / folder / "dev.tsv"), task)
+    assert len(columns["label"]) == rows
+    assert np.bincount(columns["label"]).tolist() == label_counts
+    assert all(isinstance(text, str) and text for key in run_glue.TASK_TO_KEYS[task] if key for text in columns[key])
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+def test_metrics_against_hand_computation():
+    predictions, labels = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 1])
+    # TP=2, FP=1, FN=1, TN=1: MCC = (2·1 − 1·1)/√(3·3·2·2) = 1/6; F1 = 2·2/(2·2+1+1) = 2/3; accuracy 3/5.
+    assert run_glue.glue_metrics("cola", predictions, labels, False) == pytest.approx({"matthews_correlation": 1 / 6})
+    assert run_glue.glue_metrics("mrpc", predictions, labels, False) == pytest.approx(
+        {"accuracy": 0.6, "f1": 2 / 3, "combined_score": (0.6 + 2 / 3) / 2})
+    assert run_glue.glue_metrics("rte", predictions, labels, False) == {"accuracy": 0.6}
+    scores, gold = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 5.0])
+    # Pearson: deviations (−1.5,−.5,.5,1.5)·(−1.75,.25,−.75,2.25) = 5.5; √5 · √8.75 → r = 5.5/√43.75.
+    # Spearman: ranks (1,2,3,4) vs (1,3,2,4): 1 − 6·2/(4·15) = 0.8.
+    pearson = 5.5 / math.sqrt(43.75)
+    assert run_glue.glue_metrics("stsb", scores, gold, True) == pytest.approx(
+        {"pearson": pearson, "spearmanr": 0.8, "combined_score": (pearson + 0.8) / 2})
+    assert run_glue.glue_metrics(None, scores, gold, True) == pytest.approx({"mse": 0.75})
+
+
+# --- end to end --------------------------------------------------------------------------------------------------
+def accuracy_by_hand(model_dir: Path, glue_dir: Path, count: int) -> float:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    columns = run_glue.read_glue_tsv(str(glue_dir / "SST-2" / "dev.tsv"), "sst2")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    batch = tokenizer(columns["sentence"][:count], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        predictions = model(**batch).logits.argmax(-1).numpy()
+    return float((predictions == np.array(columns["label"][:count])).mean())
+
+
+@pytest.mark.parametrize("optimizer", [["--optim", "adamw_torch"], ["--optim", "MFAC", "--optim_args",
+                                                                     '{"num_grads": 8, "damp": 1e-4}']])
+def test_sst2_end_to_end(tmp_path, tiny_bert, glue_dir, optimizer):
+    output, results = run(tmp_path, tiny_bert, glue_dir, "sst2", "SST-2", "--learning_rate", "1e-3", *optimizer)
+    assert results["train_samples"] == 64 and results["eval_samples"] == 48
+    assert math.isfinite(results["train_loss"]) and 0 <= results["eval_accuracy"] <= 1
+    assert results["eval_accuracy"] == pytest.approx(accuracy_by_hand(output, glue_dir, 48))
+    for name in ("train_results.json", "eval_results.json", "trainer_state.json", "model.safetensors", "run_info.json"):
+        assert (output / name).exists(), name
+    record = json.loads((output / "run_info.json").read_text())
+    assert record["optimizer"]["optim"] == optimizer[1] and (record["task_name"], record["seed"]) == ("sst2", 42)
+    trained, initial = load_file(output / "model.safetensors"), load_file(tiny_bert / "model.safetensors")
+    assert not torch.equal(trained["bert.encoder.layer.0.output.dense.weight"],
+                           initial["bert.encoder.layer.0.output.dense.weight"])
+
+
+def test_pair_task_with_mfac(tmp_path, tiny_bert, glue_dir):
+    output, results = run(tmp_path, tiny_bert, glue_dir, "rte", "RTE", "--optim", "MFAC", "--optim_args",
+                          '{"num_grads": 4, "momentum": 0.5}', "--learning_rate", "1e-3")
+    assert 0 <= results["eval_accuracy"] <= 1 and math.isfinite(results["eval_loss"])
+    args = torch.load(output / "training_args.bin", weights_only=False)
+    assert args.optim == "mfac" and json.loads(args.optim_args)["momentum"] == 0.5
+
+
+def test_stsb_regression(tmp_path, tiny_bert, glue_dir):
+    # The tiny model was saved with a 2-label head; regression needs 1, as with any classifier checkpoint.
+    _, results = run(tmp_path, tiny_bert, glue_dir, "stsb", "STS-B", "--optim", "adamw_torch", "--learning_rate",
+                     "1e-3", "--ignore_mismatched_sizes", "true")
+    for key in ("eval_pearson", "eval_spearmanr", "eval_combined_score"):
+        assert -1 <= results[key] <= 1
+    assert results["eval_combined_score"] == pytest.approx((results["eval_pearson"] + results["eval_spearmanr"]) / 2)
+
+
+def test_trainer_builds_mfac_with_decay_groups_and_resumes_bit_identically(tmp_path, tiny_bert, glue_dir):
+    common = ["--optim", "MFAC", "--optim_args", '{"num_grads": 4, "damp": 1e-4, "momentum": 0.9}',
+              "--weight_decay", "0.01", "--max_steps", "6", "--learning_rate", "1e-3"]
+    straight, _ = run(tmp_path / "a", tiny_bert, glue_dir, "sst2", "SST-2", *common,
+                      "--save_strategy", "steps", "--save_steps", "3")
+    saved = torch.load(straight / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    assert [group["weight_decay"] for group in saved["param_groups"]] == [0.01, 0.0]
+    assert {group["num_grads"] for group in saved["param_groups"]} == {4}
+    window_state = next(iter(saved["state"].values()))
+    assert window_state["gram"].dtype == torch.float64 and int(window_state["step"]) == 3
+
+    resumed, _ = run(tmp_path / "b", tiny_bert, glue_dir, "sst2", "SST-2", *common,
+                     "--resume_from_checkpoint", str(straight / "checkpoint-3"))
+    final_straight, final_resumed = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert final_straight.keys() == final_resumed.keys()
+    assert all(torch.equal(final_straight[key], final_resumed[key]) for key in final_straight)

@@ -1,0 +1,198 @@
+"""scripts/ and configs/: the reproduction command, the seed sweep, the comparison table and plot."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import run_glue
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import compare  # noqa: E402
+import sweep  # noqa: E402
+
+REPRODUCE = ROOT / "scripts" / "reproduce_sst2_bert_mini.sh"
+PUBLISHED = [
+    "--seed", "1234", "--model_name_or_path", "prajjwal1/bert-mini", "--task_name", "sst2", "--do_train", "--do_eval",
+    "--max_seq_length", "128", "--per_device_train_batch_size", "32", "--learning_rate", "1e-4",
+    "--num_train_epochs", "3", "--output_dir", "out_dir/", "--optim", "MFAC",
+    "--optim_args", '{"lr": 1e-4, "num_grads": 1024, "damp": 1e-6}',
+]
+
+
+@pytest.fixture
+def python_on_path(tmp_path):
+    """A PATH whose `python` records run_glue.py's arguments instead of training, and is the real one otherwise."""
+    stub_dir = tmp_path / "bin"
+    stub_dir.mkdir()
+    log = tmp_path / "run_glue_args.json"
+    stub = stub_dir / "python"
+    stub.write_text(f"""#!/bin/sh
+if [ "$1" = run_glue.py ]; then
+  exec {sys.executable} -c 'import json, sys; json.dump(sys.argv[1:], open("{log}", "w"))' "$@"
+fi
+exec {sys.executable} "$@"
+""")
+    stub.chmod(0o755)
+    return {**os.environ, "PATH": f"{stub_dir}{os.pathsep}{os.environ['PATH']}"}, log
+
+
+def reproduce(env, *args):
+    return subprocess.run(["bash", str(REPRODUCE), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_reproduction_command_is_the_published_one(python_on_path, tiny_bert, glue_dir):
+    env, log = python_on_path
+    train, dev = glue_dir / "SST-2" / "train.tsv", glue_dir / "SST-2" / "dev.tsv"
+    result = reproduce({**env, "MODEL": str(tiny_bert), "TRAIN_FILE": str(train), "VALIDATION_FILE": str(dev)})
+    assert result.returncode == 0, result.stderr
+    args = json.loads(log.read_text())
+    expected = [str(tiny_bert) if a == "prajjwal1/bert-mini" else a for a in PUBLISHED]
+    assert args == ["run_glue.py", *expected, "--train_file", str(train), "--validation_file", str(dev)]
+
+
+def test_reproduction_fails_clearly_without_hub_or_files(python_on_path):
+    env, log = python_on_path
+    result = reproduce({**env, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and not log.exists()
+    assert "cannot reach model 'prajjwal1/bert-mini' on the Hugging Face Hub" in result.stderr
+    assert "set MODEL=/path/to/model" in result.stderr
+    result = reproduce({**env, "MODEL": "/nonexistent/model"})
+    assert result.returncode == 1 and "MODEL folder not found: /nonexistent/model" in result.stderr
+    result = reproduce({**env, "TRAIN_FILE": "/nonexistent/train.tsv"})
+    assert result.returncode == 1 and "set both TRAIN_FILE and VALIDATION_FILE" in result.stderr
+
+
+def test_reproduction_overrides_run_for_real(tmp_path, tiny_bert, glue_dir):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MODEL": str(tiny_bert), "SEED": "7", "OUTPUT_DIR": str(tmp_path / "run"),
+           "TRAIN_FILE": str(glue_dir / "SST-2" / "train.tsv"), "VALIDATION_FILE": str(glue_dir / "SST-2" / "dev.tsv")}
+    result = reproduce(env, "--max_steps", "2", "--max_train_samples", "64", "--max_eval_samples", "16",
+                       "--optim_args", '{"num_grads": 8}', "--report_to", "none", "--save_strategy", "no")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["seed"] == 7 and info["model"] == str(tiny_bert)
+    assert info["optimizer"] == {"optim": "MFAC", "optim_args": {"lr": 1e-4, "weight_decay": 0.0, "num_grads": 8}}
+    assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 2
+
+
+# --- configs -----------------------------------------------------------------------------------------------------
+CONFIGS = sorted((ROOT / "configs").glob("*.json"))
+
+
+def test_configs_cover_the_published_grid():
+    names = {path.stem for path in CONFIGS}
+    assert names == {f"{model}_{task}_{opt}" for model in ("bert-tiny", "bert-mini")
+                     for task in ("sst2", "mrpc", "stsb", "qnli", "qqp", "mnli") for opt in ("mfac", "adam")}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
+def test_config_parses_to_the_published_settings(path):
+    model_args, data_args, training_args, _ = run_glue.parse_and_check_inputs([str(path)])
+    task = data_args.task_name
+    assert model_args.model_name_or_path == f"prajjwal1/{path.stem.split('_')[0]}"
+    assert (training_args.learning_rate, training_args.per_device_train_batch_size, data_args.max_seq_length) == (1e-4, 32, 128)
+    assert training_args.num_train_epochs == (3 if task == "sst2" else 5)
+    if path.stem.endswith("_mfac"):
+        assert training_args.optim == "mfac"
+        assert json.loads(training_args.optim_args) == {
+            "lr": 1e-4, "weight_decay": 0.0, "num_grads": 512 if task in ("mrpc", "stsb") else 1024, "damp": 1e-6}
+    else:
+        assert training_args.optim == "adamw_torch"
+
+
+def test_config_field_overridden_from_the_command_line():
+    path = ROOT / "configs" / "bert-mini_sst2_mfac.json"
+    _, _, training_args, _ = run_glue.parse_and_check_inputs([str(path), "--num_train_epochs", "1",
+                                                              "--optim_args", '{"num_grads": 64}'])
+    assert training_args.num_train_epochs == 1 and json.loads(training_args.optim_args)["num_grads"] == 64
+
+
+# --- sweep -------------------------------------------------------------------------------------------------------
+def test_sweep_runs_each_seed_once_and_resumes(tmp_path, tiny_bert, glue_dir, capsys):
+    config = tmp_path / "tiny_sst2_mfac.json"
+    config.write_text(json.dumps({
+        "model_name_or_path": str(tiny_bert), "task_name": "sst2", "do_train": True, "do_eval": True,
+        "train_file": str(glue_dir / "SST-2" / "train.tsv"), "validation_file": str(glue_dir / "SST-2" / "dev.tsv"),
+        "max_train_samples": 32, "max_eval_samples": 16, "max_seq_length": 32, "max_steps": 2,
+        "per_device_train_batch_size": 16, "report_to": "none", "save_strategy": "no", "disable_tqdm": True,
+        "optim": "MFAC", "optim_args": {"num_grads": 4}}))
+    argv = [str(config), "--seeds", "1", "2", "--output_root", str(tmp_path / "runs"), "--", "--learning_rate", "1e-3"]
+    assert sweep.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "[1/2] tiny_sst2_mfac seed 1: done in" in first and "[2/2] tiny_sst2_mfac seed 2: done in" in first
+    runs = [tmp_path / "runs" / "tiny_sst2_mfac" / f"seed{seed}" for seed in (1, 2)]
+    infos = [json.loads((run / "run_info.json").read_text()) for run in runs]
+    assert [info["seed"] for info in infos] == [1, 2]
+    assert infos[0]["optimizer"]["optim_args"]["lr"] == 1e-3  # the argument after -- overrides the config
+
+    finished = (runs[0] / "all_results.json").stat().st_mtime_ns
+    (runs[1] / "all_results.json").unlink()  # seed 2 interrupted before it finished
+    assert sweep.main(argv) == 0
+    second = capsys.readouterr().out
+    assert "[1/2] tiny_sst2_mfac seed 1: finished already, skipped (eval_accuracy" in second
+    assert "[2/2] tiny_sst2_mfac seed 2: done in" in second
+    assert (runs[0] / "all_results.json").stat().st_mtime_ns == finished
+
+
+# --- compare -----------------------------------------------------------------------------------------------------
+def make_run(folder: Path, seed: int, accuracy: float, optimizer: dict, losses=(0.7, 0.5)) -> Path:
+    folder.mkdir(parents=True)
+    info = {"task_name": "sst2", "model": "/models/minilm", "seed": seed, "max_train_samples": 4000,
+            "max_seq_length": 64, "optimizer": optimizer}
+    (folder / "run_info.json").write_text(json.dumps(info))
+    (folder / "all_results.json").write_text(json.dumps({"eval_accuracy": accuracy, "eval_loss": 0.4,
+                                                         "eval_runtime": 3.0, "train_loss": 0.5}))
+    history = [{"loss": loss, "step": 10 * (i + 1)} for i, loss in enumerate(losses)]
+    history.append({"eval_accuracy": accuracy, "step": 20})
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    return folder
+
+
+MFAC_RECORD = {"optim": "MFAC", "optim_args": {"lr": 1e-4, "weight_decay": 0.0, "num_grads": 64, "damp": 1e-6}}
+ADAM_RECORD = {"optim": "adamw_torch", "optim_args": None, "learning_rate": 1e-4, "weight_decay": 0.0,
+               "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+
+
+@pytest.fixture
+def hand_made_runs(tmp_path):
+    # Folder names deliberately say nothing true: grouping must come from what each run recorded.
+    runs = [make_run(tmp_path / "a", 1, 0.80, MFAC_RECORD, (0.7, 0.5)),
+            make_run(tmp_path / "b", 2, 0.82, MFAC_RECORD, (0.6, 0.4)),
+            make_run(tmp_path / "c", 3, 0.87, MFAC_RECORD, (0.8, 0.3)),
+            make_run(tmp_path / "mfac-seed1", 1, 0.85, ADAM_RECORD),
+            make_run(tmp_path / "mfac-seed2", 2, 0.86, ADAM_RECORD),
+            make_run(tmp_path / "d", 1, 0.50, {**MFAC_RECORD, "optim_args": {**MFAC_RECORD["optim_args"], "num_grads": 8}})]
+    return runs
+
+
+def test_compare_groups_by_recorded_settings_with_sample_std(hand_made_runs, capsys):
+    assert compare.main([str(path) for path in hand_made_runs] + ["--markdown"]) == 0
+    out = capsys.readouterr().out
+    # MFAC m=64: mean 0.83, sample std √((0.03² + 0.01² + 0.04²)/2) = √0.0013 = 0.036056; best 0.87 at seed 3.
+    assert "| accuracy | minilm max_train_samples=4000 | MFAC lr=0.0001 num_grads=64 damp=1e-06 | 83.00 ± 3.61 | 3 | 87.00 (3) |" in out
+    # Adam: mean 0.855, std √(2·0.005²) = 0.0070711.
+    assert "| accuracy | minilm max_train_samples=4000 | adamw_torch lr=0.0001 | 85.50 ± 0.71 | 2 | 86.00 (2) |" in out
+    assert "| accuracy | minilm max_train_samples=4000 | MFAC lr=0.0001 num_grads=8 damp=1e-06 | 50.00 | 1 | 50.00 (1) |" in out
+
+
+def test_compare_plot_and_loss_series(hand_made_runs, tmp_path):
+    runs = [compare.load_run(path) for path in hand_made_runs[:3]]
+    steps, means, stds = compare.series(runs, "loss")
+    assert steps == [10, 20]
+    assert means == pytest.approx([0.7, 0.4]) and stds == pytest.approx([0.1, 0.1])
+    plot = tmp_path / "plot.png"
+    assert compare.main([str(path) for path in hand_made_runs] + ["--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_compare_rejects_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "run_info.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(tmp_path / "half")])
+    assert exit_info.value.code == 2
+    assert f"{tmp_path / 'half'} is not a finished run_glue.py run (no all_results.json)" in capsys.readouterr().err
