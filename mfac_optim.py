@@ -23,6 +23,9 @@ from torch.optim import Optimizer
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# State entries that count steps: kept on the CPU, as torch.optim keeps "step".
+COUNTERS = ("step", "skipped_steps")
+
 # Hyperparameters that define the one shared window, so every param group must agree on them.
 WINDOW_KEYS = ("num_grads", "damp", "grad_dtype")
 
@@ -39,53 +42,27 @@ def resolve_grad_dtype(value: Union[str, torch.dtype]) -> str:
     raise ValueError(f"Invalid grad_dtype: {value!r} (allowed: {', '.join(GRAD_DTYPES)} or the torch dtypes)")
 
 
-class GradientWindow:
-    """A ring buffer of gradients with its float64 Gram matrix; computes u = F⁻¹g for each new gradient g.
+class DenseRows:
+    """The dense part of the window: row j holds the stored gradient j restricted to the dense parameters."""
 
-    It works on tensors it is handed (the optimizer keeps them in its state); it holds only a conversion buffer.
-    """
-
-    def __init__(self, window: Tensor, gram: Tensor, damp: float) -> None:
-        self.window = window  # (m, d), storage dtype
-        self.gram = gram  # (m, m) float64, S = G Gᵀ
-        self.damp = damp
-        # When d is not far above m, the window is (nearly) rank-deficient: σ_min(G) ∝ √d − √m for gradient-like
-        # data, and exactly 0 once d < m. Then y = K⁻¹eᵢ has components of size up to 1/(mλ) along (near-)null
-        # directions of Gᵀ, which must cancel in Gᵀy, and fp32 passes lose up to three digits at λ = 1e-6.
-        # Such a window holds at most 4m² numbers, so float64 passes cost less than the m³/3 Cholesky.
-        self.accumulate_dtype = torch.float64 if window.shape[1] < 4 * window.shape[0] else torch.float32
+    def __init__(self, window: Tensor, accumulate_dtype: torch.dtype) -> None:
+        self.window = window  # (m, n), storage dtype
+        self.accumulate_dtype = accumulate_dtype
         self._block_buffer: Optional[Tensor] = None
 
-    @property
-    def num_grads(self) -> int:
-        return self.window.shape[0]
-
-    def insert_and_precondition(self, grad: Tensor, slot: int) -> Tensor:
-        """Stores `grad` in row `slot` and returns F⁻¹ĝ in fp32, where ĝ is the stored (possibly rounded) row."""
+    def store(self, slot: int, grad: Tensor) -> None:
         self.window[slot].copy_(grad)
-        dots = self.dots_with(self.window[slot])
-        self.gram[slot, :] = dots
-        self.gram[:, slot] = dots
-        coefficients = self.num_grads * self.inverse_kernel_column(slot)
-        return self.combine(coefficients)
 
-    def dots_with(self, vector: Tensor) -> Tensor:
-        """s = G v in float64 (first pass over the window)."""
-        dots = torch.zeros(self.num_grads, dtype=torch.float64, device=self.window.device)
+    def dots(self, slot: int) -> Tensor:
+        """G ĝ in float64 over these columns, ĝ = the stored row `slot` (first pass over the window)."""
+        stored = self.window[slot]
+        dots = torch.zeros(self.window.shape[0], dtype=torch.float64, device=self.window.device)
         for columns, block in self._column_blocks():
-            dots += torch.mv(block, vector[columns].to(self.accumulate_dtype))
+            dots += torch.mv(block, stored[columns].to(self.accumulate_dtype))
         return dots
 
-    def inverse_kernel_column(self, slot: int) -> Tensor:
-        """y = K⁻¹ eᵢ with K = mλI + S, by a float64 Cholesky factorisation."""
-        kernel = self.gram.clone()
-        kernel.diagonal().add_(self.num_grads * self.damp)
-        unit = torch.zeros(self.num_grads, 1, dtype=torch.float64, device=self.gram.device)
-        unit[slot] = 1.0
-        return torch.cholesky_solve(unit, torch.linalg.cholesky(kernel)).squeeze(1)
-
     def combine(self, coefficients: Tensor) -> Tensor:
-        """Gᵀ c in fp32 (second pass over the window)."""
+        """Gᵀ c in fp32 over these columns (second pass over the window)."""
         result = torch.empty(self.window.shape[1], dtype=torch.float32, device=self.window.device)
         coefficients = coefficients.to(self.accumulate_dtype)
         for columns, block in self._column_blocks():
@@ -100,10 +77,133 @@ class GradientWindow:
             block = self.window[:, columns]
             if block.dtype != self.accumulate_dtype:
                 if self._block_buffer is None:
-                    self._block_buffer = torch.empty(self.num_grads, min(BLOCK_COLUMNS, self.window.shape[1]),
+                    self._block_buffer = torch.empty(self.window.shape[0], min(BLOCK_COLUMNS, self.window.shape[1]),
                                                      dtype=self.accumulate_dtype, device=self.window.device)
                 block = self._block_buffer[:, :block.shape[1]].copy_(block)
             yield columns, block
+
+
+class RowSparseRows:
+    """The window restricted to one matrix parameter whose gradients are zero outside a few rows (a word
+    embedding: only the rows of the batch's tokens). Slot j keeps (row indices, row values), padded to a common
+    capacity with row 0 and zero values, which add nothing to any dot product or combination, so all stay exact.
+    """
+
+    # Slots per gather in the passes: bounds the temporary (slots × capacity × columns) fp32 block.
+    SLOTS_PER_CHUNK = 64
+
+    def __init__(self, indices: Tensor, values: Tensor, num_rows: int, accumulate_dtype: torch.dtype) -> None:
+        self.indices = indices  # (m, capacity) int64
+        self.values = values  # (m, capacity, columns), storage dtype
+        self.num_rows = num_rows
+        self.accumulate_dtype = accumulate_dtype
+
+    @staticmethod
+    def nonzero_rows(grad: Tensor) -> Tensor:
+        return (grad != 0).any(dim=1).nonzero().squeeze(1)
+
+    @staticmethod
+    def pays(rows_used: int, shape: torch.Size, element_size: int, margin: float = 1.0) -> bool:
+        """Whether rows plus their int64 indices take less than `margin` × the dense row of this matrix."""
+        return rows_used * (shape[1] * element_size + 8) < margin * shape[0] * shape[1] * element_size
+
+    @classmethod
+    def allocate(cls, num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+        return (torch.zeros(num_grads, capacity, dtype=torch.int64, device=device),
+                torch.zeros(num_grads, capacity, columns, dtype=dtype, device=device))
+
+    def store(self, slot: int, grad: Tensor, rows: Tensor) -> None:
+        """Stores `rows` of `grad` (rows × columns; the others are zero), growing the capacity if needed."""
+        if len(rows) > self.indices.shape[1]:
+            self._grow(len(rows))
+        self.indices[slot].zero_()
+        self.values[slot].zero_()
+        self.indices[slot, :len(rows)] = rows
+        self.values[slot, :len(rows)] = grad[rows]
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, self.indices.shape[1] * 5 // 4)
+        indices, values = self.allocate(self.indices.shape[0], capacity, self.values.shape[2], self.values.dtype,
+                                        self.values.device)
+        indices[:, :self.indices.shape[1]] = self.indices
+        values[:, :self.values.shape[1]] = self.values
+        self.indices, self.values = indices, values
+
+    def dots(self, slot: int) -> Tensor:
+        """s_j = Σ over the rows of slot j of ⟨stored row, new gradient's row⟩, in float64."""
+        new = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
+        new.index_add_(0, self.indices[slot], self.values[slot].to(self.accumulate_dtype))  # padding adds zeros
+        dots = torch.empty(self.indices.shape[0], dtype=torch.float64, device=self.values.device)
+        for chunk in self._slot_chunks():
+            products = new[self.indices[chunk]] * self.values[chunk].to(self.accumulate_dtype)
+            dots[chunk] = products.sum(dim=(1, 2), dtype=torch.float64)
+        return dots
+
+    def combine(self, coefficients: Tensor) -> Tensor:
+        """Σ_j c_j · (slot j scattered into a rows × columns matrix), accumulated in fp32 or better."""
+        result = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
+        coefficients = coefficients.to(self.accumulate_dtype)
+        for chunk in self._slot_chunks():
+            scaled = self.values[chunk].to(self.accumulate_dtype) * coefficients[chunk, None, None]
+            result.index_add_(0, self.indices[chunk].reshape(-1), scaled.reshape(-1, self.values.shape[2]))
+        return result.float()
+
+    def to_dense(self) -> Tensor:
+        """The same window as dense rows (m × rows·columns), exactly."""
+        dense = torch.zeros(self.indices.shape[0], self.num_rows, self.values.shape[2], dtype=self.values.dtype,
+                            device=self.values.device)
+        dense.scatter_add_(1, self.indices[:, :, None].expand_as(self.values), self.values)  # padding adds zeros
+        return dense.reshape(self.indices.shape[0], -1)
+
+    def _slot_chunks(self) -> Iterator[slice]:
+        for start in range(0, self.indices.shape[0], self.SLOTS_PER_CHUNK):
+            yield slice(start, start + self.SLOTS_PER_CHUNK)
+
+
+class GradientWindow:
+    """A ring buffer of m gradients (dense rows plus row-sparse parts) with its float64 Gram matrix S = GGᵀ;
+    computes u = F⁻¹ĝ for each new gradient ĝ. It works on tensors it is handed (the optimizer keeps them in its
+    state)."""
+
+    def __init__(self, dense: DenseRows, sparse: dict[int, RowSparseRows], gram: Tensor, damp: float) -> None:
+        self.dense = dense
+        self.sparse = sparse  # parameter index -> its row-sparse part
+        self.gram = gram
+        self.damp = damp
+
+    @staticmethod
+    def accumulate_dtype(num_grads: int, dim: int) -> torch.dtype:
+        # When d is not far above m, the window is (nearly) rank-deficient: σ_min(G) ∝ √d − √m for gradient-like
+        # data, and exactly 0 once d < m. Then y = K⁻¹eᵢ has components of size up to 1/(mλ) along (near-)null
+        # directions of Gᵀ, which must cancel in Gᵀy, and fp32 passes lose up to three digits at λ = 1e-6.
+        # Such a window holds at most 4m² numbers, so float64 passes cost less than the m³/3 Cholesky.
+        return torch.float64 if dim < 4 * num_grads else torch.float32
+
+    @property
+    def num_grads(self) -> int:
+        return self.gram.shape[0]
+
+    def insert_and_precondition(self, dense_grad: Tensor, sparse_grads: dict[int, tuple[Tensor, Tensor]], slot: int
+                                ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Stores the gradient in row `slot` and returns F⁻¹ĝ in fp32 (dense part, and each row-sparse matrix),
+        where ĝ is the stored (possibly rounded) row. `sparse_grads` maps a parameter index to its gradient matrix
+        and the indices of its non-zero rows."""
+        self.dense.store(slot, dense_grad)
+        for index, (grad, rows) in sparse_grads.items():
+            self.sparse[index].store(slot, grad, rows)
+        dots = self.dense.dots(slot) + sum((part.dots(slot) for part in self.sparse.values()), torch.zeros_like(self.gram[0]))
+        self.gram[slot, :] = dots
+        self.gram[:, slot] = dots
+        coefficients = self.num_grads * self.inverse_kernel_column(slot)
+        return self.dense.combine(coefficients), {index: part.combine(coefficients) for index, part in self.sparse.items()}
+
+    def inverse_kernel_column(self, slot: int) -> Tensor:
+        """y = K⁻¹ eᵢ with K = mλI + S, by a float64 Cholesky factorisation."""
+        kernel = self.gram.clone()
+        kernel.diagonal().add_(self.num_grads * self.damp)
+        unit = torch.zeros(self.num_grads, 1, dtype=torch.float64, device=self.gram.device)
+        unit[slot] = 1.0
+        return torch.cholesky_solve(unit, torch.linalg.cholesky(kernel)).squeeze(1)
 
 
 def _check_finite_positive(name: str, value: float) -> None:
@@ -160,7 +260,7 @@ class MFAC(Optimizer):
         )
         _check_group_hyperparameters(defaults)
         self._warned_nonfinite = False
-        self._window: Optional[GradientWindow] = None  # a view of the state tensors, rebuilt when they change
+        self._dense_rows: Optional[DenseRows] = None  # reused across steps for its conversion buffer
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -181,17 +281,20 @@ class MFAC(Optimizer):
             raise ValueError(f"MFAC needs all parameters on one device, got {sorted(map(str, devices))}")
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim, except that the window state keeps its dtypes (torch would cast the float64 Gram
-        matrix and a bf16 window to the parameters' dtype)."""
-        saved_state = dict(state_dict["state"])
-        window_state = saved_state.pop(state_dict["param_groups"][0]["params"][0], None)
-        super().load_state_dict({**state_dict, "state": saved_state})
-        if window_state is not None:
-            device = self._params()[0].device
-            self.state[self._params()[0]] = {
-                key: value.to(device=device, copy=True) if key not in ("step", "skipped_steps") else value.clone()
-                for key, value in window_state.items()
-            }
+        """As torch.optim, except that state tensors keep their dtypes: torch would cast the float64 Gram matrix,
+        a bf16 window and the fp32 momentum to each parameter's dtype."""
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        for index, param in zip(saved_ids, self._params()):
+            if index in state_dict["state"]:
+                self.state[param] = {key: value.to(device=param.device, copy=True) if key not in COUNTERS else value.clone()
+                                     for key, value in state_dict["state"][index].items()}
+        self._dense_rows = None
+
+    def memory_bytes(self) -> int:
+        """Bytes of state this optimizer holds (window, Gram matrix, momentum, row-sparse parts)."""
+        return sum(value.numel() * value.element_size() for state in self.state.values() for value in state.values()
+                   if torch.is_tensor(value))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -201,21 +304,36 @@ class MFAC(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        params = self._params()
         grad = self._flat_gradient()
-        state = self._window_state(grad)
         if not torch.isfinite(grad).all():
-            self._skip_nonfinite(state)
+            self._skip_nonfinite()
             return loss
-
-        window = self._gradient_window(state)
+        state = self._window_state(params, grad)
+        sparse_grads = self._sparse_gradients(params, grad, state)
+        window = self._gradient_window(params, state)
         slot = int(state["step"]) % window.num_grads
-        direction = window.insert_and_precondition(grad, slot)
+        dense_direction, sparse_directions = window.insert_and_precondition(
+            self._dense_part(params, grad), sparse_grads, slot)
+        for index, part in window.sparse.items():  # a part may have grown its capacity
+            self.state[params[index]].update(row_indices=part.indices, row_values=part.values)
         state["step"] += 1
-        self._apply(direction, state)
+        self._apply(self._assemble(params, grad, dense_direction, sparse_directions), state)
         return loss
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    @staticmethod
+    def _segments(params: list[Tensor]) -> list[slice]:
+        """Each parameter's slice of the flat gradient."""
+        offsets = [0]
+        for p in params:
+            offsets.append(offsets[-1] + p.numel())
+        return [slice(start, end) for start, end in zip(offsets, offsets[1:])]
+
+    def _is_row_sparse(self, param: Tensor) -> bool:
+        return "row_indices" in self.state[param]
 
     def _flat_gradient(self) -> Tensor:
         """g over all groups in order: each parameter's gradient (zeros if None) plus its group's wd · p."""
@@ -230,27 +348,88 @@ class MFAC(Optimizer):
                 pieces.append(grad.reshape(-1))
         return torch.cat(pieces)
 
-    def _window_state(self, grad: Tensor) -> dict:
-        """The optimizer's one state (kept under the first parameter, as torch.optim.LBFGS does), made on first use."""
-        state = self.state[self._params()[0]]
-        if "window" not in state:
-            first = self.param_groups[0]
-            m = first["num_grads"]
-            state["step"] = torch.tensor(0, dtype=torch.int64)
-            state["skipped_steps"] = torch.tensor(0, dtype=torch.int64)
-            state["window"] = torch.zeros(m, grad.numel(), dtype=GRAD_DTYPES[first["grad_dtype"]], device=grad.device)
-            state["gram"] = torch.zeros(m, m, dtype=torch.float64, device=grad.device)
+    def _window_state(self, params: list[Tensor], grad: Tensor) -> dict:
+        """The shared state (kept under the first parameter, as torch.optim.LBFGS does), made on first use. Then
+        each matrix whose gradient has few non-zero rows gets row-sparse storage in its own state: this pays
+        when rows and their indices take at most half the dense size (word embeddings; not with weight decay)."""
+        state = self.state[params[0]]
+        if "window" in state:
+            return state
+        first = self.param_groups[0]
+        m, dtype = first["num_grads"], GRAD_DTYPES[first["grad_dtype"]]
+        element_size = torch.tensor([], dtype=dtype).element_size()
+        for p, segment in zip(params, self._segments(params)):
+            if p.dim() == 2:
+                rows = RowSparseRows.nonzero_rows(grad[segment].view(p.shape))
+                if RowSparseRows.pays(len(rows), p.shape, element_size, margin=0.5):
+                    indices, values = RowSparseRows.allocate(m, max(len(rows), 1), p.shape[1], dtype, grad.device)
+                    self.state[p].update(row_indices=indices, row_values=values)
+        dense_size = sum(p.numel() for p in params if not self._is_row_sparse(p))
+        state.update(
+            step=torch.tensor(0, dtype=torch.int64),
+            skipped_steps=torch.tensor(0, dtype=torch.int64),
+            window=torch.zeros(m, dense_size, dtype=dtype, device=grad.device),
+            gram=torch.zeros(m, m, dtype=torch.float64, device=grad.device),
+        )
         return state
 
-    def _gradient_window(self, state: dict) -> GradientWindow:
-        damp = self.param_groups[0]["damp"]
-        if self._window is None or self._window.window is not state["window"] or self._window.gram is not state["gram"]:
-            self._window = GradientWindow(state["window"], state["gram"], damp)
-        self._window.damp = damp
-        return self._window
+    def _sparse_gradients(self, params: list[Tensor], grad: Tensor, state: dict) -> dict[int, tuple[Tensor, Tensor]]:
+        """Parameter index -> (gradient matrix, its non-zero rows) for the row-sparse parameters. One whose rows
+        would now take more room than dense storage (e.g. weight decay was turned on) moves to the dense part."""
+        sparse = {}
+        for index, (p, segment) in enumerate(zip(params, self._segments(params))):
+            if not self._is_row_sparse(p):
+                continue
+            matrix = grad[segment].view(p.shape)
+            rows = RowSparseRows.nonzero_rows(matrix)
+            if RowSparseRows.pays(len(rows), p.shape, state["window"].element_size()):
+                sparse[index] = (matrix, rows)
+            else:
+                self._move_to_dense(params, index, state)
+        return sparse
 
-    def _skip_nonfinite(self, state: dict) -> None:
-        state["skipped_steps"] += 1
+    def _move_to_dense(self, params: list[Tensor], index: int, state: dict) -> None:
+        """Inserts a row-sparse parameter's window, made dense, at its place among the dense columns."""
+        param_state = self.state[params[index]]
+        part = RowSparseRows(param_state.pop("row_indices"), param_state.pop("row_values"), params[index].shape[0],
+                             torch.float32)
+        column = sum(p.numel() for p in params[:index] if not self._is_row_sparse(p))
+        window = state["window"]
+        state["window"] = torch.cat([window[:, :column], part.to_dense(), window[:, column:]], dim=1)
+
+    def _dense_part(self, params: list[Tensor], grad: Tensor) -> Tensor:
+        segments = [segment for p, segment in zip(params, self._segments(params)) if not self._is_row_sparse(p)]
+        return grad if len(segments) == len(params) else torch.cat([grad[segment] for segment in segments])
+
+    def _gradient_window(self, params: list[Tensor], state: dict) -> GradientWindow:
+        """A view of the state tensors as a GradientWindow; the dense part (with its conversion buffer) is reused
+        while the window tensor stays the same."""
+        first = self.param_groups[0]
+        accumulate = GradientWindow.accumulate_dtype(first["num_grads"], sum(p.numel() for p in params))
+        if self._dense_rows is None or self._dense_rows.window is not state["window"]:
+            self._dense_rows = DenseRows(state["window"], accumulate)
+        sparse = {index: RowSparseRows(self.state[p]["row_indices"], self.state[p]["row_values"], p.shape[0], accumulate)
+                  for index, p in enumerate(params) if self._is_row_sparse(p)}
+        return GradientWindow(self._dense_rows, sparse, state["gram"], first["damp"])
+
+    def _assemble(self, params: list[Tensor], grad: Tensor, dense_direction: Tensor,
+                  sparse_directions: dict[int, Tensor]) -> Tensor:
+        """The direction for all parameters in flat order, from the dense part and the row-sparse parts."""
+        if not sparse_directions:
+            return dense_direction
+        direction = torch.empty_like(grad)
+        offset = 0
+        for index, (p, segment) in enumerate(zip(params, self._segments(params))):
+            if index in sparse_directions:
+                direction[segment] = sparse_directions[index].reshape(-1)
+            else:
+                direction[segment] = dense_direction[offset:offset + p.numel()]
+                offset += p.numel()
+        return direction
+
+    def _skip_nonfinite(self) -> None:
+        state = self.state[self._params()[0]]
+        state["skipped_steps"] = state.get("skipped_steps", torch.tensor(0, dtype=torch.int64)) + 1
         if not self._warned_nonfinite:
             warnings.warn("MFAC: gradient contains NaN or Inf; step skipped (window and parameters unchanged)")
             self._warned_nonfinite = True

@@ -57,14 +57,21 @@ def flat(params):
     return torch.cat([p.detach().double().reshape(-1) for p in params])
 
 
-def set_random_grads(params, generator, scale=0.1, none_mask=()):
+def set_random_grads(params, generator, scale=0.1, none_mask=(), sparse_rows=None):
+    """Random gradients; for parameter indices in `sparse_rows`, only that many random rows are non-zero, as in a
+    word embedding's gradient."""
     for index, p in enumerate(params):
-        p.grad = None if index in none_mask else scale * torch.randn(p.shape, generator=generator).to(p.device)
+        grad = scale * torch.randn(p.shape, generator=generator)
+        if sparse_rows and index in sparse_rows:
+            keep = torch.randperm(p.shape[0], generator=generator)[:sparse_rows[index]]
+            grad = torch.zeros_like(grad).index_copy_(0, keep, grad[keep])
+        p.grad = None if index in none_mask else grad.to(p.device)
 
 
 def run_against_reference(shapes, num_grads, damp, steps, grad_dtype=torch.float32, group_options=None,
-                          none_every=0, device="cpu"):
-    """Steps MFAC and the reference on the same gradients; returns the worst relative error of an update."""
+                          none_every=0, device="cpu", sparse_rows=None, before_step=None):
+    """Steps MFAC and the reference on the same gradients; returns the worst relative error of an update.
+    `before_step(step, optimizer)` may change the optimizer's groups before a step."""
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(shape, generator=generator).to(device).requires_grad_() for shape in shapes]
     group_options = group_options or [{}]
@@ -76,7 +83,9 @@ def run_against_reference(shapes, num_grads, damp, steps, grad_dtype=torch.float
     worst = 0.0
     for step in range(steps):
         none_mask = {step % len(params)} if none_every and step % none_every == 0 else ()
-        set_random_grads(params, generator, none_mask=none_mask)
+        set_random_grads(params, generator, none_mask=none_mask, sparse_rows=sparse_rows)
+        if before_step is not None:
+            before_step(step, optimizer)
         before = flat(params)
         expected_direction = reference.direction(optimizer.param_groups)
         # An lr read afresh each step (as a scheduler sets it) that moves the parameters by ~10% of their norm
@@ -90,6 +99,7 @@ def run_against_reference(shapes, num_grads, damp, steps, grad_dtype=torch.float
         optimizer.step()
         update = flat(params) - before
         worst = max(worst, ((update.cpu() - expected_update.cpu()).norm() / expected_update.norm()).item())
+    run_against_reference.last_optimizer = optimizer
     return worst
 
 
@@ -124,6 +134,58 @@ def test_momentum_two_groups_weight_decay_and_missing_grads():
     assert worst < TOLERANCE
 
 
+EMBEDDING_SHAPES = [(120, 6), (6, 6), (6,)]  # a word-embedding-like matrix first, then dense parameters
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_grads,steps", [(16, 40), (200, 30)])  # m < d/4, and m > d/4 (float64 passes)
+def test_row_sparse_storage_matches_dense_reference(grad_dtype, num_grads, steps):
+    # The embedding's gradient touches 5 to 11 rows of 120 per step, so its rows are stored sparsely (and the
+    # capacity grows past the first step's row count).
+    rows = {0: 5}
+
+    def vary_rows(step, optimizer):
+        rows[0] = 5 + step % 7
+
+    worst = run_against_reference(EMBEDDING_SHAPES, num_grads, 1e-6, steps, grad_dtype=grad_dtype,
+                                  sparse_rows=rows, before_step=vary_rows)
+    optimizer = run_against_reference.last_optimizer
+    embedding = optimizer.param_groups[0]["params"][0]
+    state = optimizer.state[embedding]
+    assert state["row_values"].shape[0] == num_grads and 11 <= state["row_values"].shape[1] <= 14  # grown by 1/4 steps
+    assert state["row_values"].dtype == grad_dtype
+    assert state["window"].shape == (num_grads, 6 * 6 + 6)  # only the dense parameters
+    assert worst < TOLERANCE
+
+
+def test_row_sparse_parameter_moves_to_dense_storage_when_rows_fill():
+    # Weight decay from step 10 on makes every row of the embedding's g non-zero: row storage no longer pays.
+    def start_weight_decay(step, optimizer):
+        if step == 10:
+            optimizer.param_groups[0]["weight_decay"] = 0.01
+
+    worst = run_against_reference(EMBEDDING_SHAPES, 16, 1e-6, 30, sparse_rows={0: 6}, before_step=start_weight_decay)
+    optimizer = run_against_reference.last_optimizer
+    embedding = optimizer.param_groups[0]["params"][0]
+    assert "row_indices" not in optimizer.state[embedding]
+    assert optimizer.state[embedding]["window"].shape == (16, 120 * 6 + 6 * 6 + 6)
+    assert worst < TOLERANCE
+
+
+def test_memory_bytes_counts_the_state():
+    p = torch.zeros(1000, 8, requires_grad=True)
+    q = torch.zeros(50, requires_grad=True)
+    optimizer = MFAC([p, q], num_grads=4, grad_dtype="bfloat16", momentum=0.5)
+    assert optimizer.memory_bytes() == 0
+    p.grad = torch.zeros(1000, 8)
+    p.grad[[3, 7]] = 1.0
+    q.grad = torch.ones(50)
+    optimizer.step()
+    # rows: 4 slots × 2 rows × (8 bf16 + one int64); dense: 4 × 50 bf16; Gram 4 × 4 float64; momentum 8050 fp32;
+    # two int64 step counters.
+    assert optimizer.memory_bytes() == 4 * 2 * (8 * 2 + 8) + 4 * 50 * 2 + 16 * 8 + 8050 * 4 + 2 * 8
+
+
 def test_single_gradient_window_by_hand():
     # m = 1: F = λI + ggᵀ, so F⁻¹g = g / (λ + ‖g‖²) (Sherman–Morrison).
     p = torch.zeros(3, requires_grad=True)
@@ -146,12 +208,25 @@ def test_two_step_window_by_hand():
     torch.testing.assert_close(p.detach(), torch.tensor([-1 / 0.75, -2 / 2.25]))
 
 
+class BagOfWords(torch.nn.Module):
+    """An embedding (row-sparse gradients) and a small classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(500, 6)
+        self.hidden = torch.nn.Linear(6, 5)
+        self.out = torch.nn.Linear(5, 2)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.hidden(self.embedding(tokens).mean(1))))
+
+
 def make_model_and_optimizer(seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    model = BagOfWords()
     groups = [
-        {"params": [model[0].weight, model[2].weight], "weight_decay": 0.01},
-        {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0},
+        {"params": [model.hidden.weight, model.out.weight], "weight_decay": 0.01},
+        {"params": [model.embedding.weight, model.hidden.bias, model.out.bias], "weight_decay": 0.0},
     ]
     return model, MFAC(groups, lr=1e-2, **kwargs)
 
@@ -159,10 +234,10 @@ def make_model_and_optimizer(seed=0, **kwargs):
 def train_steps(model, optimizer, steps, seed):
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        x = torch.randn(8, 6, generator=generator)
+        tokens = torch.randint(0, 500, (8, 5), generator=generator)
         y = torch.randint(0, 2, (8,), generator=generator)
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.functional.cross_entropy(model(tokens), y).backward()
         optimizer.step()
 
 
@@ -180,10 +255,11 @@ def test_state_dict_round_trip_continues_bit_identically(grad_dtype):
     resumed_model.load_state_dict(saved["model"])
     resumed_optimizer.load_state_dict(saved["optimizer"])
 
-    state = resumed_optimizer.state[resumed_model[0].weight]
+    state = resumed_optimizer.state[resumed_model.hidden.weight]
     assert state["gram"].dtype == torch.float64
     assert state["window"].dtype == GRAD_DTYPES[grad_dtype]
     assert int(state["step"]) == 6
+    assert resumed_optimizer.state[resumed_model.embedding.weight]["row_values"].dtype == GRAD_DTYPES[grad_dtype]
 
     train_steps(model, optimizer, 5, seed=2)
     train_steps(resumed_model, resumed_optimizer, 5, seed=2)
@@ -194,16 +270,16 @@ def test_state_dict_round_trip_continues_bit_identically(grad_dtype):
 def test_nonfinite_gradient_skips_step_and_warns_once():
     model, optimizer = make_model_and_optimizer(num_grads=4)
     train_steps(model, optimizer, 2, seed=1)
-    state = optimizer.state[model[0].weight]
+    state = optimizer.state[model.hidden.weight]
     before_params = [p.detach().clone() for p in model.parameters()]
     before_window, before_gram = state["window"].clone(), state["gram"].clone()
 
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    model[2].bias.grad[0] = float("nan")
+    model.out.bias.grad[0] = float("nan")
     with pytest.warns(UserWarning, match="NaN or Inf"):
         optimizer.step()
-    model[2].bias.grad[0] = float("inf")
+    model.out.bias.grad[0] = float("inf")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         optimizer.step()
@@ -215,18 +291,18 @@ def test_nonfinite_gradient_skips_step_and_warns_once():
 
 def test_closure_is_evaluated_with_grad_and_loss_returned():
     model, optimizer = make_model_and_optimizer(num_grads=4)
-    x, y = torch.randn(8, 6), torch.randint(0, 2, (8,))
+    tokens, y = torch.randint(0, 500, (8, 5)), torch.randint(0, 2, (8,))
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(model(tokens), y)
         loss.backward()
         return loss
 
-    before = model[0].weight.detach().clone()
+    before = model.hidden.weight.detach().clone()
     loss = optimizer.step(closure)
     assert torch.is_tensor(loss) and loss.item() > 0
-    assert not torch.equal(before, model[0].weight)
+    assert not torch.equal(before, model.hidden.weight)
 
 
 @pytest.mark.parametrize(
