@@ -34,6 +34,171 @@ WINDOW_KEYS = ("num_grads", "damp", "grad_dtype")
 BLOCK_COLUMNS = 1 << 16
 
 
+# The two window passes on the CPU, fused: each bf16 element is widened to fp32 in registers and consumed at once,
+# so the window is read exactly once per pass and no fp32 copy of it exists. Column blocks go to threads; within a
+# block every row's segment is streamed, with per-block fp32 partial sums added up in float64.
+CPU_KERNELS = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstring>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static inline float widen(float x) { return x; }
+static inline float widen(uint16_t x) { uint32_t u = uint32_t(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+#ifdef __AVX2__
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const uint16_t* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+static inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+#endif
+
+constexpr int64_t kBlock = 8192;  // columns per block: 16-32 KiB row segments keep the prefetchers streaming
+
+// Rows are taken R at a time so that each load of v (dots) or of the output block (combine) serves R rows.
+constexpr int R = 4;
+
+template <typename T>
+static void dots_rows(const T* const* rows, int count_rows, const float* v, int64_t count, double* out) {
+  for (int r = 0; r < count_rows; ++r) {
+    int64_t k = 0;
+    float total = 0.f;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; k + 16 <= count; k += 16) {
+      a0 = _mm256_fmadd_ps(load8(rows[r] + k), _mm256_loadu_ps(v + k), a0);
+      a1 = _mm256_fmadd_ps(load8(rows[r] + k + 8), _mm256_loadu_ps(v + k + 8), a1);
+    }
+    total = horizontal_sum(_mm256_add_ps(a0, a1));
+#endif
+    for (; k < count; ++k) total += widen(rows[r][k]) * v[k];
+    out[r] += total;
+  }
+}
+
+#ifdef __AVX2__
+template <typename T>
+static void dots_four_rows(const T* const* rows, const float* v, int64_t count, double* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) {
+    const __m256 x = _mm256_loadu_ps(v + k);
+    a0 = _mm256_fmadd_ps(load8(rows[0] + k), x, a0);
+    a1 = _mm256_fmadd_ps(load8(rows[1] + k), x, a1);
+    a2 = _mm256_fmadd_ps(load8(rows[2] + k), x, a2);
+    a3 = _mm256_fmadd_ps(load8(rows[3] + k), x, a3);
+  }
+  float totals[4] = {horizontal_sum(a0), horizontal_sum(a1), horizontal_sum(a2), horizontal_sum(a3)};
+  for (; k < count; ++k)
+    for (int r = 0; r < 4; ++r) totals[r] += widen(rows[r][k]) * v[k];
+  for (int r = 0; r < 4; ++r) out[r] += totals[r];
+}
+#endif
+
+template <typename T>
+static void axpy_rows(const float* a, const T* const* rows, int count_rows, float* out, int64_t count) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  if (count_rows == 4) {
+    const __m256 s0 = _mm256_set1_ps(a[0]), s1 = _mm256_set1_ps(a[1]), s2 = _mm256_set1_ps(a[2]), s3 = _mm256_set1_ps(a[3]);
+    for (; k + 8 <= count; k += 8) {
+      __m256 acc = _mm256_loadu_ps(out + k);
+      acc = _mm256_fmadd_ps(s0, load8(rows[0] + k), acc);
+      acc = _mm256_fmadd_ps(s1, load8(rows[1] + k), acc);
+      acc = _mm256_fmadd_ps(s2, load8(rows[2] + k), acc);
+      acc = _mm256_fmadd_ps(s3, load8(rows[3] + k), acc);
+      _mm256_storeu_ps(out + k, acc);
+    }
+  }
+#endif
+  for (; k < count; ++k)
+    for (int r = 0; r < count_rows; ++r) out[k] += a[r] * widen(rows[r][k]);
+}
+
+template <typename T>
+static torch::Tensor dots_impl(const torch::Tensor& window, const torch::Tensor& vec) {
+  const int64_t m = window.size(0), n = window.size(1), blocks = (n + kBlock - 1) / kBlock;
+  const T* w = reinterpret_cast<const T*>(window.data_ptr());
+  const float* v = vec.data_ptr<float>();
+  auto partial = torch::zeros({at::get_num_threads(), m}, torch::kFloat64);
+  double* p = partial.data_ptr<double>();
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    double* mine = p + at::get_thread_num() * m;
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t k0 = b * kBlock, count = std::min(n, k0 + kBlock) - k0;
+      for (int64_t j = 0; j < m; j += R) {
+        const int rows_here = static_cast<int>(std::min<int64_t>(R, m - j));
+        const T* rows[R];
+        for (int r = 0; r < rows_here; ++r) rows[r] = w + (j + r) * n + k0;
+#ifdef __AVX2__
+        if (rows_here == 4) { dots_four_rows(rows, v + k0, count, mine + j); continue; }
+#endif
+        dots_rows(rows, rows_here, v + k0, count, mine + j);
+      }
+    }
+  });
+  return partial.sum(0);
+}
+
+template <typename T>
+static torch::Tensor combine_impl(const torch::Tensor& window, const torch::Tensor& coefficients) {
+  const int64_t m = window.size(0), n = window.size(1), blocks = (n + kBlock - 1) / kBlock;
+  const T* w = reinterpret_cast<const T*>(window.data_ptr());
+  const float* c = coefficients.data_ptr<float>();
+  auto result = torch::zeros({n}, torch::kFloat32);
+  float* out = result.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t k0 = b * kBlock, count = std::min(n, k0 + kBlock) - k0;
+      for (int64_t j = 0; j < m; j += R) {
+        const int rows_here = static_cast<int>(std::min<int64_t>(R, m - j));
+        const T* rows[R];
+        for (int r = 0; r < rows_here; ++r) rows[r] = w + (j + r) * n + k0;
+        axpy_rows(c + j, rows, rows_here, out + k0, count);
+      }
+    }
+  });
+  return result;
+}
+
+torch::Tensor window_dots(torch::Tensor window, torch::Tensor vec) {
+  return window.scalar_type() == torch::kBFloat16 ? dots_impl<uint16_t>(window, vec) : dots_impl<float>(window, vec);
+}
+
+torch::Tensor window_combine(torch::Tensor window, torch::Tensor coefficients) {
+  return window.scalar_type() == torch::kBFloat16 ? combine_impl<uint16_t>(window, coefficients)
+                                                  : combine_impl<float>(window, coefficients);
+}
+"""
+
+_cpu_kernels = None  # the compiled module, False once a build failed
+
+
+def cpu_kernels():
+    """The fused CPU passes, compiled on first use (about a minute, then cached by torch); None if no compiler
+    is available, in which case the blocked torch passes serve instead."""
+    global _cpu_kernels
+    if _cpu_kernels is None:
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            _cpu_kernels = load_inline(
+                name="mfac_cpu_kernels", cpp_sources=CPU_KERNELS, functions=["window_dots", "window_combine"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        except Exception as error:  # no compiler, no ninja, unsupported platform
+            warnings.warn(f"MFAC: fused CPU kernels unavailable ({type(error).__name__}: {error}); using torch passes")
+            _cpu_kernels = False
+    return _cpu_kernels or None
+
+
 def resolve_grad_dtype(value: Union[str, torch.dtype]) -> str:
     """Returns the canonical name ("float32", "bfloat16", "float16") of a window dtype given as name or dtype."""
     for name, dtype in GRAD_DTYPES.items():
@@ -49,6 +214,9 @@ class DenseRows:
         self.window = window  # (m, n), storage dtype
         self.accumulate_dtype = accumulate_dtype
         self._block_buffer: Optional[Tensor] = None
+        fusable = (window.device.type == "cpu" and accumulate_dtype == torch.float32 and window.is_contiguous()
+                   and window.dtype in (torch.float32, torch.bfloat16))
+        self._fused = cpu_kernels() if fusable else None
 
     def store(self, slot: int, grad: Tensor) -> None:
         self.window[slot].copy_(grad)
@@ -56,6 +224,8 @@ class DenseRows:
     def dots(self, slot: int) -> Tensor:
         """G ĝ in float64 over these columns, ĝ = the stored row `slot` (first pass over the window)."""
         stored = self.window[slot]
+        if self._fused is not None:
+            return self._fused.window_dots(self.window, stored.float())
         dots = torch.zeros(self.window.shape[0], dtype=torch.float64, device=self.window.device)
         for columns, block in self._column_blocks():
             dots += torch.mv(block, stored[columns].to(self.accumulate_dtype))
@@ -63,6 +233,8 @@ class DenseRows:
 
     def combine(self, coefficients: Tensor) -> Tensor:
         """Gᵀ c in fp32 over these columns (second pass over the window)."""
+        if self._fused is not None:
+            return self._fused.window_combine(self.window, coefficients.float())
         result = torch.empty(self.window.shape[1], dtype=torch.float32, device=self.window.device)
         coefficients = coefficients.to(self.accumulate_dtype)
         for columns, block in self._column_blocks():

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 logger = logging.getLogger(__name__)
@@ -436,6 +436,19 @@ def optimizer_record(training_args) -> dict[str, Any]:
     }
 
 
+class OptimizerMemoryLogger(TrainerCallback):
+    """Logs the optimizer state's size once, after the first step (M-FAC allocates its window there)."""
+
+    def __init__(self) -> None:
+        self.logged = False
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        if not self.logged and hasattr(inner, "memory_bytes"):
+            logger.info("Optimizer state: %.3f GiB (%s)", inner.memory_bytes() / 2**30, type(inner).__name__)
+            self.logged = True
+
+
 def optimizer_cls_and_kwargs(training_args):
     """(MFAC, its arguments) for `--optim MFAC`; None lets the Trainer build HF's optimizer as usual."""
     if training_args.optim != MFAC_NAME:
@@ -459,6 +472,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
+    if training_args.should_log:  # as HF: info on the main process unless --log_level says otherwise
+        transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -549,6 +564,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         processing_class=tokenizer,
         data_collator=data_collator,
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args),
+        callbacks=[OptimizerMemoryLogger()],
     )
     os.makedirs(training_args.output_dir, exist_ok=True)
     record = run_record(model_args, data_args, training_args)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from mfac_optim import GRAD_DTYPES, MFAC
+from mfac_optim import GRAD_DTYPES, MFAC, DenseRows, cpu_kernels
 
 TOLERANCE = 1e-4
 
@@ -184,6 +184,23 @@ def test_memory_bytes_counts_the_state():
     # rows: 4 slots × 2 rows × (8 bf16 + one int64); dense: 4 × 50 bf16; Gram 4 × 4 float64; momentum 8050 fp32;
     # two int64 step counters.
     assert optimizer.memory_bytes() == 4 * 2 * (8 * 2 + 8) + 4 * 50 * 2 + 16 * 8 + 8050 * 4 + 2 * 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_passes_against_float64(dtype):
+    # 3 column blocks of 8192 and a remainder, and m = 7 (not a multiple of the 4 rows taken at a time).
+    kernels = cpu_kernels()
+    assert kernels is not None, "the fused CPU kernels must build on the CI machine"
+    generator = torch.Generator().manual_seed(0)
+    window = torch.randn(7, 3 * 8192 + 13, generator=generator).to(dtype)
+    rows = DenseRows(window, torch.float32)
+    assert rows._fused is kernels
+    exact = window.double()
+    # Off-diagonal dots of random rows are far smaller than their terms: bound the error by the terms' scale (n).
+    torch.testing.assert_close(rows.dots(2), exact @ exact[2], rtol=1e-5, atol=1e-7 * window.shape[1])
+    coefficients = torch.randn(7, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(rows.combine(coefficients).double(), exact.T @ coefficients.float().double(),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_single_gradient_window_by_hand():

@@ -192,12 +192,14 @@ def test_sst2_end_to_end(tmp_path, tiny_bert, glue_dir, optimizer):
                            initial["bert.encoder.layer.0.output.dense.weight"])
 
 
-def test_pair_task_with_mfac(tmp_path, tiny_bert, glue_dir):
+def test_pair_task_with_mfac(tmp_path, tiny_bert, glue_dir, caplog):
+    caplog.set_level("INFO", logger="run_glue")
     output, results = run(tmp_path, tiny_bert, glue_dir, "rte", "RTE", "--optim", "MFAC", "--optim_args",
                           '{"num_grads": 4, "momentum": 0.5}', "--learning_rate", "1e-3")
     assert 0 <= results["eval_accuracy"] <= 1 and math.isfinite(results["eval_loss"])
     args = torch.load(output / "training_args.bin", weights_only=False)
     assert args.optim == "mfac" and json.loads(args.optim_args)["momentum"] == 0.5
+    assert "Optimizer state:" in caplog.text and "GiB (MFAC)" in caplog.text
 
 
 def test_stsb_regression(tmp_path, tiny_bert, glue_dir):
