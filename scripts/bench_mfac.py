@@ -1,10 +1,21 @@
-"""Times one MFAC step against the memory bandwidth the window passes need, and against AdamW.
+"""Times MFAC steps against the memory bandwidth the window passes need, and against AdamW.
+
+Dense gradients of a given size (the window passes alone):
 
     python scripts/bench_mfac.py --params 11171074 --num_grads 128 --grad_dtype bfloat16
 
-Prints the median step time, the bytes the two window passes must move (each pass reads the whole window once),
+prints the median step time, the bytes the two window passes must move (each pass reads the whole window once),
 the read bandwidth measured in the same run, the ratio of achieved to measured bandwidth, and AdamW's step time
 on the same parameters.
+
+A real model on real batches (row-sparse word-embedding gradients, as in training):
+
+    python scripts/bench_mfac.py --model_config ../shared/data/models/bert-mini-config \
+        --train_file ../shared/data/glue/SST-2/train.tsv --num_grads 1024 --grad_dtype bfloat16
+
+builds the model from its config (random weights), takes SST-2 batches of 32 (dynamic padding, at most 128
+tokens) and prints the optimizer's state bytes, the peak RSS growth over the optimizer steps, the median
+optimizer step and the median forward + backward + step, for MFAC and for AdamW.
 """
 import argparse
 import itertools
@@ -26,7 +37,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grad_dtype", choices=sorted(GRAD_DTYPES), default="float32")
     parser.add_argument("--steps", type=int, default=7, help="timed steps (after warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser.parse_args(argv)
+    parser.add_argument("--model_config", type=Path, help="model folder (config + vocab): benchmark real batches")
+    parser.add_argument("--train_file", type=Path, help="SST-2 train.tsv for --model_config")
+    parser.add_argument("--batch_size", type=int, default=32)
+    args = parser.parse_args(argv)
+    if (args.model_config is None) != (args.train_file is None):
+        parser.error("--model_config and --train_file go together")
+    return args
 
 
 def synchronize(device: torch.device) -> None:
@@ -66,9 +83,87 @@ def time_optimizer(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, 
     return median_seconds(one_step, steps, param.device)
 
 
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def sst2_batches(model_config: Path, train_file: Path, batch_size: int, count: int, device: torch.device) -> list:
+    """The first `count` batches of SST-2 sentences, tokenized with dynamic padding (as run_glue.py with
+    --pad_to_max_length false)."""
+    from transformers import AutoTokenizer
+
+    from run_glue import read_glue_tsv
+
+    columns = read_glue_tsv(str(train_file), "sst2")
+    tokenizer = AutoTokenizer.from_pretrained(model_config)
+    batches = []
+    for start in range(0, batch_size * count, batch_size):
+        batch = tokenizer(columns["sentence"][start:start + batch_size], padding=True, truncation=True,
+                          max_length=128, return_tensors="pt")
+        batch["labels"] = torch.tensor(columns["label"][start:start + batch_size])
+        batches.append({key: value.to(device) for key, value in batch.items()})
+    return batches
+
+
+def time_training(model, optimizer, batches: list, device: torch.device) -> tuple[float, float]:
+    """Median seconds of optimizer.step() and of a whole step (forward, backward, clipping, optimizer step)."""
+    step_times, total_times = [], []
+    for batch in batches:
+        synchronize(device)
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        synchronize(device)
+        before_step = time.perf_counter()
+        optimizer.step()
+        synchronize(device)
+        step_times.append(time.perf_counter() - before_step)
+        total_times.append(time.perf_counter() - start)
+        optimizer.zero_grad(set_to_none=True)
+    return statistics.median(step_times[1:]), statistics.median(total_times[1:])
+
+
+def benchmark_model(args: argparse.Namespace, device: torch.device) -> None:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    batches = sst2_batches(args.model_config, args.train_file, args.batch_size, args.steps + 2, device)
+    config = AutoConfig.from_pretrained(args.model_config, num_labels=2)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).to(device)
+    model(**batches[0]).loss.backward()  # activations and gradients are in the baseline, not the optimizer's share
+    model.zero_grad(set_to_none=True)
+    baseline = peak_rss_bytes()
+    mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype)
+    mfac_step, mfac_total = time_training(model, mfac, batches, device)
+    rss_growth = peak_rss_bytes() - baseline
+    state_bytes = mfac.memory_bytes()
+    embedding = model.get_input_embeddings().weight
+    rows = mfac.state[embedding]["row_values"].shape[1] if "row_values" in mfac.state[embedding] else None
+    del mfac
+    adamw_step, adamw_total = time_training(model, torch.optim.AdamW(model.parameters(), lr=1e-9), batches, device)
+
+    print(f"model                 {args.model_config} ({sum(p.numel() for p in model.parameters()):,} params)")
+    print(f"num_grads m           {args.num_grads}")
+    print(f"grad_dtype            {args.grad_dtype}")
+    print(f"batches               {len(batches)} SST-2 batches of {args.batch_size}, "
+          f"median length {statistics.median(b['input_ids'].shape[1] for b in batches)}")
+    print(f"word-embedding rows   {rows} per slot (capacity after these batches)" if rows else
+          "word-embedding rows   stored dense")
+    print(f"MFAC state            {state_bytes / 2**30:.2f} GiB")
+    print(f"peak RSS growth       {rss_growth / 2**30:.2f} GiB")
+    print(f"MFAC step (median)    {mfac_step * 1e3:.0f} ms; whole training step {mfac_total * 1e3:.0f} ms")
+    print(f"AdamW step (median)   {adamw_step * 1e3:.0f} ms; whole training step {adamw_total * 1e3:.0f} ms")
+    print(f"throughput MFAC/AdamW {adamw_total / mfac_total:.2f}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.model_config is not None:
+        benchmark_model(args, device)
+        return
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(args.params, device=device) * 0.02)
 
