@@ -123,48 +123,48 @@ static void axpy_rows(const float* a, const T* const* rows, int count_rows, floa
     for (int r = 0; r < count_rows; ++r) out[k] += a[r] * widen(rows[r][k]);
 }
 
-template <typename T>
-static torch::Tensor dots_impl(const torch::Tensor& window, const torch::Tensor& vec) {
+// Calls visit(first column, column count, first row, row pointers, row count) for every tile of a column block
+// and up to R rows; column blocks are split over threads, and one thread visits a block's rows in order.
+template <typename T, typename Visit>
+static void for_each_tile(const torch::Tensor& window, Visit visit) {
   const int64_t m = window.size(0), n = window.size(1), blocks = (n + kBlock - 1) / kBlock;
   const T* w = reinterpret_cast<const T*>(window.data_ptr());
-  const float* v = vec.data_ptr<float>();
-  auto partial = torch::zeros({at::get_num_threads(), m}, torch::kFloat64);
-  double* p = partial.data_ptr<double>();
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    double* mine = p + at::get_thread_num() * m;
     for (int64_t b = first; b < last; ++b) {
       const int64_t k0 = b * kBlock, count = std::min(n, k0 + kBlock) - k0;
       for (int64_t j = 0; j < m; j += R) {
         const int rows_here = static_cast<int>(std::min<int64_t>(R, m - j));
         const T* rows[R];
         for (int r = 0; r < rows_here; ++r) rows[r] = w + (j + r) * n + k0;
-#ifdef __AVX2__
-        if (rows_here == 4) { dots_four_rows(rows, v + k0, count, mine + j); continue; }
-#endif
-        dots_rows(rows, rows_here, v + k0, count, mine + j);
+        visit(k0, count, j, rows, rows_here);
       }
     }
+  });
+}
+
+template <typename T>
+static torch::Tensor dots_impl(const torch::Tensor& window, const torch::Tensor& vec) {
+  const int64_t m = window.size(0);
+  const float* v = vec.data_ptr<float>();
+  auto partial = torch::zeros({at::get_num_threads(), m}, torch::kFloat64);
+  double* p = partial.data_ptr<double>();
+  for_each_tile<T>(window, [&](int64_t k0, int64_t count, int64_t j, const T* const* rows, int rows_here) {
+    double* mine = p + at::get_thread_num() * m + j;
+#ifdef __AVX2__
+    if (rows_here == 4) return dots_four_rows(rows, v + k0, count, mine);
+#endif
+    dots_rows(rows, rows_here, v + k0, count, mine);
   });
   return partial.sum(0);
 }
 
 template <typename T>
 static torch::Tensor combine_impl(const torch::Tensor& window, const torch::Tensor& coefficients) {
-  const int64_t m = window.size(0), n = window.size(1), blocks = (n + kBlock - 1) / kBlock;
-  const T* w = reinterpret_cast<const T*>(window.data_ptr());
   const float* c = coefficients.data_ptr<float>();
-  auto result = torch::zeros({n}, torch::kFloat32);
+  auto result = torch::zeros({window.size(1)}, torch::kFloat32);
   float* out = result.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      const int64_t k0 = b * kBlock, count = std::min(n, k0 + kBlock) - k0;
-      for (int64_t j = 0; j < m; j += R) {
-        const int rows_here = static_cast<int>(std::min<int64_t>(R, m - j));
-        const T* rows[R];
-        for (int r = 0; r < rows_here; ++r) rows[r] = w + (j + r) * n + k0;
-        axpy_rows(c + j, rows, rows_here, out + k0, count);
-      }
-    }
+  for_each_tile<T>(window, [&](int64_t k0, int64_t count, int64_t j, const T* const* rows, int rows_here) {
+    axpy_rows(c + j, rows, rows_here, out + k0, count);
   });
   return result;
 }

@@ -74,7 +74,7 @@ def optimizer_label(optimizer: dict) -> str:
 
 def group_label(info: dict) -> str:
     """Model, optimizer and any data limits: what distinguishes one group of seeds from another."""
-    model = Path(str(info["model"])).name
+    model = "/".join(Path(str(info["model"])).parts[-2:])  # a Hub id whole; a folder by its last two names
     limits = "".join(f" {key}={info[key]}" for key in ("max_train_samples",) if info.get(key) is not None)
     return f"{model}{limits} | {optimizer_label(info['optimizer'])}"
 
