@@ -247,9 +247,13 @@ def expand_json_config(argv: list[str]) -> list[str]:
         raise UsageError(f"{argv[0]}: must hold a JSON object of arguments")
     flags = []
     for key, value in config.items():
-        if isinstance(value, (dict, list)) and key == "optim_args":
-            value = json.dumps(value)
-        flags += [f"--{key}", str(value)]
+        if isinstance(value, dict):  # --optim_args '{"num_grads": 512}'
+            values = [json.dumps(value)]
+        elif isinstance(value, list):  # --report_to none tensorboard
+            values = [str(item) for item in value]
+        else:
+            values = [str(value)]
+        flags += [f"--{key}", *values]
     return flags + argv[1:]
 
 

@@ -65,9 +65,11 @@ def test_other_optimizers_are_hf_unchanged():
 def test_json_config_file_with_command_line_override(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_name_or_path": "m", "task_name": "mrpc", "output_dir": "o", "seed": 1,
-                                  "do_train": True, "optim": "MFAC", "optim_args": {"num_grads": 512}}))
+                                  "do_train": True, "optim": "MFAC", "optim_args": {"num_grads": 512},
+                                  "label_names": ["labels", "other"]}))
     _, data_args, training_args, _ = run_glue.parse_and_check_inputs([str(config), "--seed", "7"])
     assert training_args.seed == 7 and training_args.do_train and data_args.task_name == "mrpc"
+    assert training_args.label_names == ["labels", "other"]
     assert json.loads(training_args.optim_args)["num_grads"] == 512
 
 
