@@ -76,7 +76,7 @@ def group_label(info: dict) -> str:
     """Model, optimizer and any data limits: what distinguishes one group of seeds from another."""
     model = "/".join(Path(str(info["model"])).parts[-2:])  # a Hub id whole; a folder by its last two names
     limits = "".join(f" {key}={info[key]}" for key in ("max_train_samples",) if info.get(key) is not None)
-    return f"{model}{limits} | {optimizer_label(info['optimizer'])}"
+    return f"{model}{limits}, {optimizer_label(info['optimizer'])}"
 
 
 def group_runs(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
@@ -166,8 +166,14 @@ def plot(grouped: dict[str, dict[str, list[Run]]], path: Path) -> None:
             axis.set_title(f"{task}: {title}")
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
-            axis.legend(fontsize=8)
-    figure.tight_layout()
+    # One legend under the plots: group labels are long, and every panel uses the same colours.
+    handles = {}
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    legend_rows = len(handles)
+    figure.legend(list(handles.values()), list(handles), loc="lower center", fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.03 * legend_rows / len(grouped), 1, 1))
     figure.savefig(path, dpi=120)
 
 

@@ -173,10 +173,10 @@ def test_compare_groups_by_recorded_settings_with_sample_std(hand_made_runs, cap
     assert compare.main([str(path) for path in hand_made_runs] + ["--markdown"]) == 0
     out = capsys.readouterr().out
     # MFAC m=64: mean 0.83, sample std √((0.03² + 0.01² + 0.04²)/2) = √0.0013 = 0.036056; best 0.87 at seed 3.
-    assert "| accuracy | models/minilm max_train_samples=4000 | MFAC lr=0.0001 num_grads=64 damp=1e-06 | 83.00 ± 3.61 | 3 | 87.00 (3) |" in out
+    assert "| accuracy | models/minilm max_train_samples=4000, MFAC lr=0.0001 num_grads=64 damp=1e-06 | 83.00 ± 3.61 | 3 | 87.00 (3) |" in out
     # Adam: mean 0.855, std √(2·0.005²) = 0.0070711.
-    assert "| accuracy | models/minilm max_train_samples=4000 | adamw_torch lr=0.0001 | 85.50 ± 0.71 | 2 | 86.00 (2) |" in out
-    assert "| accuracy | models/minilm max_train_samples=4000 | MFAC lr=0.0001 num_grads=8 damp=1e-06 | 50.00 | 1 | 50.00 (1) |" in out
+    assert "| accuracy | models/minilm max_train_samples=4000, adamw_torch lr=0.0001 | 85.50 ± 0.71 | 2 | 86.00 (2) |" in out
+    assert "| accuracy | models/minilm max_train_samples=4000, MFAC lr=0.0001 num_grads=8 damp=1e-06 | 50.00 | 1 | 50.00 (1) |" in out
 
 
 def test_compare_plot_and_loss_series(hand_made_runs, tmp_path):
