@@ -67,30 +67,30 @@ constexpr int64_t kBlock = 8192;  // columns per block: 16-32 KiB row segments k
 constexpr int R = 4;
 
 template <typename T>
-static void dots_rows(const T* const* rows, int count_rows, const float* v, int64_t count, double* out) {
+static void dots_rows(const T* const* rows, int count_rows, const T* v, int64_t count, double* out) {
   for (int r = 0; r < count_rows; ++r) {
     int64_t k = 0;
     float total = 0.f;
 #ifdef __AVX2__
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (; k + 16 <= count; k += 16) {
-      a0 = _mm256_fmadd_ps(load8(rows[r] + k), _mm256_loadu_ps(v + k), a0);
-      a1 = _mm256_fmadd_ps(load8(rows[r] + k + 8), _mm256_loadu_ps(v + k + 8), a1);
+      a0 = _mm256_fmadd_ps(load8(rows[r] + k), load8(v + k), a0);
+      a1 = _mm256_fmadd_ps(load8(rows[r] + k + 8), load8(v + k + 8), a1);
     }
     total = horizontal_sum(_mm256_add_ps(a0, a1));
 #endif
-    for (; k < count; ++k) total += widen(rows[r][k]) * v[k];
+    for (; k < count; ++k) total += widen(rows[r][k]) * widen(v[k]);
     out[r] += total;
   }
 }
 
 #ifdef __AVX2__
 template <typename T>
-static void dots_four_rows(const T* const* rows, const float* v, int64_t count, double* out) {
+static void dots_four_rows(const T* const* rows, const T* v, int64_t count, double* out) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= count; k += 8) {
-    const __m256 x = _mm256_loadu_ps(v + k);
+    const __m256 x = load8(v + k);
     a0 = _mm256_fmadd_ps(load8(rows[0] + k), x, a0);
     a1 = _mm256_fmadd_ps(load8(rows[1] + k), x, a1);
     a2 = _mm256_fmadd_ps(load8(rows[2] + k), x, a2);
@@ -98,7 +98,7 @@ static void dots_four_rows(const T* const* rows, const float* v, int64_t count, 
   }
   float totals[4] = {horizontal_sum(a0), horizontal_sum(a1), horizontal_sum(a2), horizontal_sum(a3)};
   for (; k < count; ++k)
-    for (int r = 0; r < 4; ++r) totals[r] += widen(rows[r][k]) * v[k];
+    for (int r = 0; r < 4; ++r) totals[r] += widen(rows[r][k]) * widen(v[k]);
   for (int r = 0; r < 4; ++r) out[r] += totals[r];
 }
 #endif
@@ -142,10 +142,11 @@ static void for_each_tile(const torch::Tensor& window, Visit visit) {
   });
 }
 
+// G g for g = row `slot` of the window itself (the stored gradient).
 template <typename T>
-static torch::Tensor dots_impl(const torch::Tensor& window, const torch::Tensor& vec) {
+static torch::Tensor dots_impl(const torch::Tensor& window, int64_t slot) {
   const int64_t m = window.size(0);
-  const float* v = vec.data_ptr<float>();
+  const T* v = reinterpret_cast<const T*>(window.data_ptr()) + slot * window.size(1);
   auto partial = torch::zeros({at::get_num_threads(), m}, torch::kFloat64);
   double* p = partial.data_ptr<double>();
   for_each_tile<T>(window, [&](int64_t k0, int64_t count, int64_t j, const T* const* rows, int rows_here) {
@@ -158,24 +159,24 @@ static torch::Tensor dots_impl(const torch::Tensor& window, const torch::Tensor&
   return partial.sum(0);
 }
 
+// Gᵀ c into `result` (reused across steps: a fresh buffer of this size costs page faults every step).
 template <typename T>
-static torch::Tensor combine_impl(const torch::Tensor& window, const torch::Tensor& coefficients) {
+static void combine_impl(const torch::Tensor& window, const torch::Tensor& coefficients, torch::Tensor& result) {
   const float* c = coefficients.data_ptr<float>();
-  auto result = torch::zeros({window.size(1)}, torch::kFloat32);
   float* out = result.data_ptr<float>();
   for_each_tile<T>(window, [&](int64_t k0, int64_t count, int64_t j, const T* const* rows, int rows_here) {
+    if (j == 0) std::fill(out + k0, out + k0 + count, 0.f);  // zeroed by the thread that accumulates it
     axpy_rows(c + j, rows, rows_here, out + k0, count);
   });
-  return result;
 }
 
-torch::Tensor window_dots(torch::Tensor window, torch::Tensor vec) {
-  return window.scalar_type() == torch::kBFloat16 ? dots_impl<uint16_t>(window, vec) : dots_impl<float>(window, vec);
+torch::Tensor window_dots(torch::Tensor window, int64_t slot) {
+  return window.scalar_type() == torch::kBFloat16 ? dots_impl<uint16_t>(window, slot) : dots_impl<float>(window, slot);
 }
 
-torch::Tensor window_combine(torch::Tensor window, torch::Tensor coefficients) {
-  return window.scalar_type() == torch::kBFloat16 ? combine_impl<uint16_t>(window, coefficients)
-                                                  : combine_impl<float>(window, coefficients);
+void window_combine(torch::Tensor window, torch::Tensor coefficients, torch::Tensor result) {
+  if (window.scalar_type() == torch::kBFloat16) combine_impl<uint16_t>(window, coefficients, result);
+  else combine_impl<float>(window, coefficients, result);
 }
 """
 
@@ -214,6 +215,7 @@ class DenseRows:
         self.window = window  # (m, n), storage dtype
         self.accumulate_dtype = accumulate_dtype
         self._block_buffer: Optional[Tensor] = None
+        self._direction_buffer: Optional[Tensor] = None
         fusable = (window.device.type == "cpu" and accumulate_dtype == torch.float32 and window.is_contiguous()
                    and window.dtype in (torch.float32, torch.bfloat16))
         self._fused = cpu_kernels() if fusable else None
@@ -223,9 +225,9 @@ class DenseRows:
 
     def dots(self, slot: int) -> Tensor:
         """G ĝ in float64 over these columns, ĝ = the stored row `slot` (first pass over the window)."""
-        stored = self.window[slot]
         if self._fused is not None:
-            return self._fused.window_dots(self.window, stored.float())
+            return self._fused.window_dots(self.window, slot)
+        stored = self.window[slot]
         dots = torch.zeros(self.window.shape[0], dtype=torch.float64, device=self.window.device)
         for columns, block in self._column_blocks():
             dots += torch.mv(block, stored[columns].to(self.accumulate_dtype))
@@ -234,7 +236,10 @@ class DenseRows:
     def combine(self, coefficients: Tensor) -> Tensor:
         """Gᵀ c in fp32 over these columns (second pass over the window)."""
         if self._fused is not None:
-            return self._fused.window_combine(self.window, coefficients.float())
+            if self._direction_buffer is None:
+                self._direction_buffer = torch.empty(self.window.shape[1], dtype=torch.float32)
+            self._fused.window_combine(self.window, coefficients.float(), self._direction_buffer)
+            return self._direction_buffer
         result = torch.empty(self.window.shape[1], dtype=torch.float32, device=self.window.device)
         coefficients = coefficients.to(self.accumulate_dtype)
         for columns, block in self._column_blocks():
@@ -432,7 +437,8 @@ class MFAC(Optimizer):
         )
         _check_group_hyperparameters(defaults)
         self._warned_nonfinite = False
-        self._dense_rows: Optional[DenseRows] = None  # reused across steps for its conversion buffer
+        self._dense_rows: Optional[DenseRows] = None  # reused across steps for its buffers
+        self._flat_buffer: Optional[Tensor] = None
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -478,7 +484,8 @@ class MFAC(Optimizer):
 
         params = self._params()
         grad = self._flat_gradient()
-        if not torch.isfinite(grad).all():
+        # A sum is finite whenever all terms are, unless it overflows: only then is the full check needed.
+        if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
             self._skip_nonfinite()
             return loss
         state = self._window_state(params, grad)
@@ -518,7 +525,10 @@ class MFAC(Optimizer):
                 if group["weight_decay"] != 0:
                     grad = grad.add(p.float(), alpha=group["weight_decay"])
                 pieces.append(grad.reshape(-1))
-        return torch.cat(pieces)
+        # Written into one reused buffer: a fresh allocation of d floats costs page faults every step.
+        if self._flat_buffer is None or self._flat_buffer.numel() != sum(piece.numel() for piece in pieces):
+            self._flat_buffer = torch.empty(sum(piece.numel() for piece in pieces), device=pieces[0].device)
+        return torch.cat(pieces, out=self._flat_buffer)
 
     def _window_state(self, params: list[Tensor], grad: Tensor) -> dict:
         """The shared state (kept under the first parameter, as torch.optim.LBFGS does), made on first use. Then
