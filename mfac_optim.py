@@ -170,6 +170,80 @@ static void combine_impl(const torch::Tensor& window, const torch::Tensor& coeff
   });
 }
 
+// Row-sparse parts: slot j holds rows indices[j, :] with values[j, :, :] (padding: row 0 with zero values).
+
+template <typename T>
+static float dot_widened(const T* a, const float* b, int64_t count) {
+  int64_t k = 0;
+  float total = 0.f;
+#ifdef __AVX2__
+  __m256 acc = _mm256_setzero_ps();
+  for (; k + 8 <= count; k += 8) acc = _mm256_fmadd_ps(load8(a + k), _mm256_loadu_ps(b + k), acc);
+  total = horizontal_sum(acc);
+#endif
+  for (; k < count; ++k) total += widen(a[k]) * b[k];
+  return total;
+}
+
+template <typename T>
+static void axpy_one(float a, const T* row, float* out, int64_t count) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  const __m256 scale = _mm256_set1_ps(a);
+  for (; k + 8 <= count; k += 8)
+    _mm256_storeu_ps(out + k, _mm256_fmadd_ps(scale, load8(row + k), _mm256_loadu_ps(out + k)));
+#endif
+  for (; k < count; ++k) out[k] += a * widen(row[k]);
+}
+
+// s_j = Σ_r ⟨values[j, r], dense[indices[j, r]]⟩, slots split over threads.
+template <typename T>
+static torch::Tensor sparse_dots_impl(const torch::Tensor& indices, const torch::Tensor& values, const torch::Tensor& dense) {
+  const int64_t m = values.size(0), capacity = values.size(1), columns = values.size(2);
+  auto result = torch::empty({m}, torch::kFloat64);
+  double* out = result.data_ptr<double>();
+  const int64_t* index = indices.data_ptr<int64_t>();
+  const T* v = reinterpret_cast<const T*>(values.data_ptr());
+  const float* g = dense.data_ptr<float>();
+  at::parallel_for(0, m, 1, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      double total = 0.0;
+      for (int64_t r = 0; r < capacity; ++r)
+        total += dot_widened(v + (j * capacity + r) * columns, g + index[j * capacity + r] * columns, columns);
+      out[j] = total;
+    }
+  });
+  return result;
+}
+
+// result = Σ_j c_j · (slot j scattered into rows × columns); columns split over threads, so no two threads
+// ever add into the same element.
+template <typename T>
+static void sparse_combine_impl(const torch::Tensor& indices, const torch::Tensor& values,
+                                const torch::Tensor& coefficients, torch::Tensor& result) {
+  const int64_t m = values.size(0), capacity = values.size(1), columns = values.size(2);
+  const int64_t* index = indices.data_ptr<int64_t>();
+  const T* v = reinterpret_cast<const T*>(values.data_ptr());
+  const float* c = coefficients.data_ptr<float>();
+  float* out = result.data_ptr<float>();
+  result.zero_();
+  at::parallel_for(0, columns, 8, [&](int64_t c0, int64_t c1) {
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t r = 0; r < capacity; ++r)
+        axpy_one(c[j], v + (j * capacity + r) * columns + c0, out + index[j * capacity + r] * columns + c0, c1 - c0);
+  });
+}
+
+torch::Tensor sparse_dots(torch::Tensor indices, torch::Tensor values, torch::Tensor dense) {
+  return values.scalar_type() == torch::kBFloat16 ? sparse_dots_impl<uint16_t>(indices, values, dense)
+                                                  : sparse_dots_impl<float>(indices, values, dense);
+}
+
+void sparse_combine(torch::Tensor indices, torch::Tensor values, torch::Tensor coefficients, torch::Tensor result) {
+  if (values.scalar_type() == torch::kBFloat16) sparse_combine_impl<uint16_t>(indices, values, coefficients, result);
+  else sparse_combine_impl<float>(indices, values, coefficients, result);
+}
+
 torch::Tensor window_dots(torch::Tensor window, int64_t slot) {
   return window.scalar_type() == torch::kBFloat16 ? dots_impl<uint16_t>(window, slot) : dots_impl<float>(window, slot);
 }
@@ -192,7 +266,7 @@ def cpu_kernels():
             from torch.utils.cpp_extension import load_inline
 
             _cpu_kernels = load_inline(
-                name="mfac_cpu_kernels", cpp_sources=CPU_KERNELS, functions=["window_dots", "window_combine"],
+                name="mfac_cpu_kernels", cpp_sources=CPU_KERNELS, functions=["window_dots", "window_combine", "sparse_dots", "sparse_combine"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as error:  # no compiler, no ninja, unsupported platform
             warnings.warn(f"MFAC: fused CPU kernels unavailable ({type(error).__name__}: {error}); using torch passes")
@@ -274,6 +348,9 @@ class RowSparseRows:
         self.values = values  # (m, capacity, columns), storage dtype
         self.num_rows = num_rows
         self.accumulate_dtype = accumulate_dtype
+        fusable = (values.device.type == "cpu" and accumulate_dtype == torch.float32
+                   and values.dtype in (torch.float32, torch.bfloat16))
+        self._fused = cpu_kernels() if fusable else None
 
     @staticmethod
     def nonzero_rows(grad: Tensor) -> Tensor:
@@ -310,6 +387,8 @@ class RowSparseRows:
         """s_j = Σ over the rows of slot j of ⟨stored row, new gradient's row⟩, in float64."""
         new = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
         new.index_add_(0, self.indices[slot], self.values[slot].to(self.accumulate_dtype))  # padding adds zeros
+        if self._fused is not None:
+            return self._fused.sparse_dots(self.indices, self.values, new)
         dots = torch.empty(self.indices.shape[0], dtype=torch.float64, device=self.values.device)
         for chunk in self._slot_chunks():
             products = new[self.indices[chunk]] * self.values[chunk].to(self.accumulate_dtype)
@@ -318,6 +397,10 @@ class RowSparseRows:
 
     def combine(self, coefficients: Tensor) -> Tensor:
         """Σ_j c_j · (slot j scattered into a rows × columns matrix), accumulated in fp32 or better."""
+        if self._fused is not None:
+            result = torch.empty(self.num_rows, self.values.shape[2], dtype=torch.float32)
+            self._fused.sparse_combine(self.indices, self.values, coefficients.float(), result)
+            return result
         result = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
         coefficients = coefficients.to(self.accumulate_dtype)
         for chunk in self._slot_chunks():
