@@ -399,10 +399,11 @@ def load_model_and_tokenizer(model_args: ModelArguments, num_labels: int, task: 
         config.label2id = {label: index for index, label in enumerate(label_list)}
         config.id2label = {index: label for index, label in enumerate(label_list)}
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
-    if len(tokenizer) < 100:
-        # transformers 5 can build a near-empty vocabulary from a bad tokenizer folder and map every word to [UNK].
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        # transformers 5 can build a vocabulary of special tokens alone from a bad tokenizer folder, and then maps
+        # every word to [UNK] without complaint.
         raise RuntimeError(f"tokenizer from {model_args.tokenizer_name or model_args.model_name_or_path} has only "
-                           f"{len(tokenizer)} tokens; the folder needs its vocab.txt or tokenizer.json")
+                           f"its {len(tokenizer)} special tokens; the folder needs its vocab.txt or tokenizer.json")
     if model_args.model_name_or_path is None:
         logger.info("No --model_name_or_path: training a randomly initialised model from %s", model_args.config_name)
         model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)

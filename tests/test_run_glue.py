@@ -115,6 +115,18 @@ def test_stage_without_its_local_file_is_rejected(glue_dir, capsys):
     assert "--validation_file: required for --do_eval when data comes from local files" in capsys.readouterr().err
 
 
+def test_tokenizer_folder_without_vocabulary_is_refused(tmp_path):
+    # transformers 5 builds a tokenizer of the 5 special tokens from such a folder and maps every word to [UNK].
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": true, "tokenizer_class": "BertTokenizer"}')
+    model_args = run_glue.ModelArguments(config_name=str(tmp_path), tokenizer_name=str(tmp_path))
+    with pytest.raises(RuntimeError, match="has only its 5 special tokens; the folder needs its vocab.txt"):
+        run_glue.load_model_and_tokenizer(model_args, 2, "sst2", ["negative", "positive"])
+
+
 # --- local data --------------------------------------------------------------------------------------------------
 def test_glue_tsv_layouts(tmp_path):
     cola = tmp_path / "cola.tsv"
