@@ -66,22 +66,33 @@ constexpr int64_t kBlock = 8192;  // columns per block: 16-32 KiB row segments k
 // Rows are taken R at a time so that each load of v (dots) or of the output block (combine) serves R rows.
 constexpr int R = 4;
 
-template <typename T>
-static void dots_rows(const T* const* rows, int count_rows, const T* v, int64_t count, double* out) {
-  for (int r = 0; r < count_rows; ++r) {
-    int64_t k = 0;
-    float total = 0.f;
+// ⟨a, b⟩ over `count` elements, each side bf16 or fp32, accumulated in fp32.
+template <typename A, typename B>
+static float dot(const A* a, const B* b, int64_t count) {
+  int64_t k = 0;
+  float total = 0.f;
 #ifdef __AVX2__
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; k + 16 <= count; k += 16) {
-      a0 = _mm256_fmadd_ps(load8(rows[r] + k), load8(v + k), a0);
-      a1 = _mm256_fmadd_ps(load8(rows[r] + k + 8), load8(v + k + 8), a1);
-    }
-    total = horizontal_sum(_mm256_add_ps(a0, a1));
-#endif
-    for (; k < count; ++k) total += widen(rows[r][k]) * widen(v[k]);
-    out[r] += total;
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; k + 16 <= count; k += 16) {
+    a0 = _mm256_fmadd_ps(load8(a + k), load8(b + k), a0);
+    a1 = _mm256_fmadd_ps(load8(a + k + 8), load8(b + k + 8), a1);
   }
+  total = horizontal_sum(_mm256_add_ps(a0, a1));
+#endif
+  for (; k < count; ++k) total += widen(a[k]) * widen(b[k]);
+  return total;
+}
+
+// out[k] += a · row[k].
+template <typename T>
+static void axpy(float a, const T* row, float* out, int64_t count) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  const __m256 scale = _mm256_set1_ps(a);
+  for (; k + 8 <= count; k += 8)
+    _mm256_storeu_ps(out + k, _mm256_fmadd_ps(scale, load8(row + k), _mm256_loadu_ps(out + k)));
+#endif
+  for (; k < count; ++k) out[k] += a * widen(row[k]);
 }
 
 #ifdef __AVX2__
@@ -119,8 +130,7 @@ static void axpy_rows(const float* a, const T* const* rows, int count_rows, floa
     }
   }
 #endif
-  for (; k < count; ++k)
-    for (int r = 0; r < count_rows; ++r) out[k] += a[r] * widen(rows[r][k]);
+  for (int r = 0; r < count_rows; ++r) axpy(a[r], rows[r] + k, out + k, count - k);
 }
 
 // Calls visit(first column, column count, first row, row pointers, row count) for every tile of a column block
@@ -154,7 +164,7 @@ static torch::Tensor dots_impl(const torch::Tensor& window, int64_t slot) {
 #ifdef __AVX2__
     if (rows_here == 4) return dots_four_rows(rows, v + k0, count, mine);
 #endif
-    dots_rows(rows, rows_here, v + k0, count, mine);
+    for (int r = 0; r < rows_here; ++r) mine[r] += dot(rows[r], v + k0, count);
   });
   return partial.sum(0);
 }
@@ -172,30 +182,6 @@ static void combine_impl(const torch::Tensor& window, const torch::Tensor& coeff
 
 // Row-sparse parts: slot j holds rows indices[j, :] with values[j, :, :] (padding: row 0 with zero values).
 
-template <typename T>
-static float dot_widened(const T* a, const float* b, int64_t count) {
-  int64_t k = 0;
-  float total = 0.f;
-#ifdef __AVX2__
-  __m256 acc = _mm256_setzero_ps();
-  for (; k + 8 <= count; k += 8) acc = _mm256_fmadd_ps(load8(a + k), _mm256_loadu_ps(b + k), acc);
-  total = horizontal_sum(acc);
-#endif
-  for (; k < count; ++k) total += widen(a[k]) * b[k];
-  return total;
-}
-
-template <typename T>
-static void axpy_one(float a, const T* row, float* out, int64_t count) {
-  int64_t k = 0;
-#ifdef __AVX2__
-  const __m256 scale = _mm256_set1_ps(a);
-  for (; k + 8 <= count; k += 8)
-    _mm256_storeu_ps(out + k, _mm256_fmadd_ps(scale, load8(row + k), _mm256_loadu_ps(out + k)));
-#endif
-  for (; k < count; ++k) out[k] += a * widen(row[k]);
-}
-
 // s_j = Σ_r ⟨values[j, r], dense[indices[j, r]]⟩, slots split over threads.
 template <typename T>
 static torch::Tensor sparse_dots_impl(const torch::Tensor& indices, const torch::Tensor& values, const torch::Tensor& dense) {
@@ -209,7 +195,7 @@ static torch::Tensor sparse_dots_impl(const torch::Tensor& indices, const torch:
     for (int64_t j = first; j < last; ++j) {
       double total = 0.0;
       for (int64_t r = 0; r < capacity; ++r)
-        total += dot_widened(v + (j * capacity + r) * columns, g + index[j * capacity + r] * columns, columns);
+        total += dot(v + (j * capacity + r) * columns, g + index[j * capacity + r] * columns, columns);
       out[j] = total;
     }
   });
@@ -230,7 +216,7 @@ static void sparse_combine_impl(const torch::Tensor& indices, const torch::Tenso
   at::parallel_for(0, columns, 8, [&](int64_t c0, int64_t c1) {
     for (int64_t j = 0; j < m; ++j)
       for (int64_t r = 0; r < capacity; ++r)
-        axpy_one(c[j], v + (j * capacity + r) * columns + c0, out + index[j * capacity + r] * columns + c0, c1 - c0);
+        axpy(c[j], v + (j * capacity + r) * columns + c0, out + index[j * capacity + r] * columns + c0, c1 - c0);
   });
 }
 
@@ -274,6 +260,14 @@ def cpu_kernels():
     return _cpu_kernels or None
 
 
+def fused_kernels_for(storage: Tensor, accumulate_dtype: torch.dtype):
+    """The fused CPU kernels if they apply to this window storage (CPU, fp32 or bf16, contiguous, fp32
+    accumulation), else None."""
+    applies = (storage.device.type == "cpu" and accumulate_dtype == torch.float32 and storage.is_contiguous()
+               and storage.dtype in (torch.float32, torch.bfloat16))
+    return cpu_kernels() if applies else None
+
+
 def resolve_grad_dtype(value: Union[str, torch.dtype]) -> str:
     """Returns the canonical name ("float32", "bfloat16", "float16") of a window dtype given as name or dtype."""
     for name, dtype in GRAD_DTYPES.items():
@@ -290,9 +284,7 @@ class DenseRows:
         self.accumulate_dtype = accumulate_dtype
         self._block_buffer: Optional[Tensor] = None
         self._direction_buffer: Optional[Tensor] = None
-        fusable = (window.device.type == "cpu" and accumulate_dtype == torch.float32 and window.is_contiguous()
-                   and window.dtype in (torch.float32, torch.bfloat16))
-        self._fused = cpu_kernels() if fusable else None
+        self._fused = fused_kernels_for(window, accumulate_dtype)
 
     def store(self, slot: int, grad: Tensor) -> None:
         self.window[slot].copy_(grad)
@@ -348,9 +340,7 @@ class RowSparseRows:
         self.values = values  # (m, capacity, columns), storage dtype
         self.num_rows = num_rows
         self.accumulate_dtype = accumulate_dtype
-        fusable = (values.device.type == "cpu" and accumulate_dtype == torch.float32
-                   and values.dtype in (torch.float32, torch.bfloat16))
-        self._fused = cpu_kernels() if fusable else None
+        self._fused = fused_kernels_for(values, accumulate_dtype)
 
     @staticmethod
     def nonzero_rows(grad: Tensor) -> Tensor:
