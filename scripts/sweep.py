@@ -19,6 +19,8 @@ from pathlib import Path
 from compare import eval_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from run_glue import UsageError, expand_json_config  # noqa: E402
 DEFAULT_SEEDS = [1234, 1235, 1236, 1237, 1238]
 
 
@@ -33,13 +35,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--output_root", type=Path, default=Path("runs"), help="parent of the run folders")
     args = parser.parse_args(argv)
     for config in args.configs:
-        if not config.is_file():
-            parser.error(f"config not found: {config}")
-        try:
-            if not isinstance(json.loads(config.read_text()), dict):
-                parser.error(f"{config}: must hold a JSON object of run_glue.py arguments")
-        except json.JSONDecodeError as error:
-            parser.error(f"{config}: not valid JSON ({error.msg}, line {error.lineno})")
+        if config.suffix != ".json":
+            parser.error(f"{config}: run_glue.py reads its configs from .json files")
+        try:  # run_glue.py's own reader: a broken config fails here, before any run starts
+            expand_json_config([str(config)])
+        except UsageError as error:
+            parser.error(str(error))
     return args, extra
 
 
