@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# State entries that count steps: kept on the CPU, as torch.optim keeps "step".
-COUNTERS = ("step", "skipped_steps")
+# State entries that count steps or say which shard this is: kept on the CPU, as torch.optim keeps "step".
+COUNTERS = ("step", "skipped_steps", "shard_rank", "shard_world_size")
 
 # Hyperparameters that define the one shared window, so every param group must agree on them.
-WINDOW_KEYS = ("num_grads", "damp", "grad_dtype")
+WINDOW_KEYS = ("num_grads", "damp", "grad_dtype", "shard")
 
 # Columns per block in the window passes: partial sums of one block are accumulated in fp32 and the blocks are
 # summed in float64, which bounds the rounding error by the block length rather than by d.
@@ -276,6 +278,37 @@ def resolve_grad_dtype(value: Union[str, torch.dtype]) -> str:
     raise ValueError(f"Invalid grad_dtype: {value!r} (allowed: {', '.join(GRAD_DTYPES)} or the torch dtypes)")
 
 
+@dataclass(frozen=True)
+class Block:
+    """The rows of one parameter (seen as a rows × columns matrix; a vector is a column) whose window this rank
+    keeps, and where they lie in the flat gradient of all parameters."""
+
+    index: int  # of the parameter, in the order of the param groups
+    flat: slice
+    rows: int
+    columns: int
+    matrix: bool  # the parameter is 2-D, so its block may be stored row-sparse
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.columns
+
+
+def shard_blocks(shapes: list[torch.Size], rank: int, world_size: int) -> list[Block]:
+    """Rank `rank`'s block of every parameter: each parameter's rows (elements, for a vector) are split into
+    `world_size` contiguous ranges of near-equal length, so each rank keeps 1/world_size of the window to within
+    one row per parameter, and of every embedding matrix, whose rows are stored row-sparse."""
+    blocks, offset = [], 0
+    for index, shape in enumerate(shapes):
+        numel = math.prod(shape)
+        rows, columns = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (numel, 1)
+        first, last = rows * rank // world_size, rows * (rank + 1) // world_size
+        blocks.append(Block(index, slice(offset + first * columns, offset + last * columns), last - first, columns,
+                            len(shape) == 2))
+        offset += numel
+    return blocks
+
+
 class DenseRows:
     """The dense part of the window: row j holds the stored gradient j restricted to the dense parameters."""
 
@@ -413,13 +446,17 @@ class RowSparseRows:
 class GradientWindow:
     """A ring buffer of m gradients (dense rows plus row-sparse parts) with its float64 Gram matrix S = GGᵀ;
     computes u = F⁻¹ĝ for each new gradient ĝ. It works on tensors it is handed (the optimizer keeps them in its
-    state)."""
+    state). When the columns are sharded across processes, `sum_shards` adds up each process's partial dot
+    products, so that every process holds the same Gram matrix and coefficients, and the direction for its columns.
+    """
 
-    def __init__(self, dense: DenseRows, sparse: dict[int, RowSparseRows], gram: Tensor, damp: float) -> None:
+    def __init__(self, dense: DenseRows, sparse: dict[int, RowSparseRows], gram: Tensor, damp: float,
+                 sum_shards: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         self.dense = dense
         self.sparse = sparse  # parameter index -> its row-sparse part
         self.gram = gram
         self.damp = damp
+        self.sum_shards = sum_shards
 
     @staticmethod
     def accumulate_dtype(num_grads: int, dim: int) -> torch.dtype:
@@ -442,6 +479,8 @@ class GradientWindow:
         for index, (grad, rows) in sparse_grads.items():
             self.sparse[index].store(slot, grad, rows)
         dots = self.dense.dots(slot) + sum((part.dots(slot) for part in self.sparse.values()), torch.zeros_like(self.gram[0]))
+        if self.sum_shards is not None:
+            dots = self.sum_shards(dots)
         self.gram[slot, :] = dots
         self.gram[:, slot] = dots
         coefficients = self.num_grads * self.inverse_kernel_column(slot)
@@ -473,6 +512,13 @@ def _check_group_hyperparameters(group: dict) -> None:
     if not isinstance(num_grads, int) or isinstance(num_grads, bool) or num_grads < 1:
         raise ValueError(f"Invalid num_grads: {num_grads!r} (must be a positive integer)")
     _check_finite_positive("damp", group["damp"])
+    if not isinstance(group["shard"], bool):
+        raise ValueError(f"Invalid shard: {group['shard']!r} (must be true or false)")
+
+
+def _all_reduce_sum(tensor: Tensor) -> Tensor:
+    dist.all_reduce(tensor)
+    return tensor
 
 
 class MFAC(Optimizer):
@@ -488,6 +534,10 @@ class MFAC(Optimizer):
         weight_decay: coupled L2: g ← g + weight_decay · p before g enters the window.
         grad_dtype: storage dtype of the window ("float32", "bfloat16", "float16" or the torch dtype). With a
             low-precision window the rounded gradient is the one preconditioned, so window and direction agree.
+        shard: with an initialised default process group (torchrun, accelerate), each rank keeps 1/world_size of
+            every parameter's rows in its window; the dot products are all-reduced and the direction all-gathered,
+            so every rank takes the same step as one unsharded optimizer. Ranks must see the same gradients (as
+            under DDP). Without a process group this changes nothing. State dicts are per rank.
     """
 
     def __init__(
@@ -499,6 +549,7 @@ class MFAC(Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         grad_dtype: Union[str, torch.dtype] = torch.float32,
+        shard: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -507,6 +558,7 @@ class MFAC(Optimizer):
             momentum=momentum,
             weight_decay=weight_decay,
             grad_dtype=resolve_grad_dtype(grad_dtype),
+            shard=shard,
         )
         _check_group_hyperparameters(defaults)
         self._warned_nonfinite = False
@@ -541,9 +593,12 @@ class MFAC(Optimizer):
                 self.state[param] = {key: value.to(device=param.device, copy=True) if key not in COUNTERS else value.clone()
                                      for key, value in state_dict["state"][index].items()}
         self._dense_rows = None
+        if self._params() and "window" in self.state[self._params()[0]]:
+            self._check_shard_position(self.state[self._params()[0]])
 
     def memory_bytes(self) -> int:
-        """Bytes of state this optimizer holds (window, Gram matrix, momentum, row-sparse parts)."""
+        """Bytes of state this optimizer holds in this process (its shard of the window, the Gram matrix, momentum,
+        row-sparse parts)."""
         return sum(value.numel() * value.element_size() for state in self.state.values() for value in state.values()
                    if torch.is_tensor(value))
 
@@ -561,28 +616,26 @@ class MFAC(Optimizer):
         if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
             self._skip_nonfinite()
             return loss
-        state = self._window_state(params, grad)
-        sparse_grads = self._sparse_gradients(params, grad, state)
-        window = self._gradient_window(params, state)
+        rank, world_size = self._shard_position()
+        blocks = shard_blocks([p.shape for p in params], rank, world_size)
+        state = self._window_state(params, blocks, grad)
+        self._check_shard_position(state)
+        sparse_grads = self._sparse_gradients(params, blocks, grad, state)
+        window = self._gradient_window(params, blocks, state)
         slot = int(state["step"]) % window.num_grads
         dense_direction, sparse_directions = window.insert_and_precondition(
-            self._dense_part(params, grad), sparse_grads, slot)
+            self._dense_part(params, blocks, grad), sparse_grads, slot)
         for index, part in window.sparse.items():  # a part may have grown its capacity
             self.state[params[index]].update(row_indices=part.indices, row_values=part.values)
         state["step"] += 1
-        self._apply(self._assemble(params, grad, dense_direction, sparse_directions), state)
+        update = self._with_momentum(blocks, self._assemble(params, blocks, dense_direction, sparse_directions), state)
+        if world_size > 1:
+            update = self._gather_direction(params, update, world_size)
+        self._update_params(update)
         return loss
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
-
-    @staticmethod
-    def _segments(params: list[Tensor]) -> list[slice]:
-        """Each parameter's slice of the flat gradient."""
-        offsets = [0]
-        for p in params:
-            offsets.append(offsets[-1] + p.numel())
-        return [slice(start, end) for start, end in zip(offsets, offsets[1:])]
 
     def _is_row_sparse(self, param: Tensor) -> bool:
         return "row_indices" in self.state[param]
@@ -603,83 +656,129 @@ class MFAC(Optimizer):
             self._flat_buffer = torch.empty(sum(piece.numel() for piece in pieces), device=pieces[0].device)
         return torch.cat(pieces, out=self._flat_buffer)
 
-    def _window_state(self, params: list[Tensor], grad: Tensor) -> dict:
+    def _shard_position(self) -> tuple[int, int]:
+        """(rank, world size) of this process's shard of the window: the default process group's with shard=True."""
+        if self.param_groups[0]["shard"] and dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _check_shard_position(self, state: dict) -> None:
+        saved = int(state["shard_rank"]), int(state["shard_world_size"])
+        rank, world_size = self._shard_position()
+        if saved != (rank, world_size):
+            raise ValueError(
+                f"MFAC state holds the window shard of rank {saved[0]} of {saved[1]}, but this process is rank {rank} "
+                f"of {world_size}: resume a sharded run with the same number of processes, each loading its own state")
+
+    def _window_state(self, params: list[Tensor], blocks: list[Block], grad: Tensor) -> dict:
         """The shared state (kept under the first parameter, as torch.optim.LBFGS does), made on first use. Then
-        each matrix whose gradient has few non-zero rows gets row-sparse storage in its own state: this pays
-        when rows and their indices take at most half the dense size (word embeddings; not with weight decay)."""
+        each matrix block whose gradient has few non-zero rows gets row-sparse storage in its parameter's state:
+        this pays when rows and their indices take at most half the dense size (word embeddings; not with weight
+        decay)."""
         state = self.state[params[0]]
         if "window" in state:
             return state
         first = self.param_groups[0]
         m, dtype = first["num_grads"], GRAD_DTYPES[first["grad_dtype"]]
         element_size = torch.tensor([], dtype=dtype).element_size()
-        for p, segment in zip(params, self._segments(params)):
-            if p.dim() == 2:
-                rows = RowSparseRows.nonzero_rows(grad[segment].view(p.shape))
-                if RowSparseRows.pays(len(rows), p.shape, element_size, margin=0.5):
-                    indices, values = RowSparseRows.allocate(m, max(len(rows), 1), p.shape[1], dtype, grad.device)
-                    self.state[p].update(row_indices=indices, row_values=values)
-        dense_size = sum(p.numel() for p in params if not self._is_row_sparse(p))
+        for block in blocks:
+            if block.matrix:
+                rows = RowSparseRows.nonzero_rows(grad[block.flat].view(block.rows, block.columns))
+                if RowSparseRows.pays(len(rows), (block.rows, block.columns), element_size, margin=0.5):
+                    indices, values = RowSparseRows.allocate(m, max(len(rows), 1), block.columns, dtype, grad.device)
+                    self.state[params[block.index]].update(row_indices=indices, row_values=values)
+        rank, world_size = self._shard_position()
         state.update(
             step=torch.tensor(0, dtype=torch.int64),
             skipped_steps=torch.tensor(0, dtype=torch.int64),
-            window=torch.zeros(m, dense_size, dtype=dtype, device=grad.device),
+            shard_rank=torch.tensor(rank, dtype=torch.int64),
+            shard_world_size=torch.tensor(world_size, dtype=torch.int64),
+            window=torch.zeros(m, sum(block.size for block in self._dense_blocks(params, blocks)), dtype=dtype,
+                               device=grad.device),
             gram=torch.zeros(m, m, dtype=torch.float64, device=grad.device),
         )
         return state
 
-    def _sparse_gradients(self, params: list[Tensor], grad: Tensor, state: dict) -> dict[int, tuple[Tensor, Tensor]]:
-        """Parameter index -> (gradient matrix, its non-zero rows) for the row-sparse parameters. One whose rows
-        would now take more room than dense storage (e.g. weight decay was turned on) moves to the dense part."""
+    def _dense_blocks(self, params: list[Tensor], blocks: list[Block]) -> list[Block]:
+        return [block for block in blocks if not self._is_row_sparse(params[block.index])]
+
+    def _sparse_gradients(self, params: list[Tensor], blocks: list[Block], grad: Tensor, state: dict
+                          ) -> dict[int, tuple[Tensor, Tensor]]:
+        """Parameter index -> (gradient block, its non-zero rows) for the row-sparse blocks. One whose rows would
+        now take more room than dense storage (e.g. weight decay was turned on) moves to the dense part."""
         sparse = {}
-        for index, (p, segment) in enumerate(zip(params, self._segments(params))):
-            if not self._is_row_sparse(p):
+        for block in blocks:
+            if not self._is_row_sparse(params[block.index]):
                 continue
-            matrix = grad[segment].view(p.shape)
+            matrix = grad[block.flat].view(block.rows, block.columns)
             rows = RowSparseRows.nonzero_rows(matrix)
-            if RowSparseRows.pays(len(rows), p.shape, state["window"].element_size()):
-                sparse[index] = (matrix, rows)
+            if RowSparseRows.pays(len(rows), matrix.shape, state["window"].element_size()):
+                sparse[block.index] = (matrix, rows)
             else:
-                self._move_to_dense(params, index, state)
+                self._move_to_dense(params, blocks, block.index, state)
         return sparse
 
-    def _move_to_dense(self, params: list[Tensor], index: int, state: dict) -> None:
-        """Inserts a row-sparse parameter's window, made dense, at its place among the dense columns."""
+    def _move_to_dense(self, params: list[Tensor], blocks: list[Block], index: int, state: dict) -> None:
+        """Inserts a row-sparse block's window, made dense, at its place among the dense columns."""
         param_state = self.state[params[index]]
-        part = RowSparseRows(param_state.pop("row_indices"), param_state.pop("row_values"), params[index].shape[0],
+        part = RowSparseRows(param_state.pop("row_indices"), param_state.pop("row_values"), blocks[index].rows,
                              torch.float32)
-        column = sum(p.numel() for p in params[:index] if not self._is_row_sparse(p))
+        column = sum(block.size for block in self._dense_blocks(params, blocks[:index]))
         window = state["window"]
         state["window"] = torch.cat([window[:, :column], part.to_dense(), window[:, column:]], dim=1)
 
-    def _dense_part(self, params: list[Tensor], grad: Tensor) -> Tensor:
-        segments = [segment for p, segment in zip(params, self._segments(params)) if not self._is_row_sparse(p)]
-        return grad if len(segments) == len(params) else torch.cat([grad[segment] for segment in segments])
+    def _dense_part(self, params: list[Tensor], blocks: list[Block], grad: Tensor) -> Tensor:
+        dense = self._dense_blocks(params, blocks)
+        if sum(block.size for block in dense) == grad.numel():
+            return grad
+        return torch.cat([grad[block.flat] for block in dense])
 
-    def _gradient_window(self, params: list[Tensor], state: dict) -> GradientWindow:
+    def _gradient_window(self, params: list[Tensor], blocks: list[Block], state: dict) -> GradientWindow:
         """A view of the state tensors as a GradientWindow; the dense part (with its conversion buffer) is reused
         while the window tensor stays the same."""
         first = self.param_groups[0]
         accumulate = GradientWindow.accumulate_dtype(first["num_grads"], sum(p.numel() for p in params))
         if self._dense_rows is None or self._dense_rows.window is not state["window"]:
             self._dense_rows = DenseRows(state["window"], accumulate)
-        sparse = {index: RowSparseRows(self.state[p]["row_indices"], self.state[p]["row_values"], p.shape[0], accumulate)
-                  for index, p in enumerate(params) if self._is_row_sparse(p)}
-        return GradientWindow(self._dense_rows, sparse, state["gram"], first["damp"])
+        sparse = {block.index: RowSparseRows(self.state[params[block.index]]["row_indices"],
+                                             self.state[params[block.index]]["row_values"], block.rows, accumulate)
+                  for block in blocks if self._is_row_sparse(params[block.index])}
+        sum_shards = _all_reduce_sum if self._shard_position()[1] > 1 else None
+        return GradientWindow(self._dense_rows, sparse, state["gram"], first["damp"], sum_shards)
 
-    def _assemble(self, params: list[Tensor], grad: Tensor, dense_direction: Tensor,
+    def _assemble(self, params: list[Tensor], blocks: list[Block], dense_direction: Tensor,
                   sparse_directions: dict[int, Tensor]) -> Tensor:
-        """The direction for all parameters in flat order, from the dense part and the row-sparse parts."""
+        """This rank's blocks of the direction, in flat order, from the dense part and the row-sparse parts."""
         if not sparse_directions:
             return dense_direction
-        direction = torch.empty_like(grad)
-        offset = 0
-        for index, (p, segment) in enumerate(zip(params, self._segments(params))):
-            if index in sparse_directions:
-                direction[segment] = sparse_directions[index].reshape(-1)
+        direction = torch.empty(sum(block.size for block in blocks), device=dense_direction.device)
+        offset = dense_offset = 0
+        for block in blocks:
+            piece = direction[offset:offset + block.size]
+            if block.index in sparse_directions:
+                piece.copy_(sparse_directions[block.index].reshape(-1))
             else:
-                direction[segment] = dense_direction[offset:offset + p.numel()]
-                offset += p.numel()
+                piece.copy_(dense_direction[dense_offset:dense_offset + block.size])
+                dense_offset += block.size
+            offset += block.size
+        return direction
+
+    @staticmethod
+    def _gather_direction(params: list[Tensor], local: Tensor, world_size: int) -> Tensor:
+        """The full direction from every rank's blocks (all-gathered, each padded to the longest)."""
+        shapes = [p.shape for p in params]
+        layouts = [shard_blocks(shapes, rank, world_size) for rank in range(world_size)]
+        longest = max(sum(block.size for block in layout) for layout in layouts)
+        padded = torch.zeros(longest, device=local.device)
+        padded[:local.numel()] = local
+        gathered = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(gathered, padded)
+        direction = torch.empty(sum(p.numel() for p in params), device=local.device)
+        for layout, piece in zip(layouts, gathered):
+            offset = 0
+            for block in layout:
+                direction[block.flat] = piece[offset:offset + block.size]
+                offset += block.size
         return direction
 
     def _skip_nonfinite(self) -> None:
@@ -689,25 +788,27 @@ class MFAC(Optimizer):
             warnings.warn("MFAC: gradient contains NaN or Inf; step skipped (window and parameters unchanged)")
             self._warned_nonfinite = True
 
-    def _apply(self, direction: Tensor, state: dict) -> None:
-        """Per group: optional momentum v ← μv + (1 − μ)u, then p ← p − lr · v (or u)."""
-        if any(group["momentum"] > 0 for group in self.param_groups):
-            buffer = state.setdefault("momentum_buffer", torch.zeros_like(direction))
+    def _with_momentum(self, blocks: list[Block], direction: Tensor, state: dict) -> Tensor:
+        """This rank's update: per group with momentum μ > 0, v ← μv + (1 − μ)u (kept for this rank's blocks),
+        written over u; u itself elsewhere."""
+        momenta = [group["momentum"] for group in self.param_groups for _ in group["params"]]
+        if not any(momenta):
+            return direction
+        buffer = state.setdefault("momentum_buffer", torch.zeros_like(direction))
+        offset = 0
+        for block in blocks:
+            momentum = momenta[block.index]
+            if momentum > 0:
+                velocity = buffer[offset:offset + block.size]
+                velocity.mul_(momentum).add_(direction[offset:offset + block.size], alpha=1 - momentum)
+                direction[offset:offset + block.size] = velocity
+            offset += block.size
+        return direction
+
+    def _update_params(self, update: Tensor) -> None:
+        """p ← p − lr · update, with each group's lr."""
         offset = 0
         for group in self.param_groups:
-            size = sum(p.numel() for p in group["params"])
-            update = direction[offset:offset + size]
-            if group["momentum"] > 0:
-                velocity = buffer[offset:offset + size]
-                velocity.mul_(group["momentum"]).add_(update, alpha=1 - group["momentum"])
-                update = velocity
-            self._update_params(group, update)
-            offset += size
-
-    @staticmethod
-    def _update_params(group: dict, update: Tensor) -> None:
-        offset = 0
-        for p in group["params"]:
-            n = p.numel()
-            p.add_(update[offset:offset + n].view_as(p).to(p.dtype), alpha=-group["lr"])
-            offset += n
+            for p in group["params"]:
+                p.add_(update[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()

@@ -12,6 +12,8 @@ Differences from HF's script, all additive:
 - Metrics are computed locally (scikit-learn, scipy): nothing is fetched from the Hub for them.
 - Without `--model_name_or_path`, `--config_name` and `--tokenizer_name` train a randomly initialised model.
 - The first argument may be a JSON file of arguments; later command-line flags override its values.
+- Under torchrun or accelerate, `--optim_args '{"shard": true, ...}'` splits M-FAC's window across the processes;
+  each saves its own optimizer state in a checkpoint (`rank{r}-of-{n}-optimizer.pt`).
 """
 from __future__ import annotations
 
@@ -20,13 +22,16 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from transformers import HfArgumentParser, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.training_args import OptimizerNames
 
 logger = logging.getLogger(__name__)
@@ -87,6 +92,8 @@ OPTIMIZERS_WITHOUT_ARGS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla"
 
 MFAC_NAME = "mfac"
 RUN_INFO = "run_info.json"
+# One optimizer state file per process for a sharded M-FAC window (the name HF uses for per-rank optimizer state).
+SHARD_STATE = "rank{rank}-of-{world_size}-" + OPTIMIZER_NAME
 
 
 class UsageError(ValueError):
@@ -182,6 +189,7 @@ class MFACTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        check_processes_form_ddp(self.use_cpu)
         if str(self.optim).lower() == MFAC_NAME:
             arguments = mfac_arguments(self.optim_args, self.learning_rate, self.weight_decay)
             warn_if_overridden(arguments, "lr", "--learning_rate", self.learning_rate)
@@ -199,6 +207,20 @@ class MFACTrainingArguments(TrainingArguments):
         if self.optim_args and self.optim in OPTIMIZERS_WITHOUT_ARGS:
             raise UsageError(f"--optim_args: {self.optim} takes no optimizer arguments (got {self.optim_args!r})")
         super().__post_init__()
+
+
+def launched_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+
+
+def check_processes_form_ddp(use_cpu: bool) -> None:
+    """Without a GPU, the Trainer runs several launched processes as DDP only with --use_cpu; otherwise each
+    trains alone on all the data, into the same output_dir."""
+    import torch
+
+    if launched_processes() > 1 and not use_cpu and not torch.cuda.is_available():
+        raise UsageError(f"--use_cpu: {launched_processes()} processes were launched on a machine without a GPU; "
+                         "add --use_cpu so that the Trainer runs them as one DDP job")
 
 
 def mfac_arguments(optim_args: Optional[str], learning_rate: float, weight_decay: float) -> dict[str, Any]:
@@ -271,9 +293,48 @@ def parse_and_check_inputs(argv: list[str]):
             check_splits_given(data_args, training_args)
             local_datasets = load_local_datasets(data_args, model_args.cache_dir)
             check_columns(local_datasets, data_args)
+        if training_args.do_train:
+            training_args.resume_from_checkpoint = checkpoint_to_resume(training_args)
+            if training_args.resume_from_checkpoint:
+                check_optimizer_state_matches(Path(training_args.resume_from_checkpoint), training_args)
     except ValueError as error:  # UsageError, and TrainingArguments' own checks
         parser.error(str(error))
     return model_args, data_args, training_args, local_datasets
+
+
+def checkpoint_to_resume(training_args) -> Optional[str]:
+    """--resume_from_checkpoint, else (as HF's script) the last checkpoint in an existing output_dir."""
+    if training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
+        return get_last_checkpoint(training_args.output_dir)
+    return training_args.resume_from_checkpoint
+
+
+def mfac_is_sharded(training_args) -> bool:
+    return training_args.optim == MFAC_NAME and json.loads(training_args.optim_args).get("shard", False)
+
+
+def sharded_state_world_sizes(checkpoint: Path) -> list[int]:
+    """The process counts of the sharded optimizer state files in a checkpoint (normally none or one)."""
+    pattern = re.compile(re.escape(SHARD_STATE).replace(r"\{rank\}", r"\d+").replace(r"\{world_size\}", r"(\d+)"))
+    return sorted({int(match.group(1)) for path in checkpoint.iterdir() if (match := pattern.fullmatch(path.name))})
+
+
+def check_optimizer_state_matches(checkpoint: Path, training_args) -> None:
+    """Refuses to resume when the checkpoint's optimizer state was saved by another number of M-FAC shards, or
+    sharded vs not: the Trainer would otherwise load a wrong shard, or silently start with an empty window."""
+    if not checkpoint.is_dir():
+        raise UsageError(f"--resume_from_checkpoint: no such checkpoint folder: {checkpoint}")
+    saved_by = sharded_state_world_sizes(checkpoint)
+    world_size = launched_processes()
+    if mfac_is_sharded(training_args):
+        if (checkpoint / OPTIMIZER_NAME).exists():
+            raise UsageError(f"{checkpoint}: holds unsharded optimizer state ({OPTIMIZER_NAME}); resume it without \"shard\": true in --optim_args")
+        if saved_by and world_size not in saved_by:
+            raise UsageError(f"{checkpoint}: holds M-FAC state sharded over {saved_by[0]} processes, but this run has "
+                             f"{world_size}: resume with {saved_by[0]} processes (e.g. torchrun --nproc_per_node {saved_by[0]})")
+    elif saved_by and not (checkpoint / OPTIMIZER_NAME).exists():
+        raise UsageError(f"{checkpoint}: holds M-FAC state sharded over {saved_by[0]} processes; resume with --optim MFAC, "
+                         f"\"shard\": true in --optim_args and {saved_by[0]} processes")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -441,6 +502,32 @@ def optimizer_record(training_args) -> dict[str, Any]:
     }
 
 
+class ShardedStateTrainer(Trainer):
+    """HF's Trainer, except that an M-FAC optimizer with shard=True saves and loads one state file per process:
+    HF saves the optimizer state from the main process alone, which would lose the other processes' shards."""
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not mfac_is_sharded(self.args):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        import torch
+
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(self.optimizer.state_dict(), self._shard_state_file(output_dir))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        if checkpoint is None or not mfac_is_sharded(self.args):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+
+        self.optimizer.load_state_dict(torch.load(self._shard_state_file(checkpoint), map_location="cpu", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+    def _shard_state_file(self, folder: str) -> str:
+        return os.path.join(folder, SHARD_STATE.format(rank=self.args.process_index, world_size=self.args.world_size))
+
+
 class OptimizerMemoryLogger(TrainerCallback):
     """Logs the optimizer state's size once, after the first step (M-FAC allocates its window there)."""
 
@@ -472,8 +559,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     import datasets
     import transformers
     from datasets import load_dataset
-    from transformers import DataCollatorWithPadding, Trainer, default_data_collator, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import DataCollatorWithPadding, default_data_collator, set_seed
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
@@ -485,11 +571,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     logger.info("Training/evaluation parameters %s", training_args)
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train and training_args.resume_from_checkpoint is None:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None:
-            logger.info("Checkpoint found at %s: resuming from it", last_checkpoint)
+    if training_args.do_train and training_args.resume_from_checkpoint:
+        logger.info("Resuming from checkpoint %s", training_args.resume_from_checkpoint)
 
     set_seed(training_args.seed)
 
@@ -560,7 +643,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     data_collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(
         tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None)
 
-    trainer = Trainer(
+    trainer = ShardedStateTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -573,11 +656,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     os.makedirs(training_args.output_dir, exist_ok=True)
     record = run_record(model_args, data_args, training_args)
-    Path(training_args.output_dir, RUN_INFO).write_text(json.dumps(record, indent=2) + "\n")
+    if trainer.is_world_process_zero():
+        Path(training_args.output_dir, RUN_INFO).write_text(json.dumps(record, indent=2) + "\n")
     logger.info("Optimizer: %s", json.dumps(record["optimizer"]))
 
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         metrics = train_result.metrics
         metrics["train_samples"] = len(train_dataset)
         trainer.save_model()

@@ -16,15 +16,24 @@ A real model on real batches (row-sparse word-embedding gradients, as in trainin
 builds the model from its config (random weights), takes SST-2 batches of 32 (dynamic padding, at most 128
 tokens) and prints the optimizer's state bytes, the peak RSS growth over the optimizer steps, the median
 optimizer step and the median forward + backward + step, for MFAC and for AdamW.
+
+With `--ranks N` (and --model_config), N processes (gloo on CPU, NCCL on GPUs) share one window with
+shard=True, each on the same batches (as DDP's averaged gradients are the same everywhere), and each prints its
+state bytes, RSS growth and step times. On the CPU the cores are divided among the processes.
 """
 import argparse
 import itertools
+import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mfac_optim import GRAD_DTYPES, MFAC  # noqa: E402
@@ -40,9 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model_config", type=Path, help="model folder (config + vocab): benchmark real batches")
     parser.add_argument("--train_file", type=Path, help="SST-2 train.tsv for --model_config")
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--ranks", type=int, default=1, help="processes sharing a sharded window (with --model_config)")
     args = parser.parse_args(argv)
     if (args.model_config is None) != (args.train_file is None):
         parser.error("--model_config and --train_file go together")
+    if args.ranks < 1 or (args.ranks > 1 and args.model_config is None):
+        parser.error("--ranks: a positive number of processes, more than 1 only with --model_config")
     return args
 
 
@@ -130,25 +142,33 @@ def time_training(model, optimizer, batches: list, device: torch.device) -> tupl
     return statistics.median(step_times[1:]), statistics.median(total_times[1:])
 
 
-def benchmark_model(args: argparse.Namespace, device: torch.device) -> None:
+def model_and_batches(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, list]:
+    """The model (random weights, seed 0) and the benchmark's SST-2 batches, after one backward pass, so that
+    activations and gradients are in the RSS baseline and not in the optimizer's share."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     batches = sst2_batches(args.model_config, args.train_file, args.batch_size, args.steps + 2, device)
     config = AutoConfig.from_pretrained(args.model_config, num_labels=2)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).to(device)
-    model(**batches[0]).loss.backward()  # activations and gradients are in the baseline, not the optimizer's share
+    model(**batches[0]).loss.backward()
     model.zero_grad(set_to_none=True)
+    return model, batches
+
+
+def measure_mfac(model: torch.nn.Module, batches: list, args: argparse.Namespace, device: torch.device,
+                 shard: bool) -> dict:
     baseline = peak_rss_bytes()
-    mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype)
-    mfac_step, mfac_total = time_training(model, mfac, batches, device)
-    rss_growth = peak_rss_bytes() - baseline
-    state_bytes = mfac.memory_bytes()
+    mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
+                shard=shard)
+    step, total = time_training(model, mfac, batches, device)
     embedding = model.get_input_embeddings().weight
     rows = mfac.state[embedding]["row_values"].shape[1] if "row_values" in mfac.state[embedding] else None
-    del mfac
-    adamw_step, adamw_total = time_training(model, torch.optim.AdamW(model.parameters(), lr=1e-9), batches, device)
+    return {"step": step, "total": total, "state": mfac.memory_bytes(), "rss_growth": peak_rss_bytes() - baseline,
+            "rows": rows}
 
+
+def print_setting(args: argparse.Namespace, model: torch.nn.Module, batches: list, rows: int | None) -> None:
     print(f"model                 {args.model_config} ({sum(p.numel() for p in model.parameters()):,} params)")
     print(f"num_grads m           {args.num_grads}")
     print(f"grad_dtype            {args.grad_dtype}")
@@ -156,16 +176,56 @@ def benchmark_model(args: argparse.Namespace, device: torch.device) -> None:
           f"median length {statistics.median(b['input_ids'].shape[1] for b in batches)}")
     print(f"word-embedding rows   {rows} per slot (capacity after these batches)" if rows else
           "word-embedding rows   stored dense")
-    print(f"MFAC state            {state_bytes / 2**30:.2f} GiB")
-    print(f"peak RSS growth       {rss_growth / 2**30:.2f} GiB")
-    print(f"MFAC step (median)    {mfac_step * 1e3:.0f} ms; whole training step {mfac_total * 1e3:.0f} ms")
+
+
+def benchmark_model(args: argparse.Namespace, device: torch.device) -> None:
+    model, batches = model_and_batches(args, device)
+    mfac = measure_mfac(model, batches, args, device, shard=False)
+    adamw_step, adamw_total = time_training(model, torch.optim.AdamW(model.parameters(), lr=1e-9), batches, device)
+    print_setting(args, model, batches, mfac["rows"])
+    print(f"MFAC state            {mfac['state'] / 2**30:.2f} GiB")
+    print(f"peak RSS growth       {mfac['rss_growth'] / 2**30:.2f} GiB")
+    print(f"MFAC step (median)    {mfac['step'] * 1e3:.0f} ms; whole training step {mfac['total'] * 1e3:.0f} ms")
     print(f"AdamW step (median)   {adamw_step * 1e3:.0f} ms; whole training step {adamw_total * 1e3:.0f} ms")
-    print(f"throughput MFAC/AdamW {adamw_total / mfac_total:.2f}")
+    print(f"throughput MFAC/AdamW {adamw_total / mfac['total']:.2f}")
+
+
+def sharded_rank(rank: int, args: argparse.Namespace, folder: str) -> None:
+    """One process of the --ranks benchmark: its measurements go to folder/rank<r>.json."""
+    cuda = args.device.startswith("cuda")
+    if not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks))
+    device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder}/init", rank=rank,
+                            world_size=args.ranks)
+    try:
+        model, batches = model_and_batches(args, device)
+        result = measure_mfac(model, batches, args, device, shard=True)
+        result["threads"] = torch.get_num_threads()
+        if rank == 0:
+            print_setting(args, model, batches, result["rows"])
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def benchmark_sharded(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(sharded_rank, args=(args, folder), nprocs=args.ranks, join=True)
+        results = [json.loads(Path(folder, f"rank{rank}.json").read_text()) for rank in range(args.ranks)]
+    print(f"processes             {args.ranks} sharing one window (shard=True), {results[0]['threads']} threads each")
+    for rank, result in enumerate(results):
+        print(f"rank {rank}: MFAC state {result['state'] / 2**30:.2f} GiB, peak RSS growth "
+              f"{result['rss_growth'] / 2**30:.2f} GiB, MFAC step (median) {result['step'] * 1e3:.0f} ms, "
+              f"whole training step {result['total'] * 1e3:.0f} ms")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.ranks > 1:
+        benchmark_sharded(args)
+        return
     if args.model_config is not None:
         benchmark_model(args, device)
         return

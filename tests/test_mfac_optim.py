@@ -182,8 +182,8 @@ def test_memory_bytes_counts_the_state():
     q.grad = torch.ones(50)
     optimizer.step()
     # rows: 4 slots × 2 rows × (8 bf16 + one int64); dense: 4 × 50 bf16; Gram 4 × 4 float64; momentum 8050 fp32;
-    # two int64 step counters.
-    assert optimizer.memory_bytes() == 4 * 2 * (8 * 2 + 8) + 4 * 50 * 2 + 16 * 8 + 8050 * 4 + 2 * 8
+    # four int64 counters (steps, skipped steps, shard rank and world size).
+    assert optimizer.memory_bytes() == 4 * 2 * (8 * 2 + 8) + 4 * 50 * 2 + 16 * 8 + 8050 * 4 + 4 * 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
