@@ -14,6 +14,8 @@ float64), one float64 Cholesky solve of the m × m system, and one pass for the 
 from __future__ import annotations
 
 import math
+import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -251,8 +253,10 @@ def cpu_kernels():
     global _cpu_kernels
     if _cpu_kernels is None:
         try:
-            from torch.utils.cpp_extension import load_inline
+            from torch.utils.cpp_extension import _get_build_directory, load_inline
 
+            # The folder torch builds in (per Python and torch flavour); private, but stable since torch 1.x.
+            _remove_stale_build_lock(os.path.join(_get_build_directory("mfac_cpu_kernels", False), "lock"))
             _cpu_kernels = load_inline(
                 name="mfac_cpu_kernels", cpp_sources=CPU_KERNELS, functions=["window_dots", "window_combine", "sparse_dots", "sparse_combine"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
@@ -260,6 +264,18 @@ def cpu_kernels():
             warnings.warn(f"MFAC: fused CPU kernels unavailable ({type(error).__name__}: {error}); using torch passes")
             _cpu_kernels = False
     return _cpu_kernels or None
+
+
+def _remove_stale_build_lock(path: str, max_age_seconds: float = 600) -> None:
+    """torch's builder waits, without end, for the lock file of a build in progress; a process killed during
+    the build (about a minute) leaves the file behind, and every later process would hang on it."""
+    try:
+        age = time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return
+    if age > max_age_seconds:
+        warnings.warn(f"MFAC: removing the stale lock {path} left {age / 60:.0f} minutes ago by a kernel build")
+        os.remove(path)
 
 
 def fused_kernels_for(storage: Tensor, accumulate_dtype: torch.dtype):
@@ -564,6 +580,7 @@ class MFAC(Optimizer):
         self._warned_nonfinite = False
         self._dense_rows: Optional[DenseRows] = None  # reused across steps for its buffers
         self._flat_buffer: Optional[Tensor] = None
+        self._gather_buffers: Optional[tuple[Tensor, Tensor]] = None  # (own + gathered pieces, full direction)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -763,17 +780,19 @@ class MFAC(Optimizer):
             offset += block.size
         return direction
 
-    @staticmethod
-    def _gather_direction(params: list[Tensor], local: Tensor, world_size: int) -> Tensor:
-        """The full direction from every rank's blocks (all-gathered, each padded to the longest)."""
+    def _gather_direction(self, params: list[Tensor], local: Tensor, world_size: int) -> Tensor:
+        """The full direction from every rank's blocks (all-gathered, each padded to the longest), in buffers
+        reused across steps."""
         shapes = [p.shape for p in params]
         layouts = [shard_blocks(shapes, rank, world_size) for rank in range(world_size)]
         longest = max(sum(block.size for block in layout) for layout in layouts)
-        padded = torch.zeros(longest, device=local.device)
+        if self._gather_buffers is None or self._gather_buffers[0].shape != (world_size + 1, longest):
+            self._gather_buffers = (torch.zeros(world_size + 1, longest, device=local.device),
+                                    torch.empty(sum(p.numel() for p in params), device=local.device))
+        pieces, direction = self._gather_buffers
+        padded, gathered = pieces[0], list(pieces[1:])
         padded[:local.numel()] = local
-        gathered = [torch.empty_like(padded) for _ in range(world_size)]
         dist.all_gather(gathered, padded)
-        direction = torch.empty(sum(p.numel() for p in params), device=local.device)
         for layout, piece in zip(layouts, gathered):
             offset = 0
             for block in layout:

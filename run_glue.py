@@ -328,13 +328,15 @@ def check_optimizer_state_matches(checkpoint: Path, training_args) -> None:
     world_size = launched_processes()
     if mfac_is_sharded(training_args):
         if (checkpoint / OPTIMIZER_NAME).exists():
-            raise UsageError(f"{checkpoint}: holds unsharded optimizer state ({OPTIMIZER_NAME}); resume it without \"shard\": true in --optim_args")
+            raise UsageError(f"{checkpoint}: holds unsharded optimizer state ({OPTIMIZER_NAME}); resume it without "
+                             "\"shard\": true in --optim_args")
         if saved_by and world_size not in saved_by:
             raise UsageError(f"{checkpoint}: holds M-FAC state sharded over {saved_by[0]} processes, but this run has "
-                             f"{world_size}: resume with {saved_by[0]} processes (e.g. torchrun --nproc_per_node {saved_by[0]})")
+                             f"{world_size}: resume with {saved_by[0]} processes (e.g. torchrun --nproc_per_node "
+                             f"{saved_by[0]})")
     elif saved_by and not (checkpoint / OPTIMIZER_NAME).exists():
-        raise UsageError(f"{checkpoint}: holds M-FAC state sharded over {saved_by[0]} processes; resume with --optim MFAC, "
-                         f"\"shard\": true in --optim_args and {saved_by[0]} processes")
+        raise UsageError(f"{checkpoint}: holds M-FAC state sharded over {saved_by[0]} processes; resume with "
+                         f"--optim MFAC, \"shard\": true in --optim_args and {saved_by[0]} processes")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -521,7 +523,8 @@ class ShardedStateTrainer(Trainer):
             return super()._load_optimizer_and_scheduler(checkpoint)
         import torch
 
-        self.optimizer.load_state_dict(torch.load(self._shard_state_file(checkpoint), map_location="cpu", weights_only=True))
+        state = torch.load(self._shard_state_file(checkpoint), map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def _shard_state_file(self, folder: str) -> str:
