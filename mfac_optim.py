@@ -383,6 +383,9 @@ class RowSparseRows:
 
     # Slots per gather in the passes: bounds the temporary (slots × capacity × columns) fp32 block.
     SLOTS_PER_CHUNK = 64
+    # A slot with more rows than the capacity grows it by at least this factor (5/4), so that a slowly rising
+    # row count does not reallocate the window at every step.
+    GROWTH_NUMERATOR, GROWTH_DENOMINATOR = 5, 4
 
     def __init__(self, indices: Tensor, values: Tensor, num_rows: int, accumulate_dtype: torch.dtype) -> None:
         self.indices = indices  # (m, capacity) int64
@@ -415,7 +418,7 @@ class RowSparseRows:
         self.values[slot, :len(rows)] = grad[rows]
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, self.indices.shape[1] * 5 // 4)
+        capacity = max(needed, self.indices.shape[1] * self.GROWTH_NUMERATOR // self.GROWTH_DENOMINATOR)
         indices, values = self.allocate(self.indices.shape[0], capacity, self.values.shape[2], self.values.dtype,
                                         self.values.device)
         indices[:, :self.indices.shape[1]] = self.indices
@@ -509,6 +512,41 @@ class GradientWindow:
         unit = torch.zeros(self.num_grads, 1, dtype=torch.float64, device=self.gram.device)
         unit[slot] = 1.0
         return torch.cholesky_solve(unit, torch.linalg.cholesky(kernel)).squeeze(1)
+
+
+def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_grads: int,
+                       grad_dtype: Union[str, torch.dtype] = torch.float32, momentum: bool = False,
+                       world_size: int = 1) -> int:
+    """An upper bound, before any gradient is seen, of the bytes one process of MFAC needs: its state (window,
+    Gram matrix, momentum) plus the buffers of a step.
+
+    `shapes` are the parameters' shapes in order. `max_rows[i]` bounds how many rows of matrix parameter i one
+    gradient can touch (an embedding: the tokens in a batch), so that its row-sparse storage is bounded with its
+    capacity's growth; every other parameter is counted as dense.
+    """
+    element_size = torch.tensor([], dtype=GRAD_DTYPES[resolve_grad_dtype(grad_dtype)]).element_size()
+    layouts = [shard_blocks(shapes, rank, world_size) for rank in range(world_size)]
+    window_bytes = 0
+    for index, shard_of_each_rank in enumerate(zip(*layouts)):
+        largest = max(shard_of_each_rank, key=lambda block: block.size)
+        dense = num_grads * largest.size * element_size
+        if index in max_rows and largest.matrix:
+            growth = RowSparseRows.GROWTH_NUMERATOR / RowSparseRows.GROWTH_DENOMINATOR
+            capacity = min(largest.rows, math.ceil(max_rows[index] * growth))
+            sparse = num_grads * capacity * (largest.columns * element_size + 8)
+            # Rows that pay stay row-sparse; others move to dense storage once their slots no longer pay.
+            dense = sparse if RowSparseRows.pays(capacity, (largest.rows, largest.columns), element_size) \
+                else max(dense, sparse)
+        window_bytes += dense
+    total = sum(math.prod(shape) for shape in shapes)
+    local = max(sum(block.size for block in layout) for layout in layouts)
+    accumulate_size = GradientWindow.accumulate_dtype(num_grads, total).itemsize
+    buffers = (8 * total  # the flat gradient and its fp32 pieces
+               + 4 * local * (2 if momentum else 1)  # the direction, and the momentum
+               + num_grads * min(BLOCK_COLUMNS, local) * accumulate_size)  # the unfused passes' conversion block
+    if world_size > 1:
+        buffers += 4 * ((world_size + 1) * local + total)  # all-gather pieces and the full direction
+    return window_bytes + 8 * num_grads * num_grads + buffers
 
 
 def _check_finite_positive(name: str, value: float) -> None:
@@ -707,7 +745,7 @@ class MFAC(Optimizer):
         rank, world_size = self._shard_position()
         state.update(
             step=torch.tensor(0, dtype=torch.int64),
-            skipped_steps=torch.tensor(0, dtype=torch.int64),
+            skipped_steps=state.get("skipped_steps", torch.tensor(0, dtype=torch.int64)),  # skips before this
             shard_rank=torch.tensor(rank, dtype=torch.int64),
             shard_world_size=torch.tensor(world_size, dtype=torch.int64),
             window=torch.zeros(m, sum(block.size for block in self._dense_blocks(params, blocks)), dtype=dtype,
@@ -801,6 +839,8 @@ class MFAC(Optimizer):
         return direction
 
     def _skip_nonfinite(self) -> None:
+        # Counted under the first parameter, where the window state will be made: before the first stored gradient
+        # this is the only entry there, and state_dict() carries it like any other.
         state = self.state[self._params()[0]]
         state["skipped_steps"] = state.get("skipped_steps", torch.tensor(0, dtype=torch.int64)) + 1
         if not self._warned_nonfinite:

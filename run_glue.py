@@ -18,6 +18,7 @@ Differences from HF's script, all additive:
 from __future__ import annotations
 
 import csv
+import functools
 import inspect
 import json
 import logging
@@ -26,7 +27,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import numpy as np
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
@@ -280,12 +281,12 @@ def expand_json_config(argv: list[str]) -> list[str]:
 
 
 def parse_and_check_inputs(argv: list[str]):
-    """Arguments and local data files, checked before any model is loaded: a mistake in them exits with one line
-    (status 2) instead of a traceback. Returns the three argument dataclasses and the local datasets (or None)."""
+    """Arguments, local data files and model configs, checked before any model is loaded: a mistake in them exits
+    with one line (status 2) instead of a traceback. Returns the three argument dataclasses and the local datasets
+    (or None)."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments))
-    prog = Path(sys.argv[0]).name
     # argparse would print the usage of all ~150 flags before its one line of error.
-    parser.error = lambda message: parser.exit(2, f"{prog}: error: {message}\n")
+    parser.error = exit_with_usage_error
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=expand_json_config(argv))
         local_datasets = None
@@ -297,9 +298,15 @@ def parse_and_check_inputs(argv: list[str]):
             training_args.resume_from_checkpoint = checkpoint_to_resume(training_args)
             if training_args.resume_from_checkpoint:
                 check_optimizer_state_matches(Path(training_args.resume_from_checkpoint), training_args)
+        check_model_configs(model_args)
     except ValueError as error:  # UsageError, and TrainingArguments' own checks
-        parser.error(str(error))
+        exit_with_usage_error(str(error))
     return model_args, data_args, training_args, local_datasets
+
+
+def exit_with_usage_error(message: str) -> NoReturn:
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+    sys.exit(2)
 
 
 def checkpoint_to_resume(training_args) -> Optional[str]:
@@ -427,6 +434,105 @@ def sentence_keys(task: Optional[str], column_names: list[str]) -> tuple[str, Op
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Model configs without "model_type" (prajjwal1/bert-mini, bert-tiny, Google's converted checkpoints)
+# --------------------------------------------------------------------------------------------------------------
+def check_model_configs(model_args: ModelArguments) -> None:
+    """Reads the config of the model and of the tokenizer before anything loads, so that a config.json without
+    "model_type" whose type cannot be inferred ends with one line (and an inferred one is logged once)."""
+    config_flag, config_source = model_config_source(model_args)
+    model_type_to_infer(config_source, config_flag, model_args)
+    tokenizer_flag, tokenizer_source = tokenizer_source_of(model_args)
+    model_type_to_infer(tokenizer_source, tokenizer_flag, model_args, required=False)
+
+
+def model_config_source(model_args: ModelArguments) -> tuple[str, str]:
+    """(flag, Hub id or folder) of the model's config."""
+    if model_args.config_name:
+        return "--config_name", model_args.config_name
+    return "--model_name_or_path", model_args.model_name_or_path
+
+
+def tokenizer_source_of(model_args: ModelArguments) -> tuple[str, str]:
+    if model_args.tokenizer_name:
+        return "--tokenizer_name", model_args.tokenizer_name
+    return "--model_name_or_path", model_args.model_name_or_path
+
+
+def model_type_to_infer(source: str, flag: str, model_args: ModelArguments, required: bool = True) -> Optional[str]:
+    """None when `source`'s config.json declares its "model_type" (or, for an optional config, does not exist);
+    else the model type inferred from its name. Config files come from a folder, the Hub or the Hub's cache."""
+    try:
+        return undeclared_model_type(source, model_args.cache_dir, model_args.model_revision, model_args.token)
+    except OSError as error:  # transformers' "not found / cannot connect", usually several lines
+        if not required:
+            return None
+        raise UsageError(f"{flag}: cannot read the config of {source!r}: {' '.join(str(error).split())}") from None
+    except UsageError as error:
+        raise UsageError(f"{flag}: {error}") from None
+
+
+@functools.lru_cache(maxsize=None)  # the model and tokenizer often share a source: infer and warn once
+def undeclared_model_type(source: str, cache_dir: Optional[str], revision: str, token: Optional[str]) -> Optional[str]:
+    from transformers import PretrainedConfig
+
+    config_dict, _ = PretrainedConfig.get_config_dict(source, cache_dir=cache_dir, revision=revision, token=token)
+    if "model_type" in config_dict:
+        return None
+    model_type = model_type_from_name(source)
+    if model_type is None:
+        raise UsageError(f"the config.json of {source!r} has no \"model_type\" and its name names no known model "
+                         "type: add \"model_type\" (e.g. \"bert\") to config.json, or pass --config_name with a "
+                         "config that has one")
+    check_keys_fit(config_dict, model_type, source)
+    logger.warning("%s: config.json has no \"model_type\"; inferred %r from the name, as transformers 4 did",
+                   source, model_type)
+    return model_type
+
+
+def model_type_from_name(source: str) -> Optional[str]:
+    """transformers 4's rule: the longest known model type that occurs in the name, here a Hub id, a local
+    folder's own name, or the repository of a Hub cache folder (models--org--name/snapshots/<revision>)."""
+    from transformers import CONFIG_MAPPING
+
+    names = [source]
+    if os.path.isdir(source):
+        path = Path(source).resolve()
+        names = [path.name] + [part for part in path.parts if part.startswith("models--")]
+    for name in names:
+        found = [model_type for model_type in CONFIG_MAPPING.keys() if model_type in name.lower()]
+        if found:
+            return max(found, key=len)
+    return None
+
+
+def check_keys_fit(config_dict: dict, model_type: str, source: str) -> None:
+    """An inferred type must know most of the config's own keys: a name can mislead (a GPT-2 config in a folder
+    called bert-gpt2), and a wrong type would silently build another architecture."""
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    config_class = CONFIG_MAPPING[model_type]
+    known = set(inspect.signature(config_class.__init__).parameters) | set(config_class.attribute_map)
+    generic = set(PretrainedConfig().to_dict())
+    own = [key for key in config_dict if key not in generic]
+    unknown = [key for key in own if key not in known]
+    if not own or 2 * len(unknown) > len(own):
+        raise UsageError(f"the config.json of {source!r} has no \"model_type\"; its name suggests {model_type!r}, but "
+                         f"its keys do not fit that type (unknown to it: {', '.join(unknown) or 'all'}): add "
+                         "\"model_type\" to config.json, or pass --config_name with a config that has one")
+
+
+def load_config(source: str, flag: str, model_args: ModelArguments, **kwargs):
+    """`AutoConfig.from_pretrained`, or the inferred type's config class when config.json has no model_type."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
+    model_type = model_type_to_infer(source, flag, model_args)
+    if model_type is None:
+        return AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code, **hub, **kwargs)
+    return CONFIG_MAPPING[model_type].from_pretrained(source, **hub, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Metrics (local, same keys as HF's `evaluate` GLUE metric)
 # --------------------------------------------------------------------------------------------------------------
 def glue_metrics(task: Optional[str], predictions: np.ndarray, labels: np.ndarray, is_regression: bool) -> dict:
@@ -451,22 +557,30 @@ def glue_metrics(task: Optional[str], predictions: np.ndarray, labels: np.ndarra
 # --------------------------------------------------------------------------------------------------------------
 # Model, optimizer and records
 # --------------------------------------------------------------------------------------------------------------
-def load_model_and_tokenizer(model_args: ModelArguments, num_labels: int, task: Optional[str], label_list):
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
-               trust_remote_code=model_args.trust_remote_code)
-    config = AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path,
-                                        num_labels=num_labels, finetuning_task=task, **hub)
+def model_config(model_args: ModelArguments, num_labels: int, task: Optional[str], label_list):
+    flag, source = model_config_source(model_args)
+    config = load_config(source, flag, model_args, num_labels=num_labels, finetuning_task=task)
     if label_list is not None:
         config.label2id = {label: index for index, label in enumerate(label_list)}
         config.id2label = {index: label for index, label in enumerate(label_list)}
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub)
+    return config
+
+
+def load_model_and_tokenizer(model_args: ModelArguments, config):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+               trust_remote_code=model_args.trust_remote_code)
+    tokenizer_flag, tokenizer_source = tokenizer_source_of(model_args)
+    # AutoTokenizer reads the config to pick the tokenizer class, and would fail on one without model_type.
+    inferred = model_type_to_infer(tokenizer_source, tokenizer_flag, model_args, required=False)
+    given_config = {"config": load_config(tokenizer_source, tokenizer_flag, model_args)} if inferred else {}
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **given_config, **hub)
     if len(tokenizer) <= len(tokenizer.all_special_tokens):
         # transformers 5 can build a vocabulary of special tokens alone from a bad tokenizer folder, and then maps
         # every word to [UNK] without complaint.
-        raise RuntimeError(f"tokenizer from {model_args.tokenizer_name or model_args.model_name_or_path} has only "
-                           f"its {len(tokenizer)} special tokens; the folder needs its vocab.txt or tokenizer.json")
+        raise RuntimeError(f"tokenizer from {tokenizer_source} has only its {len(tokenizer)} special tokens; the "
+                           "folder needs its vocab.txt or tokenizer.json")
     if model_args.model_name_or_path is None:
         logger.info("No --model_name_or_path: training a randomly initialised model from %s", model_args.config_name)
         model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
@@ -477,16 +591,80 @@ def load_model_and_tokenizer(model_args: ModelArguments, num_labels: int, task: 
     return model, tokenizer
 
 
+def mfac_memory_bound(config, model_args: ModelArguments, data_args: DataTrainingArguments,
+                      training_args) -> Optional[int]:
+    """For --optim MFAC, an upper bound of the optimizer's bytes in each process, from the model's parameter shapes
+    (built on the meta device: no weights, no memory) and the M-FAC arguments; None for other optimizers.
+
+    Embedding rows stored per gradient are bounded by the tokens of one batch, unless weight decay makes the
+    embedding gradients dense."""
+    if training_args.optim != MFAC_NAME:
+        return None
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from mfac_optim import memory_bound_bytes
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    arguments = json.loads(training_args.optim_args)
+    tokens_per_batch = training_args.per_device_train_batch_size * data_args.max_seq_length
+    embedding_rows = {} if arguments["weight_decay"] > 0 else {
+        id(module.weight): min(module.num_embeddings, tokens_per_batch)
+        for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return memory_bound_bytes([p.shape for p in params],
+                              {i: embedding_rows[id(p)] for i, p in enumerate(params) if id(p) in embedding_rows},
+                              arguments["num_grads"], arguments.get("grad_dtype", "float32"),
+                              bool(arguments.get("momentum")), training_args.world_size if arguments.get("shard") else 1)
+
+
+def check_mfac_fits(bound: int, training_args) -> None:
+    """Refuses, before the weights load, an M-FAC window that cannot fit in the training device's free memory."""
+    where, available = available_memory(training_args)
+    if available is None or bound <= available:
+        return
+    arguments = json.loads(training_args.optim_args)
+    advice = "use a smaller num_grads"
+    if arguments.get("grad_dtype", "float32") == "float32":
+        advice += ' or "grad_dtype": "bfloat16"'
+    raise UsageError(f"--optim_args: M-FAC with num_grads={arguments['num_grads']} needs up to {bound / 2**30:.2f} GiB "
+                     f"per process for this model, but {where} has {available / 2**30:.2f} GiB available: {advice}")
+
+
+def available_memory(training_args) -> tuple[str, Optional[int]]:
+    """(what, free bytes) of the training device for one process: a GPU's free memory, or the machine's available
+    RAM shared by the processes launched on it; None where it cannot be asked."""
+    import torch
+
+    device = training_args.device
+    if device.type == "cuda":
+        return f"GPU {device}", torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        import psutil
+
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        share = f" (shared by {local_processes} processes)" if local_processes > 1 else ""
+        return f"this machine's RAM{share}", psutil.virtual_memory().available // local_processes
+    return str(device), None
+
+
 def run_record(model_args: ModelArguments, data_args: DataTrainingArguments, training_args) -> dict[str, Any]:
     """How the run was made, for a reader and for scripts/compare.py: written to the run's run_info.json."""
     return {
         "task_name": data_args.task_name,
-        "model": model_args.model_name_or_path or model_args.config_name,
+        "model": model_source_record(model_args.model_name_or_path or model_args.config_name),
         "seed": training_args.seed,
         "max_train_samples": data_args.max_train_samples,
         "max_seq_length": data_args.max_seq_length,
         "optimizer": optimizer_record(training_args),
     }
+
+
+def model_source_record(source: str) -> str:
+    """A Hub id as given; a local folder as its absolute, symlink-free path, so that runs of one model group
+    together however the folder was spelled."""
+    return str(Path(source).resolve()) if os.path.isdir(source) else source
 
 
 def optimizer_record(training_args) -> dict[str, Any]:
@@ -532,15 +710,19 @@ class ShardedStateTrainer(Trainer):
 
 
 class OptimizerMemoryLogger(TrainerCallback):
-    """Logs the optimizer state's size once, after the first step (M-FAC allocates its window there)."""
+    """Logs the optimizer state's size once, after the first step (M-FAC allocates its window there), next to the
+    upper bound estimated before loading."""
 
-    def __init__(self) -> None:
+    def __init__(self, bound: Optional[int]) -> None:
+        self.bound = bound
         self.logged = False
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         if not self.logged and hasattr(inner, "memory_bytes"):
-            logger.info("Optimizer state: %.3f GiB (%s)", inner.memory_bytes() / 2**30, type(inner).__name__)
+            estimate = "" if self.bound is None else \
+                f"; estimated before loading: at most {self.bound / 2**30:.3f} GiB with the step's buffers"
+            logger.info("Optimizer state: %.3f GiB (%s)%s", inner.memory_bytes() / 2**30, type(inner).__name__, estimate)
             self.logged = True
 
 
@@ -596,8 +778,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         label_list = None if is_regression else sorted(set(reference_split["label"]))
     num_labels = 1 if is_regression else len(label_list)
 
-    model, tokenizer = load_model_and_tokenizer(model_args, num_labels, data_args.task_name,
-                                                None if is_regression else [str(label) for label in label_list])
+    config = model_config(model_args, num_labels, data_args.task_name,
+                          None if is_regression else [str(label) for label in label_list])
+    optimizer_bound = mfac_memory_bound(config, model_args, data_args, training_args)
+    if optimizer_bound is not None:
+        try:
+            check_mfac_fits(optimizer_bound, training_args)
+        except UsageError as error:
+            exit_with_usage_error(str(error))
+    model, tokenizer = load_model_and_tokenizer(model_args, config)
     key1, key2 = sentence_keys(data_args.task_name, reference_split.column_names)
     label_to_id = None
     if data_args.task_name is None and not is_regression:
@@ -655,7 +844,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         processing_class=tokenizer,
         data_collator=data_collator,
         optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args),
-        callbacks=[OptimizerMemoryLogger()],
+        callbacks=[OptimizerMemoryLogger(optimizer_bound)],
     )
     os.makedirs(training_args.output_dir, exist_ok=True)
     record = run_record(model_args, data_args, training_args)

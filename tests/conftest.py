@@ -1,8 +1,13 @@
 """Shared fixtures: a tiny BERT folder and GLUE-format data, real from ../shared when it is there, else generated."""
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# Nothing in the suite may wait on the network; set before huggingface_hub is imported, which reads it once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_GLUE = SHARED / "glue"
@@ -68,3 +73,50 @@ def tiny_bert(tmp_path_factory) -> Path:
     BertForSequenceClassification(config).save_pretrained(folder)
     assert len(AutoTokenizer.from_pretrained(folder)) == len(vocab)
     return folder
+
+
+# prajjwal1/bert-mini's config.json as the Hub serves it: Google's BERT config, without "model_type".
+BERT_MINI_CONFIG = {"hidden_size": 256, "hidden_act": "gelu", "initializer_range": 0.02, "vocab_size": 30522,
+                    "hidden_dropout_prob": 0.1, "num_attention_heads": 4, "type_vocab_size": 2,
+                    "max_position_embeddings": 512, "num_hidden_layers": 4, "intermediate_size": 1024,
+                    "attention_probs_dropout_prob": 0.1}
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tmp_path_factory, glue_dir) -> Path:
+    """An HF_HOME holding prajjwal1/bert-mini (config.json without model_type, vocab.txt, random weights in
+    pytorch_model.bin) and nyu-mll/glue sst2 prepared by `datasets`, both laid out as the Hub's clients leave them.
+    The SST-2 rows are GLUE's real ones when ../shared is there."""
+    import io
+    import json
+
+    import datasets
+    import torch
+    from transformers import BertConfig, BertForPreTraining
+
+    import run_glue
+    from hub_cache import write_dataset_config, write_model_repo
+
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    shared_config = SHARED / "models" / "bert-mini-config" / "bert_config.json"
+    config = json.loads(shared_config.read_text()) if shared_config.exists() else BERT_MINI_CONFIG
+    assert "model_type" not in config
+    vocab = SHARED_VOCAB.read_text().splitlines() if SHARED_VOCAB.exists() else generated_vocab()
+    torch.manual_seed(0)
+    weights = io.BytesIO()
+    torch.save(BertForPreTraining(BertConfig(**config)).state_dict(), weights)
+    write_model_repo(hf_home, "prajjwal1/bert-mini", {
+        "config.json": json.dumps(config, indent=2).encode(), "vocab.txt": ("\n".join(vocab) + "\n").encode(),
+        "pytorch_model.bin": weights.getvalue()})
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"]),
+                                  "idx": datasets.Value("int32")})
+    splits = {}
+    for split, file in (("train", "train.tsv"), ("validation", "dev.tsv")):
+        columns = run_glue.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")
+        splits[split] = {**columns, "idx": list(range(len(columns["label"])))}
+    unlabelled = splits["validation"]["sentence"][:16]  # GLUE's test split has no labels: -1
+    splits["test"] = {"sentence": unlabelled, "label": [-1] * len(unlabelled), "idx": list(range(len(unlabelled)))}
+    write_dataset_config(hf_home, "nyu-mll/glue", "sst2", splits, features)
+    return hf_home

@@ -308,6 +308,31 @@ def test_nonfinite_gradient_skips_step_and_warns_once():
     assert int(state["skipped_steps"]) == 2 and int(state["step"]) == 2
 
 
+def test_nonfinite_gradients_before_the_first_stored_one_are_counted_and_saved():
+    model, optimizer = make_model_and_optimizer(num_grads=4)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        optimizer.step()
+    optimizer.step()
+    state = optimizer.state[model.hidden.weight]
+    assert "window" not in state and int(state["skipped_steps"]) == 2
+
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    resumed_model, resumed_optimizer = make_model_and_optimizer(num_grads=4)
+    resumed_optimizer.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    resumed_state = resumed_optimizer.state[resumed_model.hidden.weight]
+    assert int(resumed_state["skipped_steps"]) == 2
+
+    train_steps(resumed_model, resumed_optimizer, 1, seed=1)  # the first stored gradient keeps the count
+    assert int(resumed_state["skipped_steps"]) == 2 and int(resumed_state["step"]) == 1
+    for p in resumed_model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    resumed_optimizer.step()
+    assert int(resumed_state["skipped_steps"]) == 3 and int(resumed_state["step"]) == 1
+
+
 def test_closure_is_evaluated_with_grad_and_loss_returned():
     model, optimizer = make_model_and_optimizer(num_grads=4)
     tokens, y = torch.randint(0, 500, (8, 5)), torch.randint(0, 2, (8,))

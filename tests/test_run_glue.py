@@ -1,6 +1,9 @@
 """run_glue.py: argument handling, local GLUE data, local metrics, and end-to-end offline runs with a tiny BERT."""
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,19 @@ SEED_COMMAND = (
     "--max_seq_length 128 --per_device_train_batch_size 32 --learning_rate 1e-4 --num_train_epochs 3 "
     "--output_dir out_dir/ --optim MFAC"
 ).split() + ["--optim_args", '{"lr": 1e-4, "num_grads": 1024, "damp": 1e-6}']
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def published_command(num_grads: int) -> list[str]:
+    """The seed command word for word, with a window of `num_grads` instead of 1024."""
+    return SEED_COMMAND[:-1] + [SEED_COMMAND[-1].replace('"num_grads": 1024', f'"num_grads": {num_grads}')]
+
+
+def offline(hf_home: Path) -> dict[str, str]:
+    """The environment of a compute node that runs from the cache a login node filled."""
+    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
 
 QUICK = ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--max_seq_length", "32",
          "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"]
@@ -33,8 +49,9 @@ def run(tmp_path, model, glue_dir, task, folder, *extra, train_samples=64, eval_
 
 
 # --- arguments ---------------------------------------------------------------------------------------------------
-def test_seed_command_parses_to_the_published_mfac_settings():
-    model_args, data_args, training_args, local = run_glue.parse_and_check_inputs(SEED_COMMAND)
+def test_seed_command_parses_to_the_published_mfac_settings(hub_cache):
+    argv = SEED_COMMAND + ["--cache_dir", str(hub_cache / "hub")]
+    model_args, data_args, training_args, local = run_glue.parse_and_check_inputs(argv)
     assert training_args.optim == "mfac"
     assert json.loads(training_args.optim_args) == {"lr": 1e-4, "weight_decay": 0.0, "num_grads": 1024, "damp": 1e-6}
     assert (training_args.seed, training_args.learning_rate, training_args.num_train_epochs) == (1234, 1e-4, 3)
@@ -44,8 +61,8 @@ def test_seed_command_parses_to_the_published_mfac_settings():
     assert run_glue.optimizer_cls_and_kwargs(training_args)[0].__name__ == "MFAC"
 
 
-def test_mfac_is_case_insensitive_and_json_lr_wins_over_learning_rate(caplog):
-    argv = [a if a != "MFAC" else "mfac" for a in SEED_COMMAND]
+def test_mfac_is_case_insensitive_and_json_lr_wins_over_learning_rate(caplog, hub_cache):
+    argv = [a if a != "MFAC" else "mfac" for a in SEED_COMMAND] + ["--cache_dir", str(hub_cache / "hub")]
     argv[argv.index("--learning_rate") + 1] = "5e-5"
     argv += ["--weight_decay", "0.01"]
     _, _, training_args, _ = run_glue.parse_and_check_inputs(argv)
@@ -54,17 +71,17 @@ def test_mfac_is_case_insensitive_and_json_lr_wins_over_learning_rate(caplog):
     assert "--optim_args lr=0.0001 overrides --learning_rate 5e-05" in caplog.text
 
 
-def test_other_optimizers_are_hf_unchanged():
+def test_other_optimizers_are_hf_unchanged(tiny_bert):
     _, _, training_args, _ = run_glue.parse_and_check_inputs(
-        ["--model_name_or_path", "m", "--task_name", "rte", "--output_dir", "o", "--optim", "sgd",
+        ["--model_name_or_path", str(tiny_bert), "--task_name", "rte", "--output_dir", "o", "--optim", "sgd",
          "--optim_args", "momentum=0.9"])
     assert training_args.optim == "sgd" and training_args.optim_args == "momentum=0.9"
     assert run_glue.optimizer_cls_and_kwargs(training_args) is None
 
 
-def test_json_config_file_with_command_line_override(tmp_path):
+def test_json_config_file_with_command_line_override(tmp_path, tiny_bert):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"model_name_or_path": "m", "task_name": "mrpc", "output_dir": "o", "seed": 1,
+    config.write_text(json.dumps({"model_name_or_path": str(tiny_bert), "task_name": "mrpc", "output_dir": "o", "seed": 1,
                                   "do_train": True, "optim": "MFAC", "optim_args": {"num_grads": 512},
                                   "label_names": ["labels", "other"]}))
     _, data_args, training_args, _ = run_glue.parse_and_check_inputs([str(config), "--seed", "7"])
@@ -123,8 +140,30 @@ def test_tokenizer_folder_without_vocabulary_is_refused(tmp_path):
                intermediate_size=32).save_pretrained(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": true, "tokenizer_class": "BertTokenizer"}')
     model_args = run_glue.ModelArguments(config_name=str(tmp_path), tokenizer_name=str(tmp_path))
+    config = run_glue.model_config(model_args, 2, "sst2", ["negative", "positive"])
     with pytest.raises(RuntimeError, match="has only its 5 special tokens; the folder needs its vocab.txt"):
-        run_glue.load_model_and_tokenizer(model_args, 2, "sst2", ["negative", "positive"])
+        run_glue.load_model_and_tokenizer(model_args, config)
+
+
+# --- the published command from a Hub-shaped cache ---------------------------------------------------------------
+def test_published_command_runs_offline_from_the_hub_cache(tmp_path, hub_cache, glue_dir):
+    command = [sys.executable, str(ROOT / "run_glue.py"), *published_command(num_grads=8), "--max_steps", "3"]
+    result = subprocess.run(command, cwd=tmp_path, env=offline(hub_cache), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    output = result.stdout + result.stderr
+    assert "prajjwal1/bert-mini: config.json has no \"model_type\"; inferred 'bert' from the name" in output
+    results = json.loads((tmp_path / "out_dir" / "all_results.json").read_text())
+    cached = {split: len(run_glue.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")["label"])
+              for split, file in (("train", "train.tsv"), ("validation", "dev.tsv"))}
+    assert results["train_samples"] == cached["train"] and results["eval_samples"] == cached["validation"]
+    assert json.loads((tmp_path / "out_dir" / "trainer_state.json").read_text())["global_step"] == 3
+    record = json.loads((tmp_path / "out_dir" / "run_info.json").read_text())
+    assert record["model"] == "prajjwal1/bert-mini" and record["optimizer"]["optim_args"]["num_grads"] == 8
+    initial = torch.load(next(hub_cache.glob("hub/models--prajjwal1--bert-mini/snapshots/*/pytorch_model.bin")),
+                         weights_only=True)
+    trained = load_file(tmp_path / "out_dir" / "model.safetensors")
+    key = "bert.encoder.layer.0.output.dense.weight"
+    assert not torch.equal(trained[key], initial[key])
 
 
 # --- local data --------------------------------------------------------------------------------------------------
