@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from mfac_optim import GRAD_DTYPES, MFAC, DenseRows, _remove_stale_build_lock, cpu_kernels
+from mfac_optim import GRAD_DTYPES, MFAC, DenseRows, _remove_stale_build_lock, cpu_kernels, memory_bound_bytes
 
 TOLERANCE = 1e-4
 
@@ -329,8 +329,34 @@ def test_nonfinite_gradients_before_the_first_stored_one_are_counted_and_saved()
     assert int(resumed_state["skipped_steps"]) == 2 and int(resumed_state["step"]) == 1
     for p in resumed_model.parameters():
         p.grad = torch.full_like(p, float("inf"))
-    resumed_optimizer.step()
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        resumed_optimizer.step()
     assert int(resumed_state["skipped_steps"]) == 3 and int(resumed_state["step"]) == 1
+
+
+@pytest.mark.parametrize("grad_dtype", ["float32", "bfloat16"])
+def test_memory_bound_holds_the_measured_state(grad_dtype):
+    model, optimizer = make_model_and_optimizer(num_grads=6, momentum=0.5, grad_dtype=grad_dtype)
+    train_steps(model, optimizer, 9, seed=3)  # wraps the window; batches of 8 × 5 tokens touch ≤ 40 embedding rows
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    embedding = next(i for i, p in enumerate(params) if p is model.embedding.weight)
+    bound = memory_bound_bytes([p.shape for p in params], {embedding: 40}, 6, grad_dtype, momentum=True)
+    assert optimizer.state[model.embedding.weight]["row_values"].shape[1] <= 50  # capacity: 40 rows grown by 5/4
+    assert optimizer.memory_bytes() <= bound
+
+
+def test_memory_bound_of_a_dense_window_by_hand():
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 3))
+    optimizer = MFAC(model.parameters(), num_grads=5, grad_dtype="bfloat16")
+    for _ in range(7):
+        model.zero_grad()
+        model(torch.randn(4, 30)).square().sum().backward()
+        optimizer.step()
+    d, m = 30 * 20 + 20 + 20 * 3 + 3, 5
+    state = m * d * 2 + 8 * m * m  # bf16 window and float64 Gram matrix
+    assert optimizer.memory_bytes() == state + 4 * 8  # plus four int64 counters
+    step_buffers = 8 * d + 4 * d + m * d * 4  # flat gradient and pieces, direction, conversion block (d < 65536)
+    assert memory_bound_bytes([p.shape for p in model.parameters()], {}, m, "bfloat16") == state + step_buffers
 
 
 def test_closure_is_evaluated_with_grad_and_loss_returned():

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,81 @@ def test_published_command_runs_offline_from_the_hub_cache(tmp_path, hub_cache, 
     assert not torch.equal(trained[key], initial[key])
 
 
+# --- configs without model_type ---------------------------------------------------------------------------------
+def bert_folder_without_model_type(parent: Path, name: str, vocab_from: Path) -> Path:
+    """A tiny BERT folder whose config.json has no model_type, as Google's converted checkpoints ship it."""
+    folder = parent / name
+    folder.mkdir()
+    config = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+              "max_position_embeddings": 128, "vocab_size": 30522, "hidden_act": "gelu", "type_vocab_size": 2}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "vocab.txt").write_text((vocab_from / "vocab.txt").read_text())
+    return folder
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("prajjwal1/bert-mini", "bert"), ("prajjwal1/bert-tiny", "bert"), ("someone/DistilBERT-base", "distilbert"),
+    ("someone/xlm-roberta-large", "xlm-roberta"), ("someone/my-classifier", None),
+])
+def test_model_type_from_a_hub_id_is_the_longest_known_type_in_it(source, expected):
+    assert run_glue.model_type_from_name(source) == expected
+
+
+def test_model_type_from_a_folder_or_a_hub_cache_snapshot(tmp_path):
+    snapshot = tmp_path / "hub" / "models--prajjwal1--bert-mini" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "roberta-experiments" / "bert-small").mkdir(parents=True)
+    assert run_glue.model_type_from_name(str(snapshot)) == "bert"
+    assert run_glue.model_type_from_name(str(tmp_path / "roberta-experiments" / "bert-small")) == "bert"
+
+
+def test_config_and_tokenizer_folders_without_model_type_load(tmp_path, tiny_bert, glue_dir, caplog):
+    folder = bert_folder_without_model_type(tmp_path, "bert-local", tiny_bert)
+    argv = ["--config_name", str(folder), "--tokenizer_name", str(folder), "--task_name", "sst2",
+            "--train_file", str(glue_dir / "SST-2" / "train.tsv"), "--do_train", "--output_dir", str(tmp_path / "o")]
+    model_args, *_ = run_glue.parse_and_check_inputs(argv)
+    config = run_glue.model_config(model_args, 2, "sst2", ["negative", "positive"])
+    model, tokenizer = run_glue.load_model_and_tokenizer(model_args, config)
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.hidden_size == 16
+    assert len(tokenizer) == len((tiny_bert / "vocab.txt").read_text().splitlines())
+    assert tokenizer("good film")["input_ids"][1] == tokenizer.convert_tokens_to_ids("good")
+    assert caplog.text.count(f"{folder}: config.json has no \"model_type\"; inferred 'bert' from the name") == 1
+
+
+@pytest.mark.parametrize("flag", ["--model_name_or_path", "--config_name", "--tokenizer_name"])
+def test_config_whose_type_cannot_be_inferred_is_one_line_before_weights_load(tmp_path, tiny_bert, flag, capsys):
+    unnamed = bert_folder_without_model_type(tmp_path, "my-classifier", tiny_bert)
+    (unnamed / "pytorch_model.bin").write_bytes(b"not a checkpoint: loading it would fail otherwise")
+    misleading = bert_folder_without_model_type(tmp_path, "bert-from-gpt2", tiny_bert)
+    (misleading / "config.json").write_text(json.dumps({"n_embd": 16, "n_layer": 1, "n_head": 2, "vocab_size": 50}))
+    for folder, message in ((unnamed, "names no known model type: add \"model_type\" (e.g. \"bert\") to config.json, "
+                                      "or pass --config_name"),
+                            (misleading, "its name suggests 'bert', but its keys do not fit that type (unknown to it: "
+                                         "n_embd, n_layer, n_head)")):
+        sources = {"--model_name_or_path": str(tiny_bert), flag: str(folder)}
+        argv = ["--task_name", "sst2", "--output_dir", str(tmp_path / "o")]
+        with pytest.raises(SystemExit) as exit_info:
+            run_glue.main(argv + [item for pair in sources.items() for item in pair])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+        assert f"error: {flag}: the config.json of '{folder}' has no \"model_type\"" in err and message in err
+
+
+def test_window_that_cannot_fit_is_refused_before_weights_load(tmp_path, tiny_bert, glue_dir, capsys):
+    folder = bert_folder_without_model_type(tmp_path, "bert-huge-window", tiny_bert)
+    (folder / "pytorch_model.bin").write_bytes(b"not a checkpoint: loading it would fail otherwise")
+    argv = ["--model_name_or_path", str(folder), "--task_name", "sst2", "--do_train", "--output_dir", str(tmp_path / "o"),
+            "--train_file", str(glue_dir / "SST-2" / "train.tsv"), "--optim", "MFAC",
+            "--optim_args", '{"num_grads": 10000000}']
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "--optim_args: M-FAC with num_grads=10000000 needs up to" in err
+    assert "GiB per process for this model, but this machine's RAM has" in err
+    assert 'available: use a smaller num_grads or "grad_dtype": "bfloat16"' in err
+
+
 # --- local data --------------------------------------------------------------------------------------------------
 def test_glue_tsv_layouts(tmp_path):
     cola = tmp_path / "cola.tsv"
@@ -252,7 +328,9 @@ def test_pair_task_with_mfac(tmp_path, tiny_bert, glue_dir, caplog):
     assert 0 <= results["eval_accuracy"] <= 1 and math.isfinite(results["eval_loss"])
     args = torch.load(output / "training_args.bin", weights_only=False)
     assert args.optim == "mfac" and json.loads(args.optim_args)["momentum"] == 0.5
-    assert "Optimizer state:" in caplog.text and "GiB (MFAC)" in caplog.text
+    logged = re.search(r"Optimizer state: ([\d.]+) GiB \(MFAC\); estimated before loading: at most ([\d.]+) GiB",
+                       caplog.text)
+    assert logged and 0 < float(logged.group(1)) <= float(logged.group(2))
 
 
 def test_stsb_regression(tmp_path, tiny_bert, glue_dir):
