@@ -3,7 +3,9 @@
     python scripts/compare.py runs/bert-mini_sst2_*/seed* --markdown --plot sst2.png
 
 Runs are grouped by what they recorded in run_info.json (task, model, data settings, optimizer and its
-arguments; everything but the seed), never by folder names. Metrics are shown ×100, as GLUE results are quoted.
+arguments; everything but the seed), never by folder names; a local model folder counts as one however it was
+spelled. A group's label names only what differs between the groups of its task; the table's title line lists
+what they share. Metrics are shown ×100, as GLUE results are quoted.
 `--plot` draws the training loss and the main eval metric over steps per group: the mean over seeds, with a
 band of ± one standard deviation.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -62,35 +65,78 @@ def load_run(path: Path) -> Run:
                json.loads((path / "all_results.json").read_text()), log_history)
 
 
-def optimizer_label(optimizer: dict) -> str:
+def normalised_model(model: str) -> str:
+    """A local folder as its absolute, symlink-free path (runs record it so; older records may not), so that one
+    folder spelled two ways is one model; a Hub id as it is."""
+    return str(Path(model).resolve()) if os.path.isdir(model) else model
+
+
+def model_name(model: str) -> str:
+    """A Hub id whole; a folder by its last two names."""
+    return "/".join(Path(model).parts[-2:])
+
+
+def setting(info: dict) -> tuple[dict, set[str]]:
+    """What defines a run apart from its task and seed, as flat key -> value (model, data limits, optimizer and its
+    arguments), and the keys that belong to its optimizer alone (num_grads for MFAC, adam_beta1 for Adam, …)."""
+    flat = {"model": normalised_model(str(info["model"]))}
+    flat.update({key: value for key, value in info.items() if key not in ("task_name", "seed", "model", "optimizer")})
+    optimizer = info["optimizer"]
     if optimizer["optim"] == "MFAC":
-        return "MFAC " + " ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
-                                  for key, value in optimizer["optim_args"].items() if key != "weight_decay" or value)
-    label = f"{optimizer['optim']} lr={optimizer['learning_rate']:g}"
-    if optimizer.get("weight_decay"):
-        label += f" weight_decay={optimizer['weight_decay']:g}"
-    return label + (f" {optimizer['optim_args']}" if optimizer.get("optim_args") else "")
+        arguments = dict(optimizer["optim_args"])
+        lr, weight_decay = arguments.pop("lr"), arguments.pop("weight_decay", 0.0)
+    else:
+        arguments = {key: value for key, value in optimizer.items() if key != "optim" and value is not None}
+        lr, weight_decay = arguments.pop("learning_rate"), arguments.pop("weight_decay", 0.0)
+    flat.update(optim=optimizer["optim"], lr=lr, weight_decay=weight_decay, **arguments)
+    return flat, set(arguments)
 
 
-def group_label(info: dict) -> str:
-    """Model, optimizer and any data limits: what distinguishes one group of seeds from another."""
-    model = "/".join(Path(str(info["model"])).parts[-2:])  # a Hub id whole; a folder by its last two names
-    limits = "".join(f" {key}={info[key]}" for key in ("max_train_samples",) if info.get(key) is not None)
-    return f"{model}{limits}, {optimizer_label(info['optimizer'])}"
+def describe(key: str, value) -> str:
+    if key == "model":
+        return model_name(value)
+    if key == "optim":
+        return str(value)
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
 
 
-def group_runs(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
-    """task -> group label -> runs, grouping on everything run_info.json holds except the seed."""
-    by_key: dict[str, list[Run]] = defaultdict(list)
+def distinguishing_labels(settings: list[tuple[dict, set[str]]]) -> tuple[list[str], str]:
+    """A label per setting naming only what differs between them, and one line of what they share. An optimizer's
+    own keys are compared among the settings of that optimizer only (Adam's betas do not set it apart from M-FAC;
+    the optimizer's name does)."""
+    def peers(key: str, flat: dict, own: set[str]) -> list[dict]:
+        return [other for other, _ in settings if key not in own or other["optim"] == flat["optim"]]
+
+    labels = []
+    shared: dict[str, dict[str, None]] = defaultdict(dict)  # "" or an optimizer -> its shared items, in order
+    for flat, own in settings:
+        parts = []
+        for key, value in flat.items():
+            if len({json.dumps(other.get(key), sort_keys=True) for other in peers(key, flat, own)}) > 1:
+                parts.append(describe(key, value))
+            else:
+                shared[flat["optim"] if key in own else ""][describe(key, value)] = None
+        labels.append(" ".join(parts) or str(flat["optim"]))
+    general = ", ".join(shared.pop("", {}))
+    return labels, "; ".join([general] + [f"{optim}: {' '.join(items)}" for optim, items in shared.items()])
+
+
+@dataclass
+class TaskGroups:
+    groups: dict[str, list[Run]]  # label -> runs, one per seed
+    shared: str  # the settings every group of the task has in common
+
+
+def group_runs(runs: list[Run]) -> dict[str, TaskGroups]:
+    """task -> its groups of seeds, grouped on everything run_info.json holds except the seed."""
+    by_task: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        key = json.dumps({k: v for k, v in run.info.items() if k != "seed"}, sort_keys=True)
-        by_key[key].append(run)
-    grouped: dict[str, dict[str, list[Run]]] = defaultdict(dict)
-    for members in by_key.values():
-        label = group_label(members[0].info)
-        while label in grouped[members[0].task]:  # same label, other settings (e.g. sequence length)
-            label += f" max_seq_length={members[0].info.get('max_seq_length')}"
-        grouped[members[0].task][label] = sorted(members, key=lambda run: run.seed)
+        by_task[run.task][json.dumps(setting(run.info)[0], sort_keys=True)].append(run)
+    grouped = {}
+    for task, by_setting in by_task.items():
+        labels, shared = distinguishing_labels([setting(members[0].info) for members in by_setting.values()])
+        grouped[task] = TaskGroups({label: sorted(members, key=lambda run: run.seed)
+                                    for label, members in zip(labels, by_setting.values())}, shared)
     return grouped
 
 
@@ -124,15 +170,15 @@ def table_rows(groups: dict[str, list[Run]]) -> list[tuple[str, str, Summary]]:
     return rows
 
 
-def format_table(task: str, rows: list[tuple[str, str, Summary]], markdown: bool) -> str:
+def format_table(task: str, rows: list[tuple[str, str, Summary]], shared: str, markdown: bool) -> str:
     header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)"]
     body = [[metric, label, f"{100 * s.mean:.2f} ± {100 * s.std:.2f}" if s.std is not None else f"{100 * s.mean:.2f}",
              str(s.n), f"{100 * s.best:.2f} ({s.best_seed})"] for metric, label, s in rows]
     if markdown:
-        lines = [f"**{task}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = [f"**{task}** (all runs: {shared})", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
-    lines = [task, "  ".join(cell.ljust(width) for cell, width in zip(header, widths))]
+    lines = [f"{task} (all runs: {shared})", "  ".join(cell.ljust(width) for cell, width in zip(header, widths))]
     return "\n".join(lines + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in body])
 
 
@@ -145,14 +191,15 @@ def series(runs: list[Run], key: str) -> tuple[list[int], list[float], list[floa
     return steps, means, stds
 
 
-def plot(grouped: dict[str, dict[str, list[Run]]], path: Path) -> None:
+def plot(grouped: dict[str, TaskGroups], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(len(grouped), 2, figsize=(12, 4 * len(grouped)), squeeze=False)
-    for row, (task, groups) in enumerate(sorted(grouped.items())):
+    for row, (task, task_groups) in enumerate(sorted(grouped.items())):
+        groups = task_groups.groups
         main_metric = next(iter(next(iter(groups.values()))[0].metrics), None)
         for column, (key, title) in enumerate((("loss", "training loss"), (main_metric, main_metric))):
             axis = axes[row][column]
@@ -188,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     except NotARunError as error:
         parser.error(str(error))
     grouped = group_runs(runs)
-    print("\n\n".join(format_table(task, table_rows(groups), args.markdown) for task, groups in sorted(grouped.items())))
+    print("\n\n".join(format_table(task, table_rows(task_groups.groups), task_groups.shared, args.markdown)
+                       for task, task_groups in sorted(grouped.items())))
     if args.plot:
         plot(grouped, args.plot)
         print(f"\nplot written to {args.plot}")

@@ -7,6 +7,8 @@
 #   OUTPUT_DIR       run folder                      (default out_dir/)
 #   TRAIN_FILE       local SST-2 train (.tsv/.csv/.json), with VALIDATION_FILE; default: GLUE from the Hub
 #   VALIDATION_FILE  local SST-2 dev
+# Model and GLUE already in the Hugging Face cache (HF_HOME) need no Hub: with HF_HUB_OFFLINE=1 (a cluster's
+# compute nodes), or whenever the Hub cannot be reached, the run reads them from the cache.
 # Extra arguments go last to run_glue.py, so they override (e.g. --max_steps 4). Uses the `python` on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,21 +26,45 @@ if [ -n "${TRAIN_FILE:-}${VALIDATION_FILE:-}" ]; then
 fi
 command -v python >/dev/null || die "no python on PATH (activate the project's venv: . .venv/bin/activate)"
 
-# Fail in a second, with what to set, rather than deep inside a download.
-python - "$MODEL" "${#data[@]}" <<'PY' || exit 1
-import os, sys
+# Fail in seconds, with what to set, rather than deep inside a download. What the Hugging Face cache (HF_HOME)
+# already holds needs no Hub: with HF_HUB_OFFLINE=1, or when the Hub cannot be reached, the run uses the cache.
+hub=$(python - "$MODEL" "${#data[@]}" <<'PY'
+import glob, os, sys
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
+import datasets.config
+
 model, hub_data = sys.argv[1], sys.argv[2] == "0"
-wanted = ([] if os.path.isdir(model) else [("model", model)]) + ([("dataset", "nyu-mll/glue")] if hub_data else [])
 if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(model):
     sys.exit(f"reproduce_sst2_bert_mini: MODEL folder not found: {model}")
-try:
-    from huggingface_hub import HfApi
-    for kind, name in wanted:
-        getattr(HfApi(), f"{kind}_info")(name, timeout=10)
-except Exception as error:
-    sys.exit(f"reproduce_sst2_bert_mini: cannot reach {kind} {name!r} on the Hugging Face Hub ({type(error).__name__}). "
-             "Offline, set MODEL=/path/to/model and TRAIN_FILE/VALIDATION_FILE to SST-2's train.tsv/dev.tsv.")
+needed = []  # (kind, Hub name, whether the cache holds it)
+if not os.path.isdir(model):
+    needed.append(("model", model, isinstance(try_to_load_from_cache(model, "config.json"), str)))
+if hub_data:
+    prepared = os.path.join(datasets.config.HF_DATASETS_CACHE, "nyu-mll___glue", "sst2", "*", "*", "dataset_info.json")
+    needed.append(("dataset", "nyu-mll/glue", bool(glob.glob(prepared))))
+missing = [(kind, name) for kind, name, cached in needed if not cached]
+offline_mode = constants.HF_HUB_OFFLINE
+reachable = False
+if needed and not offline_mode:
+    try:
+        for kind, name, _ in needed:
+            getattr(HfApi(), f"{kind}_info")(name, timeout=10)
+        reachable = True
+    except Exception:
+        pass
+if missing and not reachable:
+    kind, name = missing[0]
+    why = "HF_HUB_OFFLINE=1" if offline_mode else "the Hugging Face Hub cannot be reached"
+    sys.exit(f"reproduce_sst2_bert_mini: {kind} {name!r} is not in the cache ({constants.HF_HOME}) and {why}: fill "
+             "the cache where the Hub is reachable (see README), or set MODEL=/path/to/model and "
+             "TRAIN_FILE/VALIDATION_FILE to SST-2's train.tsv/dev.tsv.")
+print("online" if reachable or not needed else "offline")
 PY
+) || exit 1
+if [ "$hub" = offline ]; then
+  echo "reproduce_sst2_bert_mini: running from the Hugging Face cache, without the Hub" >&2
+  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+fi
 
 exec python run_glue.py --seed "$SEED" --model_name_or_path "$MODEL" --task_name sst2 --do_train --do_eval \
   --max_seq_length 128 --per_device_train_batch_size 32 --learning_rate 1e-4 --num_train_epochs 3 \

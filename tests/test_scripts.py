@@ -54,16 +54,31 @@ def test_reproduction_command_is_the_published_one(python_on_path, tiny_bert, gl
     assert args == ["run_glue.py", *expected, "--train_file", str(train), "--validation_file", str(dev)]
 
 
-def test_reproduction_fails_clearly_without_hub_or_files(python_on_path):
+def test_reproduction_fails_clearly_without_hub_or_files(python_on_path, tmp_path):
     env, log = python_on_path
-    result = reproduce({**env, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 1 and not log.exists()
-    assert "cannot reach model 'prajjwal1/bert-mini' on the Hugging Face Hub" in result.stderr
+    result = reproduce({**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")})
+    assert result.returncode == 1 and not log.exists() and result.stderr.count("\n") == 1
+    assert (f"model 'prajjwal1/bert-mini' is not in the cache ({tmp_path / 'empty-cache'}) and HF_HUB_OFFLINE=1"
+            in result.stderr)
     assert "set MODEL=/path/to/model" in result.stderr
     result = reproduce({**env, "MODEL": "/nonexistent/model"})
     assert result.returncode == 1 and "MODEL folder not found: /nonexistent/model" in result.stderr
     result = reproduce({**env, "TRAIN_FILE": "/nonexistent/train.tsv"})
     assert result.returncode == 1 and "set both TRAIN_FILE and VALIDATION_FILE" in result.stderr
+
+
+def test_reproduction_runs_the_published_command_from_the_hub_cache(python_on_path, hub_cache):
+    env, log = python_on_path
+    result = reproduce({**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hub_cache)})
+    assert result.returncode == 0, result.stderr
+    assert "running from the Hugging Face cache, without the Hub" in result.stderr
+    assert json.loads(log.read_text()) == ["run_glue.py", *PUBLISHED]
+    # Without HF_HUB_OFFLINE: a Hub that cannot be reached (as here) is no reason to refuse what the cache holds.
+    online = {key: value for key, value in env.items() if not key.endswith("_OFFLINE")}
+    log.unlink()
+    result = reproduce({**online, "HF_HOME": str(hub_cache)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(log.read_text()) == ["run_glue.py", *PUBLISHED]
 
 
 def test_reproduction_overrides_run_for_real(tmp_path, tiny_bert, glue_dir):
@@ -172,11 +187,36 @@ def hand_made_runs(tmp_path):
 def test_compare_groups_by_recorded_settings_with_sample_std(hand_made_runs, capsys):
     assert compare.main([str(path) for path in hand_made_runs] + ["--markdown"]) == 0
     out = capsys.readouterr().out
+    # Labels name only what differs: the optimizer, and num_grads among the M-FAC groups.
     # MFAC m=64: mean 0.83, sample std √((0.03² + 0.01² + 0.04²)/2) = √0.0013 = 0.036056; best 0.87 at seed 3.
-    assert "| accuracy | models/minilm max_train_samples=4000, MFAC lr=0.0001 num_grads=64 damp=1e-06 | 83.00 ± 3.61 | 3 | 87.00 (3) |" in out
+    assert "| accuracy | MFAC num_grads=64 | 83.00 ± 3.61 | 3 | 87.00 (3) |" in out
     # Adam: mean 0.855, std √(2·0.005²) = 0.0070711.
-    assert "| accuracy | models/minilm max_train_samples=4000, adamw_torch lr=0.0001 | 85.50 ± 0.71 | 2 | 86.00 (2) |" in out
-    assert "| accuracy | models/minilm max_train_samples=4000, MFAC lr=0.0001 num_grads=8 damp=1e-06 | 50.00 | 1 | 50.00 (1) |" in out
+    assert "| accuracy | adamw_torch | 85.50 ± 0.71 | 2 | 86.00 (2) |" in out
+    assert "| accuracy | MFAC num_grads=8 | 50.00 | 1 | 50.00 (1) |" in out
+    assert ("**sst2** (all runs: models/minilm, max_train_samples=4000, max_seq_length=64, lr=0.0001, "
+            "weight_decay=0; MFAC: damp=1e-06; adamw_torch: adam_beta1=0.9 adam_beta2=0.999 adam_epsilon=1e-08)") in out
+
+
+def test_compare_groups_one_model_folder_however_it_was_spelled(tmp_path, capsys):
+    model = tmp_path / "models" / "minilm"
+    model.mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(model, tmp_path / "link-to-minilm")
+    spellings = [str(tmp_path / "elsewhere" / ".." / "models" / "minilm"), str(tmp_path / "link-to-minilm"),
+                 os.path.relpath(model)]
+    for seed, spelling in enumerate(spellings):
+        run = make_run(tmp_path / "runs" / f"seed{seed}", seed, 0.8 + seed / 100, MFAC_RECORD)
+        info = json.loads((run / "run_info.json").read_text())
+        (run / "run_info.json").write_text(json.dumps({**info, "model": spelling}))
+    other = make_run(tmp_path / "runs" / "other", 0, 0.7, {**MFAC_RECORD, "optim_args": {
+        **MFAC_RECORD["optim_args"], "lr": 1e-3}})
+    assert compare.main([str(path) for path in sorted((tmp_path / "runs").iterdir())]) == 0
+    out = capsys.readouterr().out
+    assert "lr=0.0001" in out and "81.00 ± 1.00  3" in out  # 0.80, 0.81, 0.82: one group, n = 3
+    assert "lr=0.001 " in out and other.name not in out
+    # run_glue.py records the folder as compare.py normalises it.
+    assert run_glue.model_source_record(spellings[1]) == str(model.resolve()) == compare.normalised_model(spellings[0])
+    assert run_glue.model_source_record("prajjwal1/bert-mini") == "prajjwal1/bert-mini"
 
 
 def test_compare_plot_and_loss_series(hand_made_runs, tmp_path):
