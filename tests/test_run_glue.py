@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import run_glue
-from conftest import SHARED_GLUE
+from conftest import SHARED_GLUE, write_generated_glue
 
 SEED_COMMAND = (
     "--seed 1234 --model_name_or_path prajjwal1/bert-mini --task_name sst2 --do_train --do_eval "
@@ -319,6 +319,43 @@ def test_sst2_end_to_end(tmp_path, tiny_bert, glue_dir, optimizer):
     trained, initial = load_file(output / "model.safetensors"), load_file(tiny_bert / "model.safetensors")
     assert not torch.equal(trained["bert.encoder.layer.0.output.dense.weight"],
                            initial["bert.encoder.layer.0.output.dense.weight"])
+
+
+@pytest.fixture(scope="module")
+def learnable_task(tmp_path_factory, tiny_bert):
+    """Generated SST-2-like data (the label is the sentiment word's), always learnable, and a tiny BERT initialised
+    wider than BERT's 0.02 so that non-adaptive steps (SGD, M-FAC) also move it within a few hundred steps."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("learnable")
+    glue = write_generated_glue(root / "glue")
+    model = root / "bert"
+    model.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        (model / name).write_text((tiny_bert / name).read_text())
+    config = BertConfig.from_pretrained(tiny_bert)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(model)
+    return model, glue
+
+
+@pytest.mark.parametrize("optimizer,learns", [
+    (["--optim", "adamw_torch", "--learning_rate", "1e-2"], True),
+    (["--optim", "MFAC", "--optim_args", '{"lr": 1e-2, "num_grads": 16}'], True),
+    (["--optim", "MFAC", "--optim_args", '{"lr": 0, "num_grads": 16}'], False),  # a broken optimizer: no steps
+])
+def test_training_learns_a_task_that_a_broken_optimizer_does_not(tmp_path, learnable_task, optimizer, learns):
+    model, glue = learnable_task
+    output, results = run(tmp_path, model, glue, "sst2", "SST-2", *optimizer, "--num_train_epochs", "5",
+                          "--logging_steps", "5", train_samples=400, eval_samples=120)
+    labels = run_glue.read_glue_tsv(str(glue / "SST-2" / "dev.tsv"), "sst2")["label"]
+    majority = max(np.bincount(labels)) / len(labels)
+    losses = [entry["loss"] for entry in json.loads((output / "trainer_state.json").read_text())["log_history"]
+              if "loss" in entry]
+    assert len(losses) == 25  # 400 examples / batch 16 × 5 epochs, logged every 5 steps
+    learned = results["eval_accuracy"] >= majority + 0.25 and losses[-1] <= 0.6 * losses[0]
+    assert learned == learns, (results["eval_accuracy"], majority, losses[0], losses[-1])
 
 
 def test_pair_task_with_mfac(tmp_path, tiny_bert, glue_dir, caplog):
