@@ -82,10 +82,14 @@ BERT_MINI_CONFIG = {"hidden_size": 256, "hidden_act": "gelu", "initializer_range
                     "attention_probs_dropout_prob": 0.1}
 
 
+BERT_TINY_CONFIG = {**BERT_MINI_CONFIG, "hidden_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
+                    "intermediate_size": 512}
+
+
 @pytest.fixture(scope="session")
 def hub_cache(tmp_path_factory, glue_dir) -> Path:
-    """An HF_HOME holding prajjwal1/bert-mini (config.json without model_type, vocab.txt, random weights in
-    pytorch_model.bin) and nyu-mll/glue sst2 prepared by `datasets`, both laid out as the Hub's clients leave them.
+    """An HF_HOME holding prajjwal1/bert-mini and bert-tiny (config.json without model_type, vocab.txt, random
+    weights in pytorch_model.bin) and nyu-mll/glue sst2 prepared by `datasets`, both laid out as the Hub's clients leave them.
     The SST-2 rows are GLUE's real ones when ../shared is there."""
     import io
     import json
@@ -99,15 +103,15 @@ def hub_cache(tmp_path_factory, glue_dir) -> Path:
 
     hf_home = tmp_path_factory.mktemp("hf_home")
     shared_config = SHARED / "models" / "bert-mini-config" / "bert_config.json"
-    config = json.loads(shared_config.read_text()) if shared_config.exists() else BERT_MINI_CONFIG
-    assert "model_type" not in config
-    vocab = SHARED_VOCAB.read_text().splitlines() if SHARED_VOCAB.exists() else generated_vocab()
-    torch.manual_seed(0)
-    weights = io.BytesIO()
-    torch.save(BertForPreTraining(BertConfig(**config)).state_dict(), weights)
-    write_model_repo(hf_home, "prajjwal1/bert-mini", {
-        "config.json": json.dumps(config, indent=2).encode(), "vocab.txt": ("\n".join(vocab) + "\n").encode(),
-        "pytorch_model.bin": weights.getvalue()})
+    mini = json.loads(shared_config.read_text()) if shared_config.exists() else BERT_MINI_CONFIG
+    vocab = ("\n".join(SHARED_VOCAB.read_text().splitlines() if SHARED_VOCAB.exists() else generated_vocab()) + "\n")
+    for name, config in (("bert-mini", mini), ("bert-tiny", BERT_TINY_CONFIG)):
+        assert "model_type" not in config
+        torch.manual_seed(0)
+        weights = io.BytesIO()
+        torch.save(BertForPreTraining(BertConfig(**config)).state_dict(), weights)
+        write_model_repo(hf_home, f"prajjwal1/{name}", {"config.json": json.dumps(config, indent=2).encode(),
+                                                         "vocab.txt": vocab.encode(), "pytorch_model.bin": weights.getvalue()})
 
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["negative", "positive"]),

@@ -105,8 +105,9 @@ def test_configs_cover_the_published_grid():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
-def test_config_parses_to_the_published_settings(path):
-    model_args, data_args, training_args, _ = run_glue.parse_and_check_inputs([str(path)])
+def test_config_parses_to_the_published_settings(path, hub_cache):
+    argv = [str(path), "--cache_dir", str(hub_cache / "hub")]
+    model_args, data_args, training_args, _ = run_glue.parse_and_check_inputs(argv)
     task = data_args.task_name
     assert model_args.model_name_or_path == f"prajjwal1/{path.stem.split('_')[0]}"
     assert (training_args.learning_rate, training_args.per_device_train_batch_size, data_args.max_seq_length) == (1e-4, 32, 128)
@@ -119,10 +120,10 @@ def test_config_parses_to_the_published_settings(path):
         assert training_args.optim == "adamw_torch"
 
 
-def test_config_field_overridden_from_the_command_line():
+def test_config_field_overridden_from_the_command_line(hub_cache):
     path = ROOT / "configs" / "bert-mini_sst2_mfac.json"
-    _, _, training_args, _ = run_glue.parse_and_check_inputs([str(path), "--num_train_epochs", "1",
-                                                              "--optim_args", '{"num_grads": 64}'])
+    _, _, training_args, _ = run_glue.parse_and_check_inputs([str(path), "--num_train_epochs", "1", "--optim_args",
+                                                              '{"num_grads": 64}', "--cache_dir", str(hub_cache / "hub")])
     assert training_args.num_train_epochs == 1 and json.loads(training_args.optim_args)["num_grads"] == 64
 
 
