@@ -1,0 +1,62 @@
+"""Optimizer state written before mfac_optim became a package (commit 66979aa, one file) still resumes, bit for bit."""
+import io
+from pathlib import Path
+
+import torch
+
+from mfac_optim import MFAC
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mfac_state_single_file.pt"
+
+
+class BagOfWords(torch.nn.Module):
+    """A row-sparse embedding, a dense layer and a head, as in test_mfac_optim."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(300, 8)
+        self.hidden = torch.nn.Linear(8, 6)
+        self.out = torch.nn.Linear(6, 2)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.hidden(self.embedding(tokens).mean(1))))
+
+
+def make_optimizer(model: BagOfWords) -> MFAC:
+    groups = [{"params": [model.hidden.weight, model.out.weight], "weight_decay": 0.01, "momentum": 0.5},
+              {"params": [model.embedding.weight, model.hidden.bias, model.out.bias], "weight_decay": 0.0}]
+    return MFAC(groups, lr=1e-2, num_grads=4, damp=1e-4, grad_dtype="bfloat16")
+
+
+def train(model: BagOfWords, optimizer: MFAC, steps: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        tokens, labels = torch.randint(0, 300, (8, 6), generator=generator), torch.randint(0, 2, (8,), generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(tokens), labels).backward()
+        optimizer.step()
+
+
+def write_fixture() -> None:
+    """How the fixture was made (run once with the single-file mfac_optim.py): 6 steps (the window wraps), the
+    state saved, then 3 more steps whose parameters the resumed optimizer must reproduce."""
+    torch.manual_seed(0)
+    model = BagOfWords()
+    optimizer = make_optimizer(model)
+    train(model, optimizer, 6, seed=1)
+    snapshot = io.BytesIO()  # state_dict() holds references to tensors that later steps change in place
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, snapshot)
+    saved = torch.load(io.BytesIO(snapshot.getvalue()), weights_only=True)
+    train(model, optimizer, 3, seed=2)
+    torch.save({**saved, "after_three_more_steps": model.state_dict()}, FIXTURE)
+
+
+def test_state_from_the_single_file_optimizer_resumes_bit_identically():
+    fixture = torch.load(FIXTURE, weights_only=True)
+    model = BagOfWords()
+    model.load_state_dict(fixture["model"])
+    optimizer = make_optimizer(model)
+    optimizer.load_state_dict(fixture["optimizer"])
+    train(model, optimizer, 3, seed=2)
+    for name, expected in fixture["after_three_more_steps"].items():
+        assert torch.equal(model.state_dict()[name], expected), name
