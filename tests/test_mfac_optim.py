@@ -7,7 +7,9 @@ import warnings
 import pytest
 import torch
 
-from mfac_optim import GRAD_DTYPES, MFAC, DenseRows, _remove_stale_build_lock, cpu_kernels, memory_bound_bytes
+from mfac_optim import GRAD_DTYPES, MFAC, memory_bound_bytes
+from mfac_optim.kernels import _remove_stale_build_lock, cpu_passes
+from mfac_optim.storage import DenseRows
 
 TOLERANCE = 1e-4
 
@@ -191,7 +193,7 @@ def test_memory_bytes_counts_the_state():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_cpu_passes_against_float64(dtype):
     # 3 column blocks of 8192 and a remainder, and m = 7 (not a multiple of the 4 rows taken at a time).
-    kernels = cpu_kernels()
+    kernels = cpu_passes()
     assert kernels is not None, "the fused CPU kernels must build on the CI machine"
     generator = torch.Generator().manual_seed(0)
     window = torch.randn(7, 3 * 8192 + 13, generator=generator).to(dtype)

@@ -1,0 +1,52 @@
+"""MFAC's hyperparameters and their checks: one precise ValueError per bad value, as torch.optim gives."""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import Tensor
+
+GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Hyperparameters that define the one shared window, so every param group must agree on them.
+WINDOW_KEYS = ("num_grads", "damp", "grad_dtype", "shard")
+
+
+def resolve_grad_dtype(value: Union[str, torch.dtype]) -> str:
+    """Returns the canonical name ("float32", "bfloat16", "float16") of a window dtype given as name or dtype."""
+    for name, dtype in GRAD_DTYPES.items():
+        if value == name or value is dtype:
+            return name
+    raise ValueError(f"Invalid grad_dtype: {value!r} (allowed: {', '.join(GRAD_DTYPES)} or the torch dtypes)")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_group_hyperparameters(group: dict) -> None:
+    lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+    if isinstance(lr, Tensor) or not _is_number(lr) or not lr >= 0 or not math.isfinite(lr):
+        raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0)")
+    if not _is_number(weight_decay) or not weight_decay >= 0 or not math.isfinite(weight_decay):
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be a finite number >= 0)")
+    if not _is_number(momentum) or not 0 <= momentum < 1:
+        raise ValueError(f"Invalid momentum: {momentum!r} (must satisfy 0 <= momentum < 1)")
+    num_grads = group["num_grads"]
+    if not isinstance(num_grads, int) or isinstance(num_grads, bool) or num_grads < 1:
+        raise ValueError(f"Invalid num_grads: {num_grads!r} (must be a positive integer)")
+    damp = group["damp"]
+    if not _is_number(damp) or not math.isfinite(damp) or damp <= 0:
+        raise ValueError(f"Invalid damp: {damp!r} (must be a finite number > 0)")
+    if not isinstance(group["shard"], bool):
+        raise ValueError(f"Invalid shard: {group['shard']!r} (must be true or false)")
+
+
+def check_window_keys_agree(groups: list[dict]) -> None:
+    """All param groups share one window, so its hyperparameters must be the first group's."""
+    first, group = groups[0], groups[-1]
+    for key in WINDOW_KEYS:
+        if group[key] != first[key]:
+            raise ValueError(f"Invalid {key} in param group {len(groups) - 1}: {group[key]!r} "
+                             f"(all groups share one window, so it must equal {first[key]!r})")

@@ -1,0 +1,51 @@
+"""Compiled window passes, built from the C++ sources beside this file on first use (about a minute, then cached by
+torch) and found relative to the installed package. Without a compiler the callers' torch passes serve instead."""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCES = Path(__file__).resolve().parent
+_cpu_passes = None  # the compiled module, False once a build failed
+
+
+def cpu_passes():
+    """The fused AVX2 CPU passes (mfac_optim/kernels/cpu_passes.cpp), or None if they cannot be built here."""
+    global _cpu_passes
+    if _cpu_passes is None:
+        try:
+            from torch.utils.cpp_extension import _get_build_directory, load
+
+            # The folder torch builds in (per Python and torch flavour); private, but stable since torch 1.x.
+            _remove_stale_build_lock(os.path.join(_get_build_directory("mfac_cpu_kernels", False), "lock"))
+            _cpu_passes = load(name="mfac_cpu_kernels", sources=[str(SOURCES / "cpu_passes.cpp")],
+                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        except Exception as error:  # no compiler, no ninja, unsupported platform
+            warnings.warn(f"MFAC: fused CPU kernels unavailable ({type(error).__name__}: {error}); using torch passes")
+            _cpu_passes = False
+    return _cpu_passes or None
+
+
+def _remove_stale_build_lock(path: str, max_age_seconds: float = 600) -> None:
+    """torch's builder waits, without end, for the lock file of a build in progress; a process killed during
+    the build (about a minute) leaves the file behind, and every later process would hang on it."""
+    try:
+        age = time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return
+    if age > max_age_seconds:
+        warnings.warn(f"MFAC: removing the stale lock {path} left {age / 60:.0f} minutes ago by a kernel build")
+        os.remove(path)
+
+
+def fused_passes_for(storage: torch.Tensor, accumulate_dtype: torch.dtype) -> Optional[object]:
+    """The fused CPU passes if they apply to this window storage (CPU, fp32 or bf16, contiguous, fp32
+    accumulation), else None."""
+    applies = (storage.device.type == "cpu" and accumulate_dtype == torch.float32 and storage.is_contiguous()
+               and storage.dtype in (torch.float32, torch.bfloat16))
+    return cpu_passes() if applies else None

@@ -1,0 +1,211 @@
+// The two window passes on the CPU, fused: each bf16 element is widened to fp32 in registers and consumed at once,
+// so the window is read exactly once per pass and no fp32 copy of it exists. Column blocks go to threads; within a
+// block every row's segment is streamed, with per-block fp32 partial sums added up in float64.
+// Built on first use by mfac_optim.kernels (torch's extension builder); the Python side is mfac_optim/storage.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstring>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static inline float widen(float x) { return x; }
+static inline float widen(uint16_t x) { uint32_t u = uint32_t(x) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+#ifdef __AVX2__
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const uint16_t* p) {
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+static inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+#endif
+
+constexpr int64_t kBlock = 8192;  // columns per block: 16-32 KiB row segments keep the prefetchers streaming
+
+// Rows are taken R at a time so that each load of v (dots) or of the output block (combine) serves R rows.
+constexpr int R = 4;
+
+// ⟨a, b⟩ over `count` elements, each side bf16 or fp32, accumulated in fp32.
+template <typename A, typename B>
+static float dot(const A* a, const B* b, int64_t count) {
+  int64_t k = 0;
+  float total = 0.f;
+#ifdef __AVX2__
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; k + 16 <= count; k += 16) {
+    a0 = _mm256_fmadd_ps(load8(a + k), load8(b + k), a0);
+    a1 = _mm256_fmadd_ps(load8(a + k + 8), load8(b + k + 8), a1);
+  }
+  total = horizontal_sum(_mm256_add_ps(a0, a1));
+#endif
+  for (; k < count; ++k) total += widen(a[k]) * widen(b[k]);
+  return total;
+}
+
+// out[k] += a · row[k].
+template <typename T>
+static void axpy(float a, const T* row, float* out, int64_t count) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  const __m256 scale = _mm256_set1_ps(a);
+  for (; k + 8 <= count; k += 8)
+    _mm256_storeu_ps(out + k, _mm256_fmadd_ps(scale, load8(row + k), _mm256_loadu_ps(out + k)));
+#endif
+  for (; k < count; ++k) out[k] += a * widen(row[k]);
+}
+
+#ifdef __AVX2__
+template <typename T>
+static void dots_four_rows(const T* const* rows, const T* v, int64_t count, double* out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) {
+    const __m256 x = load8(v + k);
+    a0 = _mm256_fmadd_ps(load8(rows[0] + k), x, a0);
+    a1 = _mm256_fmadd_ps(load8(rows[1] + k), x, a1);
+    a2 = _mm256_fmadd_ps(load8(rows[2] + k), x, a2);
+    a3 = _mm256_fmadd_ps(load8(rows[3] + k), x, a3);
+  }
+  float totals[4] = {horizontal_sum(a0), horizontal_sum(a1), horizontal_sum(a2), horizontal_sum(a3)};
+  for (; k < count; ++k)
+    for (int r = 0; r < 4; ++r) totals[r] += widen(rows[r][k]) * widen(v[k]);
+  for (int r = 0; r < 4; ++r) out[r] += totals[r];
+}
+#endif
+
+template <typename T>
+static void axpy_rows(const float* a, const T* const* rows, int count_rows, float* out, int64_t count) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  if (count_rows == 4) {
+    const __m256 s0 = _mm256_set1_ps(a[0]), s1 = _mm256_set1_ps(a[1]), s2 = _mm256_set1_ps(a[2]), s3 = _mm256_set1_ps(a[3]);
+    for (; k + 8 <= count; k += 8) {
+      __m256 acc = _mm256_loadu_ps(out + k);
+      acc = _mm256_fmadd_ps(s0, load8(rows[0] + k), acc);
+      acc = _mm256_fmadd_ps(s1, load8(rows[1] + k), acc);
+      acc = _mm256_fmadd_ps(s2, load8(rows[2] + k), acc);
+      acc = _mm256_fmadd_ps(s3, load8(rows[3] + k), acc);
+      _mm256_storeu_ps(out + k, acc);
+    }
+  }
+#endif
+  for (int r = 0; r < count_rows; ++r) axpy(a[r], rows[r] + k, out + k, count - k);
+}
+
+// Calls visit(first column, column count, first row, row pointers, row count) for every tile of a column block
+// and up to R rows; column blocks are split over threads, and one thread visits a block's rows in order.
+template <typename T, typename Visit>
+static void for_each_tile(const torch::Tensor& window, Visit visit) {
+  const int64_t m = window.size(0), n = window.size(1), blocks = (n + kBlock - 1) / kBlock;
+  const T* w = reinterpret_cast<const T*>(window.data_ptr());
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t k0 = b * kBlock, count = std::min(n, k0 + kBlock) - k0;
+      for (int64_t j = 0; j < m; j += R) {
+        const int rows_here = static_cast<int>(std::min<int64_t>(R, m - j));
+        const T* rows[R];
+        for (int r = 0; r < rows_here; ++r) rows[r] = w + (j + r) * n + k0;
+        visit(k0, count, j, rows, rows_here);
+      }
+    }
+  });
+}
+
+// G g for g = row `slot` of the window itself (the stored gradient).
+template <typename T>
+static torch::Tensor dots_impl(const torch::Tensor& window, int64_t slot) {
+  const int64_t m = window.size(0);
+  const T* v = reinterpret_cast<const T*>(window.data_ptr()) + slot * window.size(1);
+  auto partial = torch::zeros({at::get_num_threads(), m}, torch::kFloat64);
+  double* p = partial.data_ptr<double>();
+  for_each_tile<T>(window, [&](int64_t k0, int64_t count, int64_t j, const T* const* rows, int rows_here) {
+    double* mine = p + at::get_thread_num() * m + j;
+#ifdef __AVX2__
+    if (rows_here == 4) return dots_four_rows(rows, v + k0, count, mine);
+#endif
+    for (int r = 0; r < rows_here; ++r) mine[r] += dot(rows[r], v + k0, count);
+  });
+  return partial.sum(0);
+}
+
+// Gᵀ c into `result` (reused across steps: a fresh buffer of this size costs page faults every step).
+template <typename T>
+static void combine_impl(const torch::Tensor& window, const torch::Tensor& coefficients, torch::Tensor& result) {
+  const float* c = coefficients.data_ptr<float>();
+  float* out = result.data_ptr<float>();
+  for_each_tile<T>(window, [&](int64_t k0, int64_t count, int64_t j, const T* const* rows, int rows_here) {
+    if (j == 0) std::fill(out + k0, out + k0 + count, 0.f);  // zeroed by the thread that accumulates it
+    axpy_rows(c + j, rows, rows_here, out + k0, count);
+  });
+}
+
+// Row-sparse parts: slot j holds rows indices[j, :] with values[j, :, :] (padding: row 0 with zero values).
+
+// s_j = Σ_r ⟨values[j, r], dense[indices[j, r]]⟩, slots split over threads.
+template <typename T>
+static torch::Tensor sparse_dots_impl(const torch::Tensor& indices, const torch::Tensor& values, const torch::Tensor& dense) {
+  const int64_t m = values.size(0), capacity = values.size(1), columns = values.size(2);
+  auto result = torch::empty({m}, torch::kFloat64);
+  double* out = result.data_ptr<double>();
+  const int64_t* index = indices.data_ptr<int64_t>();
+  const T* v = reinterpret_cast<const T*>(values.data_ptr());
+  const float* g = dense.data_ptr<float>();
+  at::parallel_for(0, m, 1, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      double total = 0.0;
+      for (int64_t r = 0; r < capacity; ++r)
+        total += dot(v + (j * capacity + r) * columns, g + index[j * capacity + r] * columns, columns);
+      out[j] = total;
+    }
+  });
+  return result;
+}
+
+// result = Σ_j c_j · (slot j scattered into rows × columns); columns split over threads, so no two threads
+// ever add into the same element.
+template <typename T>
+static void sparse_combine_impl(const torch::Tensor& indices, const torch::Tensor& values,
+                                const torch::Tensor& coefficients, torch::Tensor& result) {
+  const int64_t m = values.size(0), capacity = values.size(1), columns = values.size(2);
+  const int64_t* index = indices.data_ptr<int64_t>();
+  const T* v = reinterpret_cast<const T*>(values.data_ptr());
+  const float* c = coefficients.data_ptr<float>();
+  float* out = result.data_ptr<float>();
+  result.zero_();
+  at::parallel_for(0, columns, 8, [&](int64_t c0, int64_t c1) {
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t r = 0; r < capacity; ++r)
+        axpy(c[j], v + (j * capacity + r) * columns + c0, out + index[j * capacity + r] * columns + c0, c1 - c0);
+  });
+}
+
+torch::Tensor sparse_dots(torch::Tensor indices, torch::Tensor values, torch::Tensor dense) {
+  return values.scalar_type() == torch::kBFloat16 ? sparse_dots_impl<uint16_t>(indices, values, dense)
+                                                  : sparse_dots_impl<float>(indices, values, dense);
+}
+
+void sparse_combine(torch::Tensor indices, torch::Tensor values, torch::Tensor coefficients, torch::Tensor result) {
+  if (values.scalar_type() == torch::kBFloat16) sparse_combine_impl<uint16_t>(indices, values, coefficients, result);
+  else sparse_combine_impl<float>(indices, values, coefficients, result);
+}
+
+torch::Tensor window_dots(torch::Tensor window, int64_t slot) {
+  return window.scalar_type() == torch::kBFloat16 ? dots_impl<uint16_t>(window, slot) : dots_impl<float>(window, slot);
+}
+
+void window_combine(torch::Tensor window, torch::Tensor coefficients, torch::Tensor result) {
+  if (window.scalar_type() == torch::kBFloat16) combine_impl<uint16_t>(window, coefficients, result);
+  else combine_impl<float>(window, coefficients, result);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("window_dots", &window_dots, "G g in float64, g = row `slot` of the dense window");
+  m.def("window_combine", &window_combine, "result = G^T c in fp32");
+  m.def("sparse_dots", &sparse_dots, "dots of every row-sparse slot with a dense matrix, in float64");
+  m.def("sparse_combine", &sparse_combine, "result = sum_j c_j * (row-sparse slot j scattered), in fp32");
+}

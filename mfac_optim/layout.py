@@ -1,0 +1,146 @@
+"""Where each piece of the flat gradient lives: the parameters in param-group order, each one's range in the flat
+vector of all parameters, the rows of it this process keeps when the window is sharded, and which blocks the window
+stores row-sparse. Every offset in the package is computed here and nowhere else.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Block:
+    """The rows of one parameter (seen as a rows × columns matrix; a vector is a column) that this process keeps,
+    where they lie in the flat gradient of all parameters, and where in this process's own (local) vector."""
+
+    index: int  # of the parameter, in the order of the param groups
+    flat: slice
+    local: slice
+    rows: int
+    columns: int
+    matrix: bool  # the parameter is 2-D, so its block may be stored row-sparse
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.columns
+
+
+def nonzero_rows(matrix: Tensor) -> Tensor:
+    return (matrix != 0).any(dim=1).nonzero().squeeze(1)
+
+
+def row_sparse_pays(rows_used: int, rows: int, columns: int, element_size: int, margin: float = 1.0) -> bool:
+    """Whether `rows_used` rows plus their int64 indices take less than `margin` × the dense block."""
+    return rows_used * (columns * element_size + 8) < margin * rows * columns * element_size
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This process's blocks of every parameter, and which of them are stored row-sparse (parameter indices)."""
+
+    shapes: tuple[torch.Size, ...]
+    rank: int = 0
+    world_size: int = 1
+    row_sparse: frozenset[int] = frozenset()
+
+    @cached_property
+    def blocks(self) -> list[Block]:
+        return self.blocks_of(self.rank)
+
+    def blocks_of(self, rank: int) -> list[Block]:
+        """Rank `rank`'s block of every parameter: each parameter's rows (elements, for a vector) are split into
+        `world_size` contiguous ranges of near-equal length, so each rank keeps 1/world_size of the window to within
+        one row per parameter, and of every embedding matrix."""
+        blocks, offset, local = [], 0, 0
+        for index, shape in enumerate(self.shapes):
+            numel = math.prod(shape)
+            rows, columns = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (numel, 1)
+            first, last = rows * rank // self.world_size, rows * (rank + 1) // self.world_size
+            size = (last - first) * columns
+            blocks.append(Block(index, slice(offset + first * columns, offset + last * columns),
+                                slice(local, local + size), last - first, columns, len(shape) == 2))
+            offset, local = offset + numel, local + size
+        return blocks
+
+    @property
+    def total_size(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def local_size(self) -> int:
+        return sum(block.size for block in self.blocks)
+
+    @property
+    def largest_local_size(self) -> int:
+        return max(sum(block.size for block in self.blocks_of(rank)) for rank in range(self.world_size))
+
+    @property
+    def dense_blocks(self) -> list[Block]:
+        return [block for block in self.blocks if block.index not in self.row_sparse]
+
+    @property
+    def sparse_blocks(self) -> list[Block]:
+        return [block for block in self.blocks if block.index in self.row_sparse]
+
+    @property
+    def dense_size(self) -> int:
+        return sum(block.size for block in self.dense_blocks)
+
+    def param_slices(self) -> Iterator[tuple[int, slice]]:
+        """(parameter index, its range in the flat vector of all parameters)."""
+        offset = 0
+        for index, shape in enumerate(self.shapes):
+            yield index, slice(offset, offset + math.prod(shape))
+            offset += math.prod(shape)
+
+    def with_row_sparse_where_it_pays(self, grad: Tensor, element_size: int) -> Layout:
+        """Row-sparse storage for each matrix block whose first gradient has few non-zero rows: where rows plus
+        their indices take at most half the dense size (word embeddings; not under weight decay)."""
+        chosen = {block.index for block in self.blocks if block.matrix and row_sparse_pays(
+            len(nonzero_rows(self.matrix(grad, block))), block.rows, block.columns, element_size, margin=0.5)}
+        return replace(self, row_sparse=frozenset(chosen))
+
+    def without_row_sparse(self, index: int) -> Layout:
+        return replace(self, row_sparse=self.row_sparse - {index})
+
+    def dense_column(self, index: int) -> int:
+        """Where parameter `index`'s block starts (or would start) among the dense window's columns."""
+        return sum(block.size for block in self.dense_blocks if block.index < index)
+
+    @staticmethod
+    def matrix(grad: Tensor, block: Block) -> Tensor:
+        """The block's rows of the flat gradient, as a rows × columns view."""
+        return grad[block.flat].view(block.rows, block.columns)
+
+    def dense_part(self, grad: Tensor) -> Tensor:
+        """The dense blocks of the flat gradient, concatenated in block order (the dense window's columns)."""
+        dense = self.dense_blocks
+        if self.dense_size == grad.numel():
+            return grad
+        return torch.cat([grad[block.flat] for block in dense])
+
+    def assemble(self, dense_direction: Tensor, sparse_directions: dict[int, Tensor]) -> Tensor:
+        """This process's blocks of the direction, in local order, from the dense part and the row-sparse parts."""
+        if not sparse_directions:
+            return dense_direction
+        direction = torch.empty(self.local_size, device=dense_direction.device)
+        dense_offset = 0
+        for block in self.blocks:
+            if block.index in sparse_directions:
+                direction[block.local] = sparse_directions[block.index].reshape(-1)
+            else:
+                direction[block.local] = dense_direction[dense_offset:dense_offset + block.size]
+                dense_offset += block.size
+        return direction
+
+    def scatter_gathered(self, pieces: list[Tensor], direction: Tensor) -> Tensor:
+        """Writes each rank's local vector (`pieces[rank]`, padded) into its places in the full flat `direction`."""
+        for rank, piece in enumerate(pieces):
+            for block in self.blocks_of(rank):
+                direction[block.flat] = piece[block.local]
+        return direction

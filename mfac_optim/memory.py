@@ -1,0 +1,48 @@
+"""An upper bound of MFAC's memory before any gradient exists, so that a window that cannot fit is refused before
+a model loads (run_glue.py, and the Trainer glue in hf_trainer.py)."""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+
+from .algebra import accumulate_dtype
+from .hyperparameters import GRAD_DTYPES, resolve_grad_dtype
+from .layout import Layout, row_sparse_pays
+from .storage import BLOCK_COLUMNS, RowSparseRows
+
+
+def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_grads: int,
+                       grad_dtype: Union[str, torch.dtype] = torch.float32, momentum: bool = False,
+                       world_size: int = 1) -> int:
+    """An upper bound, before any gradient is seen, of the bytes one process of MFAC needs: its state (window,
+    Gram matrix, momentum) plus the buffers of a step.
+
+    `shapes` are the parameters' shapes in order. `max_rows[i]` bounds how many rows of matrix parameter i one
+    gradient can touch (an embedding: the tokens in a batch), so that its row-sparse storage is bounded with its
+    capacity's growth; every other parameter is counted as dense.
+    """
+    element_size = torch.tensor([], dtype=GRAD_DTYPES[resolve_grad_dtype(grad_dtype)]).element_size()
+    layout = Layout(tuple(shapes), world_size=world_size)
+    layouts = [layout.blocks_of(rank) for rank in range(world_size)]
+    window_bytes = 0
+    for index, shard_of_each_rank in enumerate(zip(*layouts)):
+        largest = max(shard_of_each_rank, key=lambda block: block.size)
+        stored = num_grads * largest.size * element_size
+        if index in max_rows and largest.matrix:
+            growth = RowSparseRows.GROWTH_NUMERATOR / RowSparseRows.GROWTH_DENOMINATOR
+            capacity = min(largest.rows, math.ceil(max_rows[index] * growth))
+            sparse = num_grads * capacity * (largest.columns * element_size + 8)
+            # Rows that pay stay row-sparse; others move to dense storage once their slots no longer pay.
+            stored = sparse if row_sparse_pays(capacity, largest.rows, largest.columns, element_size) \
+                else max(stored, sparse)
+        window_bytes += stored
+    total, local = layout.total_size, layout.largest_local_size
+    accumulate_size = accumulate_dtype(num_grads, total).itemsize
+    buffers = (8 * total  # the flat gradient and its fp32 pieces
+               + 4 * local * (2 if momentum else 1)  # the direction, and the momentum
+               + num_grads * min(BLOCK_COLUMNS, local) * accumulate_size)  # the unfused passes' conversion block
+    if world_size > 1:
+        buffers += 4 * ((world_size + 1) * local + total)  # all-gather pieces and the full direction
+    return window_bytes + 8 * num_grads * num_grads + buffers

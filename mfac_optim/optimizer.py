@@ -1,0 +1,239 @@
+"""`MFAC`, the torch.optim plumbing: param groups and their hyperparameters, the state (kept as tensors in
+`self.state`, so state_dict() round-trips it), flattening the gradients, momentum and the parameter update. The
+window's arithmetic is in window.py, storage.py and algebra.py; offsets are the layout's (layout.py); sharding
+across processes is in distributed.py.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .algebra import FisherKernel, accumulate_dtype
+from .distributed import DirectionGather, shard_position, sum_over_processes
+from .hyperparameters import GRAD_DTYPES, check_group_hyperparameters, check_window_keys_agree, resolve_grad_dtype
+from .layout import Layout, nonzero_rows, row_sparse_pays
+from .storage import DenseRows, RowSparseRows
+from .window import GradientWindow
+
+# State entries that count steps or say which shard this is: kept on the CPU, as torch.optim keeps "step".
+COUNTERS = ("step", "skipped_steps", "shard_rank", "shard_world_size")
+
+
+class MFAC(Optimizer):
+    """M-FAC with a window of the last `num_grads` gradients over all parameters of all groups.
+
+    Args:
+        params: tensors or param-group dicts. `lr`, `weight_decay` and `momentum` may differ per group;
+            `num_grads`, `damp` and `grad_dtype` describe the one shared window and must not.
+        lr: learning rate, read from the group at every step (LR schedulers work).
+        num_grads: m, the number of gradients in the window.
+        damp: λ in F = λI + (1/m) GᵀG.
+        momentum: μ of the exponential average v ← μv + (1 − μ)u of the directions (0 disables it).
+        weight_decay: coupled L2: g ← g + weight_decay · p before g enters the window.
+        grad_dtype: storage dtype of the window ("float32", "bfloat16", "float16" or the torch dtype). With a
+            low-precision window the rounded gradient is the one preconditioned, so window and direction agree.
+        shard: with an initialised default process group (torchrun, accelerate), each rank keeps 1/world_size of
+            every parameter's rows in its window; the dot products are all-reduced and the direction all-gathered,
+            so every rank takes the same step as one unsharded optimizer. Ranks must see the same gradients (as
+            under DDP). Without a process group this changes nothing. State dicts are per rank.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, num_grads: int = 1024, damp: float = 1e-6,
+                 momentum: float = 0.0, weight_decay: float = 0.0,
+                 grad_dtype: Union[str, torch.dtype] = torch.float32, shard: bool = False) -> None:
+        defaults = dict(lr=lr, num_grads=num_grads, damp=damp, momentum=momentum, weight_decay=weight_decay,
+                        grad_dtype=resolve_grad_dtype(grad_dtype), shard=shard)
+        check_group_hyperparameters(defaults)
+        self._warned_nonfinite = False
+        self._dense_rows: Optional[DenseRows] = None  # reused across steps for its buffers
+        self._flat_buffer: Optional[Tensor] = None
+        self._gather = DirectionGather()
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "grad_dtype" in param_group:
+            param_group["grad_dtype"] = resolve_grad_dtype(param_group["grad_dtype"])
+        super().add_param_group(param_group)
+        check_group_hyperparameters(self.param_groups[-1])
+        check_window_keys_agree(self.param_groups)
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"MFAC needs all parameters on one device, got {sorted(map(str, devices))}")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch.optim, except that state tensors keep their dtypes: torch would cast the float64 Gram matrix,
+        a bf16 window and the fp32 momentum to each parameter's dtype."""
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        for index, param in zip(saved_ids, self._params()):
+            if index in state_dict["state"]:
+                self.state[param] = {key: value.to(device=param.device, copy=True) if key not in COUNTERS else value.clone()
+                                     for key, value in state_dict["state"][index].items()}
+        self._dense_rows = None
+        if self._params() and "window" in self.state[self._params()[0]]:
+            self._check_shard_position(self.state[self._params()[0]])
+
+    def memory_bytes(self) -> int:
+        """Bytes of state this optimizer holds in this process (its shard of the window, the Gram matrix, momentum,
+        row-sparse parts)."""
+        return sum(value.numel() * value.element_size() for state in self.state.values() for value in state.values()
+                   if torch.is_tensor(value))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Performs one M-FAC step; `closure` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params()
+        grad = self._flat_gradient()
+        # A sum is finite whenever all terms are, unless it overflows: only then is the full check needed.
+        if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
+            self._skip_nonfinite()
+            return loss
+        layout = self._layout(params, grad)
+        state = self.state[params[0]]
+        self._check_shard_position(state)
+        sparse_grads, layout = self._row_sparse_gradients(params, layout, grad, state)
+        window = self._gradient_window(params, layout, state)
+        slot = int(state["step"]) % window.num_grads
+        dense_direction, sparse_directions = window.insert_and_precondition(layout.dense_part(grad), sparse_grads, slot)
+        for index, part in window.sparse.items():  # a part may have grown its capacity
+            self.state[params[index]].update(part.state())
+        state["step"] += 1
+        update = self._with_momentum(layout, layout.assemble(dense_direction, sparse_directions), state)
+        if layout.world_size > 1:
+            update = self._gather(layout, update)
+        self._update_params(params, layout, update)
+        return loss
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _flat_gradient(self) -> Tensor:
+        """g over all groups in order: each parameter's gradient (zeros if None) plus its group's wd · p."""
+        pieces = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("MFAC does not support sparse gradients; use dense embedding gradients")
+                grad = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
+                if group["weight_decay"] != 0:
+                    grad = grad.add(p.float(), alpha=group["weight_decay"])
+                pieces.append(grad.reshape(-1))
+        # Written into one reused buffer: a fresh allocation of d floats costs page faults every step.
+        if self._flat_buffer is None or self._flat_buffer.numel() != sum(piece.numel() for piece in pieces):
+            self._flat_buffer = torch.empty(sum(piece.numel() for piece in pieces), device=pieces[0].device)
+        return torch.cat(pieces, out=self._flat_buffer)
+
+    def _layout(self, params: list[Tensor], grad: Tensor) -> Layout:
+        """This process's layout, read from the state (row-sparse parameters hold row indices); on the first
+        stored gradient, the state is made."""
+        rank, world_size = shard_position(self.param_groups[0]["shard"])
+        layout = Layout(tuple(p.shape for p in params), rank, world_size,
+                        frozenset(index for index, p in enumerate(params) if "row_indices" in self.state[p]))
+        if "window" not in self.state[params[0]]:
+            layout = self._make_state(params, layout, grad)
+        return layout
+
+    def _make_state(self, params: list[Tensor], layout: Layout, grad: Tensor) -> Layout:
+        """The shared state (kept under the first parameter, as torch.optim.LBFGS does), and the row-sparse parts
+        of the matrices where those pay, each in its parameter's state."""
+        state = self.state[params[0]]
+        first = self.param_groups[0]
+        m, dtype = first["num_grads"], GRAD_DTYPES[first["grad_dtype"]]
+        layout = layout.with_row_sparse_where_it_pays(grad, torch.tensor([], dtype=dtype).element_size())
+        for block in layout.sparse_blocks:
+            rows = len(nonzero_rows(layout.matrix(grad, block)))
+            indices, values = RowSparseRows.allocate(m, max(rows, 1), block.columns, dtype, grad.device)
+            self.state[params[block.index]].update(row_indices=indices, row_values=values)
+        state.update(
+            step=torch.tensor(0, dtype=torch.int64),
+            skipped_steps=state.get("skipped_steps", torch.tensor(0, dtype=torch.int64)),  # skips before this
+            shard_rank=torch.tensor(layout.rank, dtype=torch.int64),
+            shard_world_size=torch.tensor(layout.world_size, dtype=torch.int64),
+            window=torch.zeros(m, layout.dense_size, dtype=dtype, device=grad.device),
+            gram=torch.zeros(m, m, dtype=torch.float64, device=grad.device),
+        )
+        return layout
+
+    def _check_shard_position(self, state: dict) -> None:
+        saved = int(state["shard_rank"]), int(state["shard_world_size"])
+        rank, world_size = shard_position(self.param_groups[0]["shard"])
+        if saved != (rank, world_size):
+            raise ValueError(
+                f"MFAC state holds the window shard of rank {saved[0]} of {saved[1]}, but this process is rank {rank} "
+                f"of {world_size}: resume a sharded run with the same number of processes, each loading its own state")
+
+    def _row_sparse_gradients(self, params: list[Tensor], layout: Layout, grad: Tensor, state: dict
+                              ) -> tuple[dict[int, tuple[Tensor, Tensor]], Layout]:
+        """Parameter index -> (gradient block, its non-zero rows) for the row-sparse blocks. One whose rows would
+        now take more room than dense storage (e.g. weight decay was turned on) moves to the dense part."""
+        sparse = {}
+        for block in layout.sparse_blocks:
+            matrix = layout.matrix(grad, block)
+            rows = nonzero_rows(matrix)
+            if row_sparse_pays(len(rows), block.rows, block.columns, state["window"].element_size()):
+                sparse[block.index] = (matrix, rows)
+            else:
+                layout = self._move_to_dense(params, layout, block.index, state)
+        return sparse, layout
+
+    def _move_to_dense(self, params: list[Tensor], layout: Layout, index: int, state: dict) -> Layout:
+        """Inserts a row-sparse block's window, made dense, at its place among the dense columns."""
+        param_state = self.state[params[index]]
+        block = layout.blocks[index]
+        part = RowSparseRows(param_state.pop("row_indices"), param_state.pop("row_values"), block.rows, torch.float32)
+        layout = layout.without_row_sparse(index)
+        column = layout.dense_column(index)
+        window = state["window"]
+        state["window"] = torch.cat([window[:, :column], part.to_dense(), window[:, column:]], dim=1)
+        return layout
+
+    def _gradient_window(self, params: list[Tensor], layout: Layout, state: dict) -> GradientWindow:
+        """A view of the state tensors as a GradientWindow; the dense part (with its conversion buffer) is reused
+        while the window tensor stays the same."""
+        first = self.param_groups[0]
+        accumulate = accumulate_dtype(first["num_grads"], layout.total_size)
+        if self._dense_rows is None or self._dense_rows.window is not state["window"]:
+            self._dense_rows = DenseRows(state["window"], accumulate)
+        sparse = {block.index: RowSparseRows(self.state[params[block.index]]["row_indices"],
+                                             self.state[params[block.index]]["row_values"], block.rows, accumulate)
+                  for block in layout.sparse_blocks}
+        sum_shards = sum_over_processes if layout.world_size > 1 else None
+        return GradientWindow(self._dense_rows, sparse, FisherKernel(state["gram"], first["damp"]), sum_shards)
+
+    def _skip_nonfinite(self) -> None:
+        # Counted under the first parameter, where the window state will be made: before the first stored gradient
+        # this is the only entry there, and state_dict() carries it like any other.
+        state = self.state[self._params()[0]]
+        state["skipped_steps"] = state.get("skipped_steps", torch.tensor(0, dtype=torch.int64)) + 1
+        if not self._warned_nonfinite:
+            warnings.warn("MFAC: gradient contains NaN or Inf; step skipped (window and parameters unchanged)")
+            self._warned_nonfinite = True
+
+    def _with_momentum(self, layout: Layout, direction: Tensor, state: dict) -> Tensor:
+        """This rank's update: per group with momentum μ > 0, v ← μv + (1 − μ)u (kept for this rank's blocks),
+        written over u; u itself elsewhere."""
+        momenta = [group["momentum"] for group in self.param_groups for _ in group["params"]]
+        if not any(momenta):
+            return direction
+        buffer = state.setdefault("momentum_buffer", torch.zeros_like(direction))
+        for block in layout.blocks:
+            momentum = momenta[block.index]
+            if momentum > 0:
+                velocity = buffer[block.local]
+                velocity.mul_(momentum).add_(direction[block.local], alpha=1 - momentum)
+                direction[block.local] = velocity
+        return direction
+
+    def _update_params(self, params: list[Tensor], layout: Layout, update: Tensor) -> None:
+        """p ← p − lr · update, with each group's lr."""
+        lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
+        for (index, flat), p in zip(layout.param_slices(), params):
+            p.add_(update[flat].view_as(p).to(p.dtype), alpha=-lrs[index])

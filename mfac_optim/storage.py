@@ -1,0 +1,158 @@
+"""The window's storage kinds. Each holds its slots' values for some of the columns and answers the two passes
+of a step: the dot products of every slot with the newly stored one, and the combination Σⱼ cⱼ · slotⱼ. Kinds:
+
+- `DenseRows`: slot j is row j of an (m, n) tensor over the dense blocks' columns;
+- `RowSparseRows`: one matrix parameter whose gradients are zero outside a few rows (a word embedding), stored as
+  (row indices, row values) per slot.
+
+A kind exposes `store(slot, …)` (a row-sparse one also takes the rows to keep), `dots(slot)` (float64, one per slot), `combine(coefficients)` (fp32) and
+`state()` (the tensors it owns, which the optimizer keeps in its state). Sums of one block are accumulated in fp32
+and the blocks summed in float64, which bounds the rounding error by the block length rather than by d.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import fused_passes_for
+
+# Columns per block in the torch (unfused) passes.
+BLOCK_COLUMNS = 1 << 16
+
+
+class DenseRows:
+    """The dense part of the window: row j holds the stored gradient j restricted to the dense parameters."""
+
+    def __init__(self, window: Tensor, accumulate_dtype: torch.dtype) -> None:
+        self.window = window  # (m, n), storage dtype
+        self.accumulate_dtype = accumulate_dtype
+        self._block_buffer: Optional[Tensor] = None
+        self._direction_buffer: Optional[Tensor] = None
+        self._fused = fused_passes_for(window, accumulate_dtype)
+
+    def state(self) -> dict[str, Tensor]:
+        return {"window": self.window}
+
+    def store(self, slot: int, grad: Tensor) -> None:
+        self.window[slot].copy_(grad)
+
+    def dots(self, slot: int) -> Tensor:
+        """G ĝ in float64 over these columns, ĝ = the stored row `slot` (first pass over the window)."""
+        if self._fused is not None:
+            return self._fused.window_dots(self.window, slot)
+        stored = self.window[slot]
+        dots = torch.zeros(self.window.shape[0], dtype=torch.float64, device=self.window.device)
+        for columns, block in self._column_blocks():
+            dots += torch.mv(block, stored[columns].to(self.accumulate_dtype))
+        return dots
+
+    def combine(self, coefficients: Tensor) -> Tensor:
+        """Gᵀ c in fp32 over these columns (second pass over the window)."""
+        if self._fused is not None:
+            if self._direction_buffer is None:
+                self._direction_buffer = torch.empty(self.window.shape[1], dtype=torch.float32)
+            self._fused.window_combine(self.window, coefficients.float(), self._direction_buffer)
+            return self._direction_buffer
+        result = torch.empty(self.window.shape[1], dtype=torch.float32, device=self.window.device)
+        coefficients = coefficients.to(self.accumulate_dtype)
+        for columns, block in self._column_blocks():
+            result[columns] = torch.mv(block.t(), coefficients)
+        return result
+
+    def _column_blocks(self) -> Iterator[tuple[slice, Tensor]]:
+        """The window in blocks of columns, in the accumulation dtype. A block of another dtype is converted into
+        one reused buffer: fresh allocations of this size cost more in page faults than the conversion."""
+        for start in range(0, self.window.shape[1], BLOCK_COLUMNS):
+            columns = slice(start, start + BLOCK_COLUMNS)
+            block = self.window[:, columns]
+            if block.dtype != self.accumulate_dtype:
+                if self._block_buffer is None:
+                    self._block_buffer = torch.empty(self.window.shape[0], min(BLOCK_COLUMNS, self.window.shape[1]),
+                                                     dtype=self.accumulate_dtype, device=self.window.device)
+                block = self._block_buffer[:, :block.shape[1]].copy_(block)
+            yield columns, block
+
+
+class RowSparseRows:
+    """The window restricted to one matrix parameter whose gradients are zero outside a few rows (a word
+    embedding: only the rows of the batch's tokens). Slot j keeps (row indices, row values), padded to a common
+    capacity with row 0 and zero values, which add nothing to any dot product or combination, so all stay exact.
+    """
+
+    # Slots per gather in the passes: bounds the temporary (slots × capacity × columns) fp32 block.
+    SLOTS_PER_CHUNK = 64
+    # A slot with more rows than the capacity grows it by at least this factor (5/4), so that a slowly rising
+    # row count does not reallocate the window at every step.
+    GROWTH_NUMERATOR, GROWTH_DENOMINATOR = 5, 4
+
+    def __init__(self, indices: Tensor, values: Tensor, num_rows: int, accumulate_dtype: torch.dtype) -> None:
+        self.indices = indices  # (m, capacity) int64
+        self.values = values  # (m, capacity, columns), storage dtype
+        self.num_rows = num_rows
+        self.accumulate_dtype = accumulate_dtype
+        self._fused = fused_passes_for(values, accumulate_dtype)
+
+    @classmethod
+    def allocate(cls, num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+        return (torch.zeros(num_grads, capacity, dtype=torch.int64, device=device),
+                torch.zeros(num_grads, capacity, columns, dtype=dtype, device=device))
+
+    def store(self, slot: int, grad: Tensor, rows: Tensor) -> None:
+        """Stores `rows` of `grad` (rows × columns; the others are zero), growing the capacity if needed."""
+        if len(rows) > self.indices.shape[1]:
+            self._grow(len(rows))
+        self.indices[slot].zero_()
+        self.values[slot].zero_()
+        self.indices[slot, :len(rows)] = rows
+        self.values[slot, :len(rows)] = grad[rows]
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, self.indices.shape[1] * self.GROWTH_NUMERATOR // self.GROWTH_DENOMINATOR)
+        indices, values = self.allocate(self.indices.shape[0], capacity, self.values.shape[2], self.values.dtype,
+                                        self.values.device)
+        indices[:, :self.indices.shape[1]] = self.indices
+        values[:, :self.values.shape[1]] = self.values
+        self.indices, self.values = indices, values
+
+    def dots(self, slot: int) -> Tensor:
+        """s_j = Σ over the rows of slot j of ⟨stored row, new gradient's row⟩, in float64."""
+        new = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
+        new.index_add_(0, self.indices[slot], self.values[slot].to(self.accumulate_dtype))  # padding adds zeros
+        if self._fused is not None:
+            return self._fused.sparse_dots(self.indices, self.values, new)
+        dots = torch.empty(self.indices.shape[0], dtype=torch.float64, device=self.values.device)
+        for chunk in self._slot_chunks():
+            products = new[self.indices[chunk]] * self.values[chunk].to(self.accumulate_dtype)
+            dots[chunk] = products.sum(dim=(1, 2), dtype=torch.float64)
+        return dots
+
+    def combine(self, coefficients: Tensor) -> Tensor:
+        """Σ_j c_j · (slot j scattered into a rows × columns matrix), accumulated in fp32 or better."""
+        if self._fused is not None:
+            result = torch.empty(self.num_rows, self.values.shape[2], dtype=torch.float32)
+            self._fused.sparse_combine(self.indices, self.values, coefficients.float(), result)
+            return result
+        result = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
+        coefficients = coefficients.to(self.accumulate_dtype)
+        for chunk in self._slot_chunks():
+            scaled = self.values[chunk].to(self.accumulate_dtype) * coefficients[chunk, None, None]
+            result.index_add_(0, self.indices[chunk].reshape(-1), scaled.reshape(-1, self.values.shape[2]))
+        return result.float()
+
+    def state(self) -> dict[str, Tensor]:
+        return {"row_indices": self.indices, "row_values": self.values}
+
+    def to_dense(self) -> Tensor:
+        """The same window as dense rows (m × rows·columns), exactly."""
+        dense = torch.zeros(self.indices.shape[0], self.num_rows, self.values.shape[2], dtype=self.values.dtype,
+                            device=self.values.device)
+        dense.scatter_add_(1, self.indices[:, :, None].expand_as(self.values), self.values)  # padding adds zeros
+        return dense.reshape(self.indices.shape[0], -1)
+
+    def _slot_chunks(self) -> Iterator[slice]:
+        for start in range(0, self.indices.shape[0], self.SLOTS_PER_CHUNK):
+            yield slice(start, start + self.SLOTS_PER_CHUNK)
+
+
