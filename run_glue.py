@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 import numpy as np
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.training_args import OptimizerNames
+
+from mfac_optim.hf_arguments import MFAC_NAME, MFACTrainingArguments
+from mfac_optim.hf_trainer import MFACTrainer, check_mfac_fits, check_optimizer_state_matches, mfac_memory_bound
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +89,7 @@ GLUE_TSV_LAYOUTS = {
 
 DATA_EXTENSIONS = (".tsv", ".csv", ".json", ".jsonl")
 
-# HF optimizers whose Trainer handler reads no `--optim_args`: giving some would silently do nothing.
-OPTIMIZERS_WITHOUT_ARGS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor")
-
-MFAC_NAME = "mfac"
 RUN_INFO = "run_info.json"
-# One optimizer state file per process for a sharded M-FAC window (the name HF uses for per-rank optimizer state).
-SHARD_STATE = "rank{rank}-of-{world_size}-" + OPTIMIZER_NAME
 
 
 class UsageError(ValueError):
@@ -177,85 +172,6 @@ class ModelArguments:
             raise UsageError("--tokenizer_name: required with --config_name when no --model_name_or_path is given")
 
 
-HF_OPTIMIZERS = [name.value for name in OptimizerNames]
-
-
-@dataclass
-class MFACTrainingArguments(TrainingArguments):
-    """`TrainingArguments` whose `--optim` also accepts MFAC (transformers checks it against its own enum)."""
-
-    optim: str = field(
-        default=TrainingArguments.default_optim,
-        metadata={"help": f"The optimizer: MFAC (any case) or one of HF's: {', '.join(HF_OPTIMIZERS)}."},
-    )
-
-    def __post_init__(self) -> None:
-        check_processes_form_ddp(self.use_cpu)
-        if str(self.optim).lower() == MFAC_NAME:
-            arguments = mfac_arguments(self.optim_args, self.learning_rate, self.weight_decay)
-            warn_if_overridden(arguments, "lr", "--learning_rate", self.learning_rate)
-            warn_if_overridden(arguments, "weight_decay", "--weight_decay", self.weight_decay)
-            # Saved training arguments then say how the run was made, and the Trainer gives the decay param
-            # group args.weight_decay (the other group 0.0), as for HF's own optimizers.
-            self.learning_rate, self.weight_decay = arguments["lr"], arguments["weight_decay"]
-            self.optim_args = json.dumps(arguments)
-            self.optim = TrainingArguments.default_optim
-            super().__post_init__()
-            self.optim = MFAC_NAME
-            return
-        if self.optim not in HF_OPTIMIZERS:
-            raise UsageError(f"--optim: unknown optimizer {self.optim!r} (allowed: MFAC, {', '.join(HF_OPTIMIZERS)})")
-        if self.optim_args and self.optim in OPTIMIZERS_WITHOUT_ARGS:
-            raise UsageError(f"--optim_args: {self.optim} takes no optimizer arguments (got {self.optim_args!r})")
-        super().__post_init__()
-
-
-def launched_processes() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
-
-
-def check_processes_form_ddp(use_cpu: bool) -> None:
-    """Without a GPU, the Trainer runs several launched processes as DDP only with --use_cpu; otherwise each
-    trains alone on all the data, into the same output_dir."""
-    import torch
-
-    if launched_processes() > 1 and not use_cpu and not torch.cuda.is_available():
-        raise UsageError(f"--use_cpu: {launched_processes()} processes were launched on a machine without a GPU; "
-                         "add --use_cpu so that the Trainer runs them as one DDP job")
-
-
-def mfac_arguments(optim_args: Optional[str], learning_rate: float, weight_decay: float) -> dict[str, Any]:
-    """The MFAC constructor arguments from `--optim_args` JSON, validated by MFAC itself.
-
-    `lr` and `weight_decay` default to `--learning_rate` and `--weight_decay`; given in the JSON, they win.
-    """
-    import torch
-
-    from mfac_optim import MFAC
-
-    try:
-        given = json.loads(optim_args) if optim_args else {}
-    except json.JSONDecodeError as error:
-        raise UsageError(f"--optim_args: not valid JSON ({error.msg} at char {error.pos}): {optim_args}") from None
-    if not isinstance(given, dict):
-        raise UsageError(f"--optim_args: must be a JSON object like '{{\"num_grads\": 1024}}', got {optim_args}")
-    allowed = [name for name in inspect.signature(MFAC).parameters if name != "params"]
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise UsageError(f"--optim_args: unknown key(s) {', '.join(unknown)} for MFAC (allowed: {', '.join(allowed)})")
-    arguments = {"lr": learning_rate, "weight_decay": weight_decay, **given}
-    try:
-        MFAC([torch.zeros(1, requires_grad=True)], **arguments)
-    except ValueError as error:
-        raise UsageError(f"--optim_args: {error}") from None
-    return arguments
-
-
-def warn_if_overridden(arguments: dict, key: str, flag: str, flag_value: float) -> None:
-    if arguments[key] != flag_value:
-        logger.warning("--optim_args %s=%g overrides %s %g", key, arguments[key], flag, flag_value)
-
-
 def expand_json_config(argv: list[str]) -> list[str]:
     """`run_glue.py config.json --seed 5` -> the config's entries as flags, then the flags that override them."""
     if not argv or not argv[0].endswith(".json"):
@@ -314,36 +230,6 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
     if training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
         return get_last_checkpoint(training_args.output_dir)
     return training_args.resume_from_checkpoint
-
-
-def mfac_is_sharded(training_args) -> bool:
-    return training_args.optim == MFAC_NAME and json.loads(training_args.optim_args).get("shard", False)
-
-
-def sharded_state_world_sizes(checkpoint: Path) -> list[int]:
-    """The process counts of the sharded optimizer state files in a checkpoint (normally none or one)."""
-    pattern = re.compile(re.escape(SHARD_STATE).replace(r"\{rank\}", r"\d+").replace(r"\{world_size\}", r"(\d+)"))
-    return sorted({int(match.group(1)) for path in checkpoint.iterdir() if (match := pattern.fullmatch(path.name))})
-
-
-def check_optimizer_state_matches(checkpoint: Path, training_args) -> None:
-    """Refuses to resume when the checkpoint's optimizer state was saved by another number of M-FAC shards, or
-    sharded vs not: the Trainer would otherwise load a wrong shard, or silently start with an empty window."""
-    if not checkpoint.is_dir():
-        raise UsageError(f"--resume_from_checkpoint: no such checkpoint folder: {checkpoint}")
-    saved_by = sharded_state_world_sizes(checkpoint)
-    world_size = launched_processes()
-    if mfac_is_sharded(training_args):
-        if (checkpoint / OPTIMIZER_NAME).exists():
-            raise UsageError(f"{checkpoint}: holds unsharded optimizer state ({OPTIMIZER_NAME}); resume it without "
-                             "\"shard\": true in --optim_args")
-        if saved_by and world_size not in saved_by:
-            raise UsageError(f"{checkpoint}: holds M-FAC state sharded over {saved_by[0]} processes, but this run has "
-                             f"{world_size}: resume with {saved_by[0]} processes (e.g. torchrun --nproc_per_node "
-                             f"{saved_by[0]})")
-    elif saved_by and not (checkpoint / OPTIMIZER_NAME).exists():
-        raise UsageError(f"{checkpoint}: holds M-FAC state sharded over {saved_by[0]} processes; resume with "
-                         f"--optim MFAC, \"shard\": true in --optim_args and {saved_by[0]} processes")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -591,64 +477,6 @@ def load_model_and_tokenizer(model_args: ModelArguments, config):
     return model, tokenizer
 
 
-def mfac_memory_bound(config, model_args: ModelArguments, data_args: DataTrainingArguments,
-                      training_args) -> Optional[int]:
-    """For --optim MFAC, an upper bound of the optimizer's bytes in each process, from the model's parameter shapes
-    (built on the meta device: no weights, no memory) and the M-FAC arguments; None for other optimizers.
-
-    Embedding rows stored per gradient are bounded by the tokens of one batch, unless weight decay makes the
-    embedding gradients dense."""
-    if training_args.optim != MFAC_NAME:
-        return None
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from mfac_optim import memory_bound_bytes
-
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)
-    arguments = json.loads(training_args.optim_args)
-    tokens_per_batch = training_args.per_device_train_batch_size * data_args.max_seq_length
-    embedding_rows = {} if arguments["weight_decay"] > 0 else {
-        id(module.weight): min(module.num_embeddings, tokens_per_batch)
-        for module in model.modules() if isinstance(module, torch.nn.Embedding)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    return memory_bound_bytes([p.shape for p in params],
-                              {i: embedding_rows[id(p)] for i, p in enumerate(params) if id(p) in embedding_rows},
-                              arguments["num_grads"], arguments.get("grad_dtype", "float32"),
-                              bool(arguments.get("momentum")), training_args.world_size if arguments.get("shard") else 1)
-
-
-def check_mfac_fits(bound: int, training_args) -> None:
-    """Refuses, before the weights load, an M-FAC window that cannot fit in the training device's free memory."""
-    where, available = available_memory(training_args)
-    if available is None or bound <= available:
-        return
-    arguments = json.loads(training_args.optim_args)
-    advice = "use a smaller num_grads"
-    if arguments.get("grad_dtype", "float32") == "float32":
-        advice += ' or "grad_dtype": "bfloat16"'
-    raise UsageError(f"--optim_args: M-FAC with num_grads={arguments['num_grads']} needs up to {bound / 2**30:.2f} GiB "
-                     f"per process for this model, but {where} has {available / 2**30:.2f} GiB available: {advice}")
-
-
-def available_memory(training_args) -> tuple[str, Optional[int]]:
-    """(what, free bytes) of the training device for one process: a GPU's free memory, or the machine's available
-    RAM shared by the processes launched on it; None where it cannot be asked."""
-    import torch
-
-    device = training_args.device
-    if device.type == "cuda":
-        return f"GPU {device}", torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        import psutil
-
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        share = f" (shared by {local_processes} processes)" if local_processes > 1 else ""
-        return f"this machine's RAM{share}", psutil.virtual_memory().available // local_processes
-    return str(device), None
-
-
 def run_record(model_args: ModelArguments, data_args: DataTrainingArguments, training_args) -> dict[str, Any]:
     """How the run was made, for a reader and for scripts/compare.py: written to the run's run_info.json."""
     return {
@@ -670,7 +498,7 @@ def model_source_record(source: str) -> str:
 def optimizer_record(training_args) -> dict[str, Any]:
     """The optimizer and its settings (for HF optimizers, the arguments the Trainer builds it from)."""
     if training_args.optim == MFAC_NAME:
-        return {"optim": "MFAC", "optim_args": json.loads(training_args.optim_args)}
+        return {"optim": "MFAC", "optim_args": training_args.mfac.record()}
     return {
         "optim": str(training_args.optim.value if hasattr(training_args.optim, "value") else training_args.optim),
         "optim_args": training_args.optim_args,
@@ -682,59 +510,6 @@ def optimizer_record(training_args) -> dict[str, Any]:
     }
 
 
-class ShardedStateTrainer(Trainer):
-    """HF's Trainer, except that an M-FAC optimizer with shard=True saves and loads one state file per process:
-    HF saves the optimizer state from the main process alone, which would lose the other processes' shards."""
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not mfac_is_sharded(self.args):
-            return super()._save_optimizer_and_scheduler(output_dir)
-        import torch
-
-        os.makedirs(output_dir, exist_ok=True)
-        torch.save(self.optimizer.state_dict(), self._shard_state_file(output_dir))
-        if self.args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
-
-    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
-        if checkpoint is None or not mfac_is_sharded(self.args):
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        import torch
-
-        state = torch.load(self._shard_state_file(checkpoint), map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state)
-        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
-
-    def _shard_state_file(self, folder: str) -> str:
-        return os.path.join(folder, SHARD_STATE.format(rank=self.args.process_index, world_size=self.args.world_size))
-
-
-class OptimizerMemoryLogger(TrainerCallback):
-    """Logs the optimizer state's size once, after the first step (M-FAC allocates its window there), next to the
-    upper bound estimated before loading."""
-
-    def __init__(self, bound: Optional[int]) -> None:
-        self.bound = bound
-        self.logged = False
-
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
-        if not self.logged and hasattr(inner, "memory_bytes"):
-            estimate = "" if self.bound is None else \
-                f"; estimated before loading: at most {self.bound / 2**30:.3f} GiB with the step's buffers"
-            logger.info("Optimizer state: %.3f GiB (%s)%s", inner.memory_bytes() / 2**30, type(inner).__name__, estimate)
-            self.logged = True
-
-
-def optimizer_cls_and_kwargs(training_args):
-    """(MFAC, its arguments) for `--optim MFAC`; None lets the Trainer build HF's optimizer as usual."""
-    if training_args.optim != MFAC_NAME:
-        return None
-    from mfac_optim import MFAC
-
-    return MFAC, json.loads(training_args.optim_args)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------
@@ -744,7 +519,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     import datasets
     import transformers
     from datasets import load_dataset
-    from transformers import DataCollatorWithPadding, default_data_collator, set_seed
+    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, default_data_collator,
+                              set_seed)
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
@@ -752,6 +528,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
+    logging.getLogger("mfac_optim").setLevel(log_level)  # the Trainer glue logs the optimizer's memory
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info("Training/evaluation parameters %s", training_args)
@@ -780,11 +557,12 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     config = model_config(model_args, num_labels, data_args.task_name,
                           None if is_regression else [str(label) for label in label_list])
-    optimizer_bound = mfac_memory_bound(config, model_args, data_args, training_args)
+    optimizer_bound = mfac_memory_bound(config, AutoModelForSequenceClassification, training_args,
+                                        data_args.max_seq_length, model_args.trust_remote_code)
     if optimizer_bound is not None:
         try:
             check_mfac_fits(optimizer_bound, training_args)
-        except UsageError as error:
+        except ValueError as error:
             exit_with_usage_error(str(error))
     model, tokenizer = load_model_and_tokenizer(model_args, config)
     key1, key2 = sentence_keys(data_args.task_name, reference_split.column_names)
@@ -835,7 +613,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     data_collator = default_data_collator if data_args.pad_to_max_length else DataCollatorWithPadding(
         tokenizer, pad_to_multiple_of=8 if training_args.fp16 else None)
 
-    trainer = ShardedStateTrainer(
+    trainer = MFACTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -843,8 +621,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         compute_metrics=compute_metrics,
         processing_class=tokenizer,
         data_collator=data_collator,
-        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(training_args),
-        callbacks=[OptimizerMemoryLogger(optimizer_bound)],
+        optimizer_memory_bound=optimizer_bound,
     )
     os.makedirs(training_args.output_dir, exist_ok=True)
     record = run_record(model_args, data_args, training_args)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import run_glue
+from mfac_optim.hf_arguments import MFACArguments
 from conftest import SHARED_GLUE, write_generated_glue
 
 SEED_COMMAND = (
@@ -59,7 +60,7 @@ def test_seed_command_parses_to_the_published_mfac_settings(hub_cache):
     assert training_args.per_device_train_batch_size == 32 and training_args.max_grad_norm == 1.0
     assert (model_args.model_name_or_path, data_args.task_name, data_args.max_seq_length) == ("prajjwal1/bert-mini", "sst2", 128)
     assert data_args.pad_to_max_length and local is None
-    assert run_glue.optimizer_cls_and_kwargs(training_args)[0].__name__ == "MFAC"
+    assert training_args.mfac == MFACArguments(lr=1e-4, num_grads=1024, damp=1e-6)
 
 
 def test_mfac_is_case_insensitive_and_json_lr_wins_over_learning_rate(caplog, hub_cache):
@@ -77,7 +78,20 @@ def test_other_optimizers_are_hf_unchanged(tiny_bert):
         ["--model_name_or_path", str(tiny_bert), "--task_name", "rte", "--output_dir", "o", "--optim", "sgd",
          "--optim_args", "momentum=0.9"])
     assert training_args.optim == "sgd" and training_args.optim_args == "momentum=0.9"
-    assert run_glue.optimizer_cls_and_kwargs(training_args) is None
+    assert training_args.mfac is None
+
+
+def test_hf_key_value_optim_args_parse_like_the_json_form(tiny_bert):
+    common = ["--model_name_or_path", str(tiny_bert), "--task_name", "sst2", "--output_dir", "o", "--optim", "MFAC"]
+    _, _, from_pairs, _ = run_glue.parse_and_check_inputs(
+        common + ["--optim_args", "lr=2e-4, num_grads=64,grad_dtype=bfloat16,shard=false,momentum=0.5"])
+    _, _, from_json, _ = run_glue.parse_and_check_inputs(
+        common + ["--optim_args", '{"lr": 2e-4, "num_grads": 64, "grad_dtype": "bfloat16", "shard": false, '
+                                  '"momentum": 0.5}'])
+    assert from_pairs.mfac == from_json.mfac == MFACArguments(lr=2e-4, num_grads=64, momentum=0.5,
+                                                              grad_dtype="bfloat16")
+    assert json.loads(from_pairs.optim_args) == {"lr": 2e-4, "weight_decay": 0.0, "num_grads": 64,
+                                                 "grad_dtype": "bfloat16", "shard": False, "momentum": 0.5}
 
 
 def test_json_config_file_with_command_line_override(tmp_path, tiny_bert):
@@ -98,6 +112,9 @@ BAD_INPUTS = [
      "--optim_args: unknown key(s) num_grad for MFAC (allowed: lr, num_grads, damp, momentum, weight_decay, grad_dtype"),
     (["--optim", "MFAC", "--optim_args", '{"damp": -1}'], "--optim_args: Invalid damp: -1"),
     (["--optim", "MFAC", "--optim_args", '{"grad_dtype": "int4"}'], "--optim_args: Invalid grad_dtype: 'int4'"),
+    (["--optim", "MFAC", "--optim_args", "num_grads"], "--optim_args: 'num_grads' is not key=value"),
+    (["--optim", "MFAC", "--optim_args", "num_grads=many"], "--optim_args: Invalid num_grads: 'many'"),
+    (["--optim", "MFAC", "--optim_args", "damp=1e-6,nesterov=true"], "--optim_args: unknown key(s) nesterov for MFAC"),
     (["--optim", "adamw_torch", "--optim_args", '{"lr": 1}'], "--optim_args: adamw_torch takes no optimizer arguments"),
     (["--optim", "shampoo"], "--optim: unknown optimizer 'shampoo' (allowed: MFAC, adamw_torch"),
     (["--task_name", "squad"], "--task_name: unknown task 'squad' (allowed: cola, mnli"),

@@ -1,0 +1,153 @@
+"""`--optim MFAC` for any script that parses HF's `TrainingArguments`: `MFACTrainingArguments` accepts MFAC (any
+case) next to HF's own optimizers, and parses `--optim_args` once into a typed, validated `MFACArguments`, from the
+model cards' JSON (`'{"lr": 1e-4, "num_grads": 1024}'`) or HF's own form (`lr=1e-4,num_grads=1024`).
+
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from transformers import TrainingArguments
+from transformers.training_args import OptimizerNames
+
+from .hyperparameters import check_group_hyperparameters, resolve_grad_dtype
+
+logger = logging.getLogger(__name__)
+
+MFAC_NAME = "mfac"
+HF_OPTIMIZERS = [name.value for name in OptimizerNames]
+# HF optimizers whose Trainer handler reads no `--optim_args`: giving some would silently do nothing.
+OPTIMIZERS_WITHOUT_ARGS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor")
+
+
+class MFACArgumentError(ValueError):
+    """A mistake in `--optim`/`--optim_args`: scripts report it as one line, without a traceback."""
+
+
+@dataclass(frozen=True)
+class MFACArguments:
+    """MFAC's constructor arguments, as `--optim_args` gives them (defaults: MFAC's)."""
+
+    lr: float = 1e-4
+    num_grads: int = 1024
+    damp: float = 1e-6
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_dtype: str = "float32"
+    shard: bool = False
+    given: tuple[str, ...] = field(default=(), compare=False)  # the keys --optim_args named, for the record
+
+    @classmethod
+    def parse(cls, optim_args: Optional[str], learning_rate: float, weight_decay: float) -> MFACArguments:
+        """From `--optim_args`; `lr` and `weight_decay` default to `--learning_rate` and `--weight_decay`."""
+        given = parse_optim_args(optim_args) if optim_args else {}
+        allowed = [f.name for f in fields(cls) if f.name != "given"]
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise MFACArgumentError(f"--optim_args: unknown key(s) {', '.join(unknown)} for MFAC (allowed: "
+                                    f"{', '.join(allowed)})")
+        values = {"lr": learning_rate, "weight_decay": weight_decay, **given}
+        try:
+            values["grad_dtype"] = resolve_grad_dtype(values.get("grad_dtype", "float32"))
+            arguments = cls(**values, given=tuple(given))
+            check_group_hyperparameters(arguments.kwargs())
+        except ValueError as error:
+            raise MFACArgumentError(f"--optim_args: {error}") from None
+        return arguments
+
+    def kwargs(self) -> dict[str, Any]:
+        """For `MFAC(params, **kwargs)`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "given"}
+
+    def record(self) -> dict[str, Any]:
+        """lr, weight_decay and what --optim_args named: how the run was made."""
+        return {key: getattr(self, key) for key in ("lr", "weight_decay", *self.given)}
+
+
+def parse_optim_args(text: str) -> dict[str, Any]:
+    """A JSON object, or HF's `key=value,key=value` with numbers and true/false read as such."""
+    if text.lstrip().startswith(("{", "[")):
+        try:
+            given = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise MFACArgumentError(f"--optim_args: not valid JSON ({error.msg} at char {error.pos}): {text}") from None
+        if not isinstance(given, dict):
+            raise MFACArgumentError(f"--optim_args: must be a JSON object like '{{\"num_grads\": 1024}}' or "
+                                    f"key=value pairs like num_grads=1024, got {text}")
+        return given
+    given = {}
+    for pair in text.split(","):
+        key, separator, value = (part.strip() for part in pair.partition("="))
+        if not separator or not key:
+            raise MFACArgumentError(f"--optim_args: {pair.strip()!r} is not key=value (expected e.g. "
+                                    f"num_grads=1024,damp=1e-6, or a JSON object)")
+        given[key] = typed_value(value)
+    return given
+
+
+def typed_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def launched_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+
+
+def check_processes_form_ddp(use_cpu: bool) -> None:
+    """Without a GPU, the Trainer runs several launched processes as DDP only with --use_cpu; otherwise each
+    trains alone on all the data, into the same output_dir."""
+    import torch
+
+    if launched_processes() > 1 and not use_cpu and not torch.cuda.is_available():
+        raise MFACArgumentError(f"--use_cpu: {launched_processes()} processes were launched on a machine without a "
+                                "GPU; add --use_cpu so that the Trainer runs them as one DDP job")
+
+
+@dataclass
+class MFACTrainingArguments(TrainingArguments):
+    """`TrainingArguments` whose `--optim` also accepts MFAC (transformers checks it against its own enum). With
+    MFAC, `mfac` holds the parsed arguments and `optim_args` their JSON record (saved with the run)."""
+
+    optim: str = field(
+        default=TrainingArguments.default_optim,
+        metadata={"help": f"The optimizer: MFAC (any case) or one of HF's: {', '.join(HF_OPTIMIZERS)}."},
+    )
+    mfac: Optional[MFACArguments] = field(default=None, init=False)  # not a flag: parsed from --optim_args
+
+    def __post_init__(self) -> None:
+        check_processes_form_ddp(self.use_cpu)
+        if str(self.optim).lower() == MFAC_NAME:
+            self.mfac = MFACArguments.parse(self.optim_args, self.learning_rate, self.weight_decay)
+            warn_if_overridden(self.mfac.lr, "lr", "--learning_rate", self.learning_rate)
+            warn_if_overridden(self.mfac.weight_decay, "weight_decay", "--weight_decay", self.weight_decay)
+            # Saved training arguments then say how the run was made, and the Trainer gives the decay param
+            # group args.weight_decay (the other group 0.0), as for HF's own optimizers.
+            self.learning_rate, self.weight_decay = self.mfac.lr, self.mfac.weight_decay
+            self.optim_args = json.dumps(self.mfac.record())
+            self.optim = TrainingArguments.default_optim
+            super().__post_init__()
+            self.optim = MFAC_NAME
+            return
+        if self.optim not in HF_OPTIMIZERS:
+            raise MFACArgumentError(f"--optim: unknown optimizer {self.optim!r} (allowed: MFAC, "
+                                    f"{', '.join(HF_OPTIMIZERS)})")
+        if self.optim_args and self.optim in OPTIMIZERS_WITHOUT_ARGS:
+            raise MFACArgumentError(f"--optim_args: {self.optim} takes no optimizer arguments (got {self.optim_args!r})")
+        super().__post_init__()
+
+
+def warn_if_overridden(value: float, key: str, flag: str, flag_value: float) -> None:
+    if value != flag_value:
+        logger.warning("--optim_args %s=%g overrides %s %g", key, value, flag, flag_value)

@@ -1,0 +1,156 @@
+"""The HF Trainer with M-FAC: `MFACTrainer` builds `MFAC` through the Trainer's own machinery when the arguments
+say `--optim MFAC` (param groups with and without weight decay, LR schedule, clipping, checkpoints), keeps one
+optimizer state file per process for a sharded window, and logs the optimizer's memory. Before a model loads, a
+script can bound that memory from the model config and refuse a window that cannot fit, and refuse checkpoints
+saved by another sharding.
+
+    trainer = MFACTrainer(model=model, args=training_args, ...)   # args: MFACTrainingArguments
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+from .hf_arguments import MFAC_NAME, MFACArgumentError, launched_processes
+from .memory import memory_bound_bytes
+from .optimizer import MFAC
+
+logger = logging.getLogger(__name__)
+
+# One optimizer state file per process for a sharded M-FAC window (the name HF uses for per-rank optimizer state).
+SHARD_STATE = "rank{rank}-of-{world_size}-" + OPTIMIZER_NAME
+
+
+def mfac_is_sharded(training_args) -> bool:
+    return training_args.optim == MFAC_NAME and training_args.mfac.shard
+
+
+class OptimizerMemoryLogger(TrainerCallback):
+    """Logs the optimizer state's size once, after the first step (M-FAC allocates its window there), next to the
+    upper bound estimated before loading, if any."""
+
+    def __init__(self, bound: Optional[int]) -> None:
+        self.bound = bound
+        self.logged = False
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        if not self.logged and hasattr(inner, "memory_bytes"):
+            estimate = "" if self.bound is None else \
+                f"; estimated before loading: at most {self.bound / 2**30:.3f} GiB with the step's buffers"
+            logger.info("Optimizer state: %.3f GiB (%s)%s", inner.memory_bytes() / 2**30, type(inner).__name__, estimate)
+            self.logged = True
+
+
+class MFACTrainer(Trainer):
+    """HF's Trainer, plus: with `args.optim == "mfac"` it builds MFAC from `args.mfac`; a sharded window saves and
+    loads one state file per process (HF saves the optimizer state from the main process alone, which would lose
+    the other processes' shards). `optimizer_memory_bound`: the bound to log beside the measured state."""
+
+    def __init__(self, *args, optimizer_memory_bound: Optional[int] = None, **kwargs) -> None:
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "optim", None) == MFAC_NAME and kwargs.get("optimizer_cls_and_kwargs") is None:
+            kwargs["optimizer_cls_and_kwargs"] = (MFAC, training_args.mfac.kwargs())
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), OptimizerMemoryLogger(optimizer_memory_bound)]
+        super().__init__(*args, **kwargs)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not mfac_is_sharded(self.args):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(self.optimizer.state_dict(), self._shard_state_file(output_dir))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        if checkpoint is None or not mfac_is_sharded(self.args):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        state = torch.load(self._shard_state_file(checkpoint), map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+    def _shard_state_file(self, folder: str) -> str:
+        return os.path.join(folder, SHARD_STATE.format(rank=self.args.process_index, world_size=self.args.world_size))
+
+
+def sharded_state_world_sizes(checkpoint: Path) -> list[int]:
+    """The process counts of the sharded optimizer state files in a checkpoint (normally none or one)."""
+    pattern = re.compile(re.escape(SHARD_STATE).replace(r"\{rank\}", r"\d+").replace(r"\{world_size\}", r"(\d+)"))
+    return sorted({int(match.group(1)) for path in checkpoint.iterdir() if (match := pattern.fullmatch(path.name))})
+
+
+def check_optimizer_state_matches(checkpoint: Path, training_args) -> None:
+    """Refuses to resume when the checkpoint's optimizer state was saved by another number of M-FAC shards, or
+    sharded vs not: the Trainer would otherwise load a wrong shard, or silently start with an empty window."""
+    if not checkpoint.is_dir():
+        raise MFACArgumentError(f"--resume_from_checkpoint: no such checkpoint folder: {checkpoint}")
+    saved_by = sharded_state_world_sizes(checkpoint)
+    world_size = launched_processes()
+    if mfac_is_sharded(training_args):
+        if (checkpoint / OPTIMIZER_NAME).exists():
+            raise MFACArgumentError(f"{checkpoint}: holds unsharded optimizer state ({OPTIMIZER_NAME}); resume it "
+                                    "without \"shard\": true in --optim_args")
+        if saved_by and world_size not in saved_by:
+            raise MFACArgumentError(f"{checkpoint}: holds M-FAC state sharded over {saved_by[0]} processes, but this "
+                                    f"run has {world_size}: resume with {saved_by[0]} processes (e.g. torchrun "
+                                    f"--nproc_per_node {saved_by[0]})")
+    elif saved_by and not (checkpoint / OPTIMIZER_NAME).exists():
+        raise MFACArgumentError(f"{checkpoint}: holds M-FAC state sharded over {saved_by[0]} processes; resume with "
+                                f"--optim MFAC, \"shard\": true in --optim_args and {saved_by[0]} processes")
+
+
+def mfac_memory_bound(config, model_class, training_args, tokens_per_example: int,
+                      trust_remote_code: bool = False) -> Optional[int]:
+    """For --optim MFAC, an upper bound of the optimizer's bytes in each process, from the parameter shapes of
+    `model_class.from_config(config)` (built on the meta device: no weights, no memory) and the M-FAC arguments;
+    None for other optimizers. Embedding rows stored per gradient are bounded by the tokens of one batch, unless
+    weight decay makes the embedding gradients dense."""
+    if training_args.optim != MFAC_NAME:
+        return None
+    with torch.device("meta"):
+        model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    arguments = training_args.mfac
+    tokens_per_batch = training_args.per_device_train_batch_size * tokens_per_example
+    embedding_rows = {} if arguments.weight_decay > 0 else {
+        id(module.weight): min(module.num_embeddings, tokens_per_batch)
+        for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return memory_bound_bytes([p.shape for p in params],
+                              {i: embedding_rows[id(p)] for i, p in enumerate(params) if id(p) in embedding_rows},
+                              arguments.num_grads, arguments.grad_dtype, arguments.momentum > 0,
+                              training_args.world_size if arguments.shard else 1)
+
+
+def check_mfac_fits(bound: int, training_args) -> None:
+    """Refuses, before the weights load, an M-FAC window that cannot fit in the training device's free memory."""
+    where, available = available_memory(training_args)
+    if available is None or bound <= available:
+        return
+    advice = "use a smaller num_grads"
+    if training_args.mfac.grad_dtype == "float32":
+        advice += ' or "grad_dtype": "bfloat16"'
+    raise MFACArgumentError(f"--optim_args: M-FAC with num_grads={training_args.mfac.num_grads} needs up to "
+                            f"{bound / 2**30:.2f} GiB per process for this model, but {where} has "
+                            f"{available / 2**30:.2f} GiB available: {advice}")
+
+
+def available_memory(training_args) -> tuple[str, Optional[int]]:
+    """(what, free bytes) of the training device for one process: a GPU's free memory, or the machine's available
+    RAM shared by the processes launched on it; None where it cannot be asked."""
+    device = training_args.device
+    if device.type == "cuda":
+        return f"GPU {device}", torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        import psutil
+
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        share = f" (shared by {local_processes} processes)" if local_processes > 1 else ""
+        return f"this machine's RAM{share}", psutil.virtual_memory().available // local_processes
+    return str(device), None

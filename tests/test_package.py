@@ -1,0 +1,70 @@
+"""`pip install .` gives a working package: installed away from the source tree, it imports, finds its kernel
+sources, builds them and steps on the CPU; then the whole suite runs again with the installed copy first on
+sys.path (run_glue.py started as a script still imports the package beside it)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NESTED = "MFAC_SUITE_AGAINST_INSTALLED"  # set in the nested run, which must not start another
+
+STEP = r"""
+import sys, torch, mfac_optim
+from mfac_optim import MFAC
+from mfac_optim.kernels import SOURCES, cpu_passes
+assert mfac_optim.__file__.startswith(sys.argv[1]), mfac_optim.__file__
+assert (SOURCES / "cpu_passes.cpp").is_file() and str(SOURCES).startswith(sys.argv[1])
+assert cpu_passes() is not None
+torch.manual_seed(0)
+p = torch.nn.Parameter(torch.randn(64, 32))
+optimizer = MFAC([p], lr=1.0, num_grads=4, damp=1e-3)
+p.grad = torch.randn(64, 32)
+g = p.grad.double().reshape(-1)
+before = p.detach().double().reshape(-1).clone()
+optimizer.step()
+# One stored gradient: F = λI + ggᵀ/m, so F⁻¹g = g / (λ + |g|²/m).
+expected = before - g / (1e-3 + g.dot(g) / 4)
+assert torch.allclose(p.detach().double().reshape(-1), expected, rtol=1e-5, atol=1e-7), "wrong step"
+print("installed package OK")
+"""
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("site")
+    # The build backend (setuptools) is the venv's own: no download, as on a machine without the network.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(ROOT)], check=True, capture_output=True, text=True, timeout=600)
+    return target
+
+
+@pytest.mark.skipif(os.environ.get(NESTED) == "1", reason="already running against the installed package")
+def test_installed_package_builds_its_kernels_and_steps(installed, tmp_path):
+    result = subprocess.run([sys.executable, "-c", STEP, str(installed)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(installed)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "installed package OK" in result.stdout
+
+
+@pytest.mark.skipif(os.environ.get(NESTED) == "1", reason="already running against the installed package")
+def test_suite_passes_against_the_installed_package(installed, tmp_path):
+    env = {**os.environ, NESTED: "1", "PYTHONPATH": os.pathsep.join([str(installed), str(ROOT)])}
+    result = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests"), "-q", "-p", "no:cacheprovider",
+                             "-x"], cwd=tmp_path, capture_output=True, text=True, timeout=1800, env=env)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert " passed" in result.stdout.splitlines()[-1]
+
+
+def test_package_modules_stay_small():
+    sizes = {path.name: len(path.read_text().splitlines()) for path in (ROOT / "mfac_optim").rglob("*.py")}
+    assert sizes and max(sizes.values()) <= 300, sizes
+
+
+@pytest.mark.skipif(os.environ.get(NESTED) != "1", reason="only in the run against the installed package")
+def test_the_nested_run_imports_the_installed_copy():
+    import mfac_optim
+
+    assert not Path(mfac_optim.__file__).resolve().is_relative_to(ROOT)
