@@ -5,21 +5,9 @@ from pathlib import Path
 import torch
 
 from mfac_optim import MFAC
+from test_mfac_optim import BagOfWords
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mfac_state_single_file.pt"
-
-
-class BagOfWords(torch.nn.Module):
-    """A row-sparse embedding, a dense layer and a head, as in test_mfac_optim."""
-
-    def __init__(self):
-        super().__init__()
-        self.embedding = torch.nn.Embedding(300, 8)
-        self.hidden = torch.nn.Linear(8, 6)
-        self.out = torch.nn.Linear(6, 2)
-
-    def forward(self, tokens):
-        return self.out(torch.tanh(self.hidden(self.embedding(tokens).mean(1))))
 
 
 def make_optimizer(model: BagOfWords) -> MFAC:
@@ -41,7 +29,7 @@ def write_fixture() -> None:
     """How the fixture was made (run once with the single-file mfac_optim.py): 6 steps (the window wraps), the
     state saved, then 3 more steps whose parameters the resumed optimizer must reproduce."""
     torch.manual_seed(0)
-    model = BagOfWords()
+    model = BagOfWords(vocabulary=300, width=8, hidden=6)
     optimizer = make_optimizer(model)
     train(model, optimizer, 6, seed=1)
     snapshot = io.BytesIO()  # state_dict() holds references to tensors that later steps change in place
@@ -53,7 +41,7 @@ def write_fixture() -> None:
 
 def test_state_from_the_single_file_optimizer_resumes_bit_identically():
     fixture = torch.load(FIXTURE, weights_only=True)
-    model = BagOfWords()
+    model = BagOfWords(vocabulary=300, width=8, hidden=6)
     model.load_state_dict(fixture["model"])
     optimizer = make_optimizer(model)
     optimizer.load_state_dict(fixture["optimizer"])

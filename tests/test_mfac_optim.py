@@ -232,11 +232,11 @@ def test_two_step_window_by_hand():
 class BagOfWords(torch.nn.Module):
     """An embedding (row-sparse gradients) and a small classifier."""
 
-    def __init__(self):
+    def __init__(self, vocabulary=500, width=6, hidden=5):
         super().__init__()
-        self.embedding = torch.nn.Embedding(500, 6)
-        self.hidden = torch.nn.Linear(6, 5)
-        self.out = torch.nn.Linear(5, 2)
+        self.embedding = torch.nn.Embedding(vocabulary, width)
+        self.hidden = torch.nn.Linear(width, hidden)
+        self.out = torch.nn.Linear(hidden, 2)
 
     def forward(self, tokens):
         return self.out(torch.tanh(self.hidden(self.embedding(tokens).mean(1))))
