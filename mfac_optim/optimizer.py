@@ -74,8 +74,8 @@ class MFAC(Optimizer):
                 self.state[param] = {key: value.to(device=param.device, copy=True) if key not in COUNTERS else value.clone()
                                      for key, value in state_dict["state"][index].items()}
         self._dense_rows = None
-        if self._params() and "window" in self.state[self._params()[0]]:
-            self._check_shard_position(self.state[self._params()[0]])
+        if self._params() and "window" in self._shared_state():
+            self._check_shard_position(self._shared_state(), self._stored_layout())
 
     def memory_bytes(self) -> int:
         """Bytes of state this optimizer holds in this process (its shard of the window, the Gram matrix, momentum,
@@ -90,30 +90,36 @@ class MFAC(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = self._params()
         grad = self._flat_gradient()
         # A sum is finite whenever all terms are, unless it overflows: only then is the full check needed.
         if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
             self._skip_nonfinite()
             return loss
-        layout = self._layout(params, grad)
-        state = self.state[params[0]]
-        self._check_shard_position(state)
-        sparse_grads, layout = self._row_sparse_gradients(params, layout, grad, state)
-        window = self._gradient_window(params, layout, state)
+        layout = self._stored_layout()
+        state = self._shared_state()
+        if "window" not in state:
+            layout = self._make_state(layout, grad)
+        self._check_shard_position(state, layout)
+        sparse_grads, layout = self._row_sparse_gradients(layout, grad)
+        window = self._gradient_window(layout)
         slot = int(state["step"]) % window.num_grads
         dense_direction, sparse_directions = window.insert_and_precondition(layout.dense_part(grad), sparse_grads, slot)
+        params = self._params()
         for index, part in window.sparse.items():  # a part may have grown its capacity
             self.state[params[index]].update(part.state())
         state["step"] += 1
-        update = self._with_momentum(layout, layout.assemble(dense_direction, sparse_directions), state)
+        update = self._with_momentum(layout, layout.assemble(dense_direction, sparse_directions))
         if layout.world_size > 1:
             update = self._gather(layout, update)
-        self._update_params(params, layout, update)
+        self._update_params(layout, update)
         return loss
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _shared_state(self) -> dict:
+        """The state of the one window (kept under the first parameter, as torch.optim.LBFGS does)."""
+        return self.state[self._params()[0]]
 
     def _flat_gradient(self) -> Tensor:
         """g over all groups in order: each parameter's gradient (zeros if None) plus its group's wd · p."""
@@ -131,20 +137,17 @@ class MFAC(Optimizer):
             self._flat_buffer = torch.empty(sum(piece.numel() for piece in pieces), device=pieces[0].device)
         return torch.cat(pieces, out=self._flat_buffer)
 
-    def _layout(self, params: list[Tensor], grad: Tensor) -> Layout:
-        """This process's layout, read from the state (row-sparse parameters hold row indices); on the first
-        stored gradient, the state is made."""
+    def _stored_layout(self) -> Layout:
+        """This process's layout as the state records it: row-sparse parameters hold row indices."""
+        params = self._params()
         rank, world_size = shard_position(self.param_groups[0]["shard"])
-        layout = Layout(tuple(p.shape for p in params), rank, world_size,
-                        frozenset(index for index, p in enumerate(params) if "row_indices" in self.state[p]))
-        if "window" not in self.state[params[0]]:
-            layout = self._make_state(params, layout, grad)
-        return layout
+        return Layout(tuple(p.shape for p in params), rank, world_size,
+                      frozenset(index for index, p in enumerate(params) if "row_indices" in self.state[p]))
 
-    def _make_state(self, params: list[Tensor], layout: Layout, grad: Tensor) -> Layout:
-        """The shared state (kept under the first parameter, as torch.optim.LBFGS does), and the row-sparse parts
-        of the matrices where those pay, each in its parameter's state."""
-        state = self.state[params[0]]
+    def _make_state(self, layout: Layout, grad: Tensor) -> Layout:
+        """The window's state, on the first stored gradient: the shared part, and the row-sparse parts of the
+        matrices where those pay, each in its parameter's state. Returns the layout with those parts."""
+        params, state = self._params(), self._shared_state()
         first = self.param_groups[0]
         m, dtype = first["num_grads"], GRAD_DTYPES[first["grad_dtype"]]
         layout = layout.with_row_sparse_where_it_pays(grad, torch.tensor([], dtype=dtype).element_size())
@@ -162,31 +165,30 @@ class MFAC(Optimizer):
         )
         return layout
 
-    def _check_shard_position(self, state: dict) -> None:
+    def _check_shard_position(self, state: dict, layout: Layout) -> None:
         saved = int(state["shard_rank"]), int(state["shard_world_size"])
-        rank, world_size = shard_position(self.param_groups[0]["shard"])
+        rank, world_size = layout.rank, layout.world_size
         if saved != (rank, world_size):
             raise ValueError(
                 f"MFAC state holds the window shard of rank {saved[0]} of {saved[1]}, but this process is rank {rank} "
                 f"of {world_size}: resume a sharded run with the same number of processes, each loading its own state")
 
-    def _row_sparse_gradients(self, params: list[Tensor], layout: Layout, grad: Tensor, state: dict
-                              ) -> tuple[dict[int, tuple[Tensor, Tensor]], Layout]:
+    def _row_sparse_gradients(self, layout: Layout, grad: Tensor) -> tuple[dict[int, tuple[Tensor, Tensor]], Layout]:
         """Parameter index -> (gradient block, its non-zero rows) for the row-sparse blocks. One whose rows would
         now take more room than dense storage (e.g. weight decay was turned on) moves to the dense part."""
         sparse = {}
         for block in layout.sparse_blocks:
             matrix = layout.matrix(grad, block)
             rows = nonzero_rows(matrix)
-            if row_sparse_pays(len(rows), block.rows, block.columns, state["window"].element_size()):
+            if row_sparse_pays(len(rows), block.rows, block.columns, self._shared_state()["window"].element_size()):
                 sparse[block.index] = (matrix, rows)
             else:
-                layout = self._move_to_dense(params, layout, block.index, state)
+                layout = self._move_to_dense(layout, block.index)
         return sparse, layout
 
-    def _move_to_dense(self, params: list[Tensor], layout: Layout, index: int, state: dict) -> Layout:
+    def _move_to_dense(self, layout: Layout, index: int) -> Layout:
         """Inserts a row-sparse block's window, made dense, at its place among the dense columns."""
-        param_state = self.state[params[index]]
+        state, param_state = self._shared_state(), self.state[self._params()[index]]
         block = layout.blocks[index]
         part = RowSparseRows(param_state.pop("row_indices"), param_state.pop("row_values"), block.rows, torch.float32)
         layout = layout.without_row_sparse(index)
@@ -195,10 +197,10 @@ class MFAC(Optimizer):
         state["window"] = torch.cat([window[:, :column], part.to_dense(), window[:, column:]], dim=1)
         return layout
 
-    def _gradient_window(self, params: list[Tensor], layout: Layout, state: dict) -> GradientWindow:
+    def _gradient_window(self, layout: Layout) -> GradientWindow:
         """A view of the state tensors as a GradientWindow; the dense part (with its conversion buffer) is reused
         while the window tensor stays the same."""
-        first = self.param_groups[0]
+        params, state, first = self._params(), self._shared_state(), self.param_groups[0]
         accumulate = accumulate_dtype(first["num_grads"], layout.total_size)
         if self._dense_rows is None or self._dense_rows.window is not state["window"]:
             self._dense_rows = DenseRows(state["window"], accumulate)
@@ -211,19 +213,19 @@ class MFAC(Optimizer):
     def _skip_nonfinite(self) -> None:
         # Counted under the first parameter, where the window state will be made: before the first stored gradient
         # this is the only entry there, and state_dict() carries it like any other.
-        state = self.state[self._params()[0]]
+        state = self._shared_state()
         state["skipped_steps"] = state.get("skipped_steps", torch.tensor(0, dtype=torch.int64)) + 1
         if not self._warned_nonfinite:
             warnings.warn("MFAC: gradient contains NaN or Inf; step skipped (window and parameters unchanged)")
             self._warned_nonfinite = True
 
-    def _with_momentum(self, layout: Layout, direction: Tensor, state: dict) -> Tensor:
+    def _with_momentum(self, layout: Layout, direction: Tensor) -> Tensor:
         """This rank's update: per group with momentum μ > 0, v ← μv + (1 − μ)u (kept for this rank's blocks),
         written over u; u itself elsewhere."""
         momenta = [group["momentum"] for group in self.param_groups for _ in group["params"]]
         if not any(momenta):
             return direction
-        buffer = state.setdefault("momentum_buffer", torch.zeros_like(direction))
+        buffer = self._shared_state().setdefault("momentum_buffer", torch.zeros_like(direction))
         for block in layout.blocks:
             momentum = momenta[block.index]
             if momentum > 0:
@@ -232,8 +234,8 @@ class MFAC(Optimizer):
                 direction[block.local] = velocity
         return direction
 
-    def _update_params(self, params: list[Tensor], layout: Layout, update: Tensor) -> None:
+    def _update_params(self, layout: Layout, update: Tensor) -> None:
         """p ← p − lr · update, with each group's lr."""
         lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
-        for (index, flat), p in zip(layout.param_slices(), params):
+        for (index, flat), p in zip(layout.param_slices(), self._params()):
             p.add_(update[flat].view_as(p).to(p.dtype), alpha=-lrs[index])
