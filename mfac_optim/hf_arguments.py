@@ -40,6 +40,7 @@ class MFACArguments:
     weight_decay: float = 0.0
     grad_dtype: str = "float32"
     shard: bool = False
+    density: float = 1.0
     given: tuple[str, ...] = field(default=(), compare=False)  # the keys --optim_args named, for the record
 
     @classmethod

@@ -125,7 +125,7 @@ def mfac_memory_bound(config, model_class, training_args, tokens_per_example: in
     return memory_bound_bytes([p.shape for p in params],
                               {i: embedding_rows[id(p)] for i, p in enumerate(params) if id(p) in embedding_rows},
                               arguments.num_grads, arguments.grad_dtype, arguments.momentum > 0,
-                              training_args.world_size if arguments.shard else 1)
+                              training_args.world_size if arguments.shard else 1, arguments.density)
 
 
 def check_mfac_fits(bound: int, training_args) -> None:

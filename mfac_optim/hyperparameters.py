@@ -10,7 +10,7 @@ from torch import Tensor
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Hyperparameters that define the one shared window, so every param group must agree on them.
-WINDOW_KEYS = ("num_grads", "damp", "grad_dtype", "shard")
+WINDOW_KEYS = ("num_grads", "damp", "grad_dtype", "shard", "density")
 
 
 def resolve_grad_dtype(value: Union[str, torch.dtype]) -> str:
@@ -39,6 +39,9 @@ def check_group_hyperparameters(group: dict) -> None:
     damp = group["damp"]
     if not _is_number(damp) or not math.isfinite(damp) or damp <= 0:
         raise ValueError(f"Invalid damp: {damp!r} (must be a finite number > 0)")
+    density = group["density"]
+    if not _is_number(density) or not 0 < density <= 1:
+        raise ValueError(f"Invalid density: {density!r} (must be a number with 0 < density <= 1)")
     if not isinstance(group["shard"], bool):
         raise ValueError(f"Invalid shard: {group['shard']!r} (must be true or false)")
 

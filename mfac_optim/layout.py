@@ -138,6 +138,19 @@ class Layout:
                 dense_offset += block.size
         return direction
 
+    def to_flat(self, dense_rows: Tensor, sparse_rows: dict[int, Tensor]) -> Tensor:
+        """Rows over this process's columns (the dense part's columns, and each row-sparse block made dense) as
+        fp32 rows over all parameters in flat order; other processes' columns stay zero."""
+        flat = torch.zeros(dense_rows.shape[0], self.total_size, device=dense_rows.device)
+        dense_offset = 0
+        for block in self.blocks:
+            if block.index in sparse_rows:
+                flat[:, block.flat] = sparse_rows[block.index].float()
+            else:
+                flat[:, block.flat] = dense_rows[:, dense_offset:dense_offset + block.size].float()
+                dense_offset += block.size
+        return flat
+
     def scatter_gathered(self, pieces: list[Tensor], direction: Tensor) -> Tensor:
         """Writes each rank's local vector (`pieces[rank]`, padded) into its places in the full flat `direction`."""
         for rank, piece in enumerate(pieces):

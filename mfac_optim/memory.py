@@ -8,6 +8,7 @@ from typing import Union
 import torch
 
 from .algebra import accumulate_dtype
+from .compressed import BLOCK, kept_per_block, num_blocks
 from .hyperparameters import GRAD_DTYPES, resolve_grad_dtype
 from .layout import Layout, row_sparse_pays
 from .storage import BLOCK_COLUMNS, RowSparseRows
@@ -15,13 +16,14 @@ from .storage import BLOCK_COLUMNS, RowSparseRows
 
 def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_grads: int,
                        grad_dtype: Union[str, torch.dtype] = torch.float32, momentum: bool = False,
-                       world_size: int = 1) -> int:
+                       world_size: int = 1, density: float = 1.0) -> int:
     """An upper bound, before any gradient is seen, of the bytes one process of MFAC needs: its state (window,
     Gram matrix, momentum) plus the buffers of a step.
 
     `shapes` are the parameters' shapes in order. `max_rows[i]` bounds how many rows of matrix parameter i one
     gradient can touch (an embedding: the tokens in a batch), so that its row-sparse storage is bounded with its
-    capacity's growth; every other parameter is counted as dense.
+    capacity's growth; every other parameter is counted as dense. With density < 1 the compressed window replaces
+    both (values, int16 offsets and the fp32 error buffer, over whole blocks).
     """
     element_size = torch.tensor([], dtype=GRAD_DTYPES[resolve_grad_dtype(grad_dtype)]).element_size()
     layout = Layout(tuple(shapes), world_size=world_size)
@@ -39,6 +41,10 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
                 else max(stored, sparse)
         window_bytes += stored
     total, local = layout.total_size, layout.largest_local_size
+    if density < 1:
+        padded = num_blocks(local) * BLOCK
+        window_bytes = num_blocks(local) * num_grads * kept_per_block(density) * (element_size + 2) + 4 * padded
+        local = padded  # the passes' buffers span whole blocks
     accumulate_size = accumulate_dtype(num_grads, total).itemsize
     buffers = (8 * total  # the flat gradient and its fp32 pieces
                + 4 * local * (2 if momentum else 1)  # the direction, and the momentum

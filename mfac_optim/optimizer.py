@@ -16,6 +16,7 @@ from .algebra import FisherKernel, accumulate_dtype
 from .distributed import DirectionGather, shard_position, sum_over_processes
 from .hyperparameters import GRAD_DTYPES, check_group_hyperparameters, check_window_keys_agree, resolve_grad_dtype
 from .layout import Layout, nonzero_rows, row_sparse_pays
+from .compressed import CompressedRows
 from .storage import DenseRows, RowSparseRows
 from .window import GradientWindow
 
@@ -36,6 +37,9 @@ class MFAC(Optimizer):
         weight_decay: coupled L2: g ← g + weight_decay · p before g enters the window.
         grad_dtype: storage dtype of the window ("float32", "bfloat16", "float16" or the torch dtype). With a
             low-precision window the rounded gradient is the one preconditioned, so window and direction agree.
+        density: the fraction of each error-fed gradient's entries the window keeps (top-k per block of 32,768
+            coordinates, with error feedback; compressed.py). 1.0 keeps the whole gradient (dense and row-sparse
+            storage, no error buffer).
         shard: with an initialised default process group (torchrun, accelerate), each rank keeps 1/world_size of
             every parameter's rows in its window; the dot products are all-reduced and the direction all-gathered,
             so every rank takes the same step as one unsharded optimizer. Ranks must see the same gradients (as
@@ -44,12 +48,14 @@ class MFAC(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, num_grads: int = 1024, damp: float = 1e-6,
                  momentum: float = 0.0, weight_decay: float = 0.0,
-                 grad_dtype: Union[str, torch.dtype] = torch.float32, shard: bool = False) -> None:
+                 grad_dtype: Union[str, torch.dtype] = torch.float32, shard: bool = False,
+                 density: float = 1.0) -> None:
         defaults = dict(lr=lr, num_grads=num_grads, damp=damp, momentum=momentum, weight_decay=weight_decay,
-                        grad_dtype=resolve_grad_dtype(grad_dtype), shard=shard)
+                        grad_dtype=resolve_grad_dtype(grad_dtype), shard=shard, density=density)
         check_group_hyperparameters(defaults)
         self._warned_nonfinite = False
-        self._dense_rows: Optional[DenseRows] = None  # reused across steps for its buffers
+        # (its state tensor, the dense columns' storage): reused across steps for its buffers
+        self._dense_storage: Optional[tuple[Tensor, Union[DenseRows, CompressedRows]]] = None
         self._flat_buffer: Optional[Tensor] = None
         self._gather = DirectionGather()
         super().__init__(params, defaults)
@@ -73,8 +79,8 @@ class MFAC(Optimizer):
             if index in state_dict["state"]:
                 self.state[param] = {key: value.to(device=param.device, copy=True) if key not in COUNTERS else value.clone()
                                      for key, value in state_dict["state"][index].items()}
-        self._dense_rows = None
-        if self._params() and "window" in self._shared_state():
+        self._dense_storage = None
+        if self._params() and "gram" in self._shared_state():
             self._check_shard_position(self._shared_state(), self._stored_layout())
 
     def memory_bytes(self) -> int:
@@ -82,6 +88,17 @@ class MFAC(Optimizer):
         row-sparse parts)."""
         return sum(value.numel() * value.element_size() for state in self.state.values() for value in state.values()
                    if torch.is_tensor(value))
+
+    @torch.no_grad()
+    def stored_gradients(self) -> Tensor:
+        """The window as float32 rows over all parameters in flat order (the parameters of all groups, flattened and
+        concatenated): row j is slot j, and the gradient stored by step t (1-based, skipped steps not counted) is in
+        slot (t − 1) mod num_grads. A sharded process fills its own columns, the others stay zero."""
+        layout, state = self._stored_layout(), self._shared_state()
+        if "gram" not in state:
+            return torch.zeros(self.param_groups[0]["num_grads"], layout.total_size, device=self._params()[0].device)
+        window = self._gradient_window(layout)
+        return layout.to_flat(window.dense.to_dense(), {index: part.to_dense() for index, part in window.sparse.items()})
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -97,7 +114,7 @@ class MFAC(Optimizer):
             return loss
         layout = self._stored_layout()
         state = self._shared_state()
-        if "window" not in state:
+        if "gram" not in state:
             layout = self._make_state(layout, grad)
         self._check_shard_position(state, layout)
         sparse_grads, layout = self._row_sparse_gradients(layout, grad)
@@ -150,7 +167,11 @@ class MFAC(Optimizer):
         params, state = self._params(), self._shared_state()
         first = self.param_groups[0]
         m, dtype = first["num_grads"], GRAD_DTYPES[first["grad_dtype"]]
-        layout = layout.with_row_sparse_where_it_pays(grad, torch.tensor([], dtype=dtype).element_size())
+        if first["density"] < 1:  # the compressed window covers every local coordinate
+            state.update(CompressedRows.allocate(m, layout.local_size, first["density"], dtype, grad.device))
+        else:
+            layout = layout.with_row_sparse_where_it_pays(grad, torch.tensor([], dtype=dtype).element_size())
+            state["window"] = torch.zeros(m, layout.dense_size, dtype=dtype, device=grad.device)
         for block in layout.sparse_blocks:
             rows = len(nonzero_rows(layout.matrix(grad, block)))
             indices, values = RowSparseRows.allocate(m, max(rows, 1), block.columns, dtype, grad.device)
@@ -160,7 +181,6 @@ class MFAC(Optimizer):
             skipped_steps=state.get("skipped_steps", torch.tensor(0, dtype=torch.int64)),  # skips before this
             shard_rank=torch.tensor(layout.rank, dtype=torch.int64),
             shard_world_size=torch.tensor(layout.world_size, dtype=torch.int64),
-            window=torch.zeros(m, layout.dense_size, dtype=dtype, device=grad.device),
             gram=torch.zeros(m, m, dtype=torch.float64, device=grad.device),
         )
         return layout
@@ -198,17 +218,26 @@ class MFAC(Optimizer):
         return layout
 
     def _gradient_window(self, layout: Layout) -> GradientWindow:
-        """A view of the state tensors as a GradientWindow; the dense part (with its conversion buffer) is reused
-        while the window tensor stays the same."""
+        """A view of the state tensors as a GradientWindow."""
         params, state, first = self._params(), self._shared_state(), self.param_groups[0]
         accumulate = accumulate_dtype(first["num_grads"], layout.total_size)
-        if self._dense_rows is None or self._dense_rows.window is not state["window"]:
-            self._dense_rows = DenseRows(state["window"], accumulate)
         sparse = {block.index: RowSparseRows(self.state[params[block.index]]["row_indices"],
                                              self.state[params[block.index]]["row_values"], block.rows, accumulate)
                   for block in layout.sparse_blocks}
         sum_shards = sum_over_processes if layout.world_size > 1 else None
-        return GradientWindow(self._dense_rows, sparse, FisherKernel(state["gram"], first["damp"]), sum_shards)
+        return GradientWindow(self._dense_columns(layout, accumulate), sparse, FisherKernel(state["gram"], first["damp"]),
+                              sum_shards)
+
+    def _dense_columns(self, layout: Layout, accumulate: torch.dtype) -> Union[DenseRows, CompressedRows]:
+        """The storage of the window's dense columns: the dense rows, or the compressed window. Reused (with its
+        buffers) while its state tensor stays the same."""
+        state = self._shared_state()
+        stored = state.get("window", state.get("compressed_values"))
+        if self._dense_storage is None or self._dense_storage[0] is not stored:
+            storage = DenseRows(stored, accumulate) if "window" in state else CompressedRows(
+                stored, state["compressed_offsets"], state["error"], layout.dense_size, accumulate)
+            self._dense_storage = (stored, storage)
+        return self._dense_storage[1]
 
     def _skip_nonfinite(self) -> None:
         # Counted under the first parameter, where the window state will be made: before the first stored gradient

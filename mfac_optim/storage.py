@@ -2,12 +2,14 @@
 of a step: the dot products of every slot with the newly stored one, and the combination Σⱼ cⱼ · slotⱼ. Kinds:
 
 - `DenseRows`: slot j is row j of an (m, n) tensor over the dense blocks' columns;
+- `CompressedRows` (compressed.py): top-k entries per block of every slot, with error feedback;
 - `RowSparseRows`: one matrix parameter whose gradients are zero outside a few rows (a word embedding), stored as
   (row indices, row values) per slot.
 
-A kind exposes `store(slot, …)` (a row-sparse one also takes the rows to keep), `dots(slot)` (float64, one per slot), `combine(coefficients)` (fp32) and
-`state()` (the tensors it owns, which the optimizer keeps in its state). Sums of one block are accumulated in fp32
-and the blocks summed in float64, which bounds the rounding error by the block length rather than by d.
+A kind exposes `store(slot, …)` (a row-sparse one also takes the rows to keep), `dots(slot)` (float64, one per
+slot), `combine(coefficients)` (fp32), `to_dense()` (the stored rows as dense rows) and `state()` (the tensors it
+owns, which the optimizer keeps in its state). Sums of one block are accumulated in fp32 and the blocks summed in
+float64, which bounds the rounding error by the block length rather than by d.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ class DenseRows:
 
     def state(self) -> dict[str, Tensor]:
         return {"window": self.window}
+
+    def to_dense(self) -> Tensor:
+        return self.window
 
     def store(self, slot: int, grad: Tensor) -> None:
         self.window[slot].copy_(grad)

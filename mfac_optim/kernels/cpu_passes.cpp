@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstring>
+#include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -203,9 +204,76 @@ void window_combine(torch::Tensor window, torch::Tensor coefficients, torch::Ten
   else combine_impl<float>(window, coefficients, result);
 }
 
+// Compressed window (mfac_optim/compressed.py): values and int16 offsets laid out (blocks, m, kept); a block of
+// `block` coordinates, with every slot's entries of it, is one unit of work, so its dense buffer stays in cache.
+
+// s_j = Σ over blocks of ⟨slot j, slot `slot`⟩: the new slot is scattered into a zeroed block buffer and every slot
+// gathers from it. Accumulated in float64 (see CompressedRows.dots): the kept entries span a wide dynamic range.
+template <typename T>
+static torch::Tensor compressed_dots_impl(const torch::Tensor& values, const torch::Tensor& offsets, int64_t slot,
+                                          int64_t block) {
+  const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2);
+  auto partial = torch::zeros({at::get_num_threads(), m}, torch::kFloat64);
+  double* p = partial.data_ptr<double>();
+  const T* v = reinterpret_cast<const T*>(values.data_ptr());
+  const uint16_t* o = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> dense(block, 0.f);
+    double* mine = p + at::get_thread_num() * m;
+    for (int64_t b = first; b < last; ++b) {
+      const T* vb = v + b * m * kept;
+      const uint16_t* ob = o + b * m * kept;
+      for (int64_t e = 0; e < kept; ++e) dense[ob[slot * kept + e]] = widen(vb[slot * kept + e]);
+      for (int64_t j = 0; j < m; ++j) {
+        double total = 0.0;
+        for (int64_t e = 0; e < kept; ++e) total += double(widen(vb[j * kept + e])) * dense[ob[j * kept + e]];
+        mine[j] += total;
+      }
+      for (int64_t e = 0; e < kept; ++e) dense[ob[slot * kept + e]] = 0.f;
+    }
+  });
+  return partial.sum(0);
+}
+
+// result (blocks · block, fp32) = Σ_j c_j · slot j; each thread owns whole blocks of the result.
+template <typename T>
+static void compressed_combine_impl(const torch::Tensor& values, const torch::Tensor& offsets,
+                                    const torch::Tensor& coefficients, torch::Tensor& result, int64_t block) {
+  const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2);
+  const T* v = reinterpret_cast<const T*>(values.data_ptr());
+  const uint16_t* o = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
+  const float* c = coefficients.data_ptr<float>();
+  float* out = result.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      float* out_b = out + b * block;
+      std::fill(out_b, out_b + block, 0.f);
+      const T* vb = v + b * m * kept;
+      const uint16_t* ob = o + b * m * kept;
+      for (int64_t j = 0; j < m; ++j) {
+        const float scale = c[j];
+        for (int64_t e = 0; e < kept; ++e) out_b[ob[j * kept + e]] += scale * widen(vb[j * kept + e]);
+      }
+    }
+  });
+}
+
+torch::Tensor compressed_dots(torch::Tensor values, torch::Tensor offsets, int64_t slot, int64_t block) {
+  return values.scalar_type() == torch::kBFloat16 ? compressed_dots_impl<uint16_t>(values, offsets, slot, block)
+                                                  : compressed_dots_impl<float>(values, offsets, slot, block);
+}
+
+void compressed_combine(torch::Tensor values, torch::Tensor offsets, torch::Tensor coefficients, torch::Tensor result,
+                        int64_t block) {
+  if (values.scalar_type() == torch::kBFloat16) compressed_combine_impl<uint16_t>(values, offsets, coefficients, result, block);
+  else compressed_combine_impl<float>(values, offsets, coefficients, result, block);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_dots", &window_dots, "G g in float64, g = row `slot` of the dense window");
   m.def("window_combine", &window_combine, "result = G^T c in fp32");
   m.def("sparse_dots", &sparse_dots, "dots of every row-sparse slot with a dense matrix, in float64");
   m.def("sparse_combine", &sparse_combine, "result = sum_j c_j * (row-sparse slot j scattered), in fp32");
+  m.def("compressed_dots", &compressed_dots, "dots of every compressed slot with slot `slot`, in float64");
+  m.def("compressed_combine", &compressed_combine, "result = sum_j c_j * compressed slot j, in fp32");
 }

@@ -1,0 +1,116 @@
+"""The compressed window: top-k with error feedback (Modoranu et al., "Error Feedback Can Accurately Compress
+Preconditioners", ICML 2024; see ../shared/DESIGN.md).
+
+Per step, over this process's local gradient g: a = e + g (e: the error, fp32, zero at first); c keeps, in every
+block of BLOCK coordinates, the `kept` entries of largest |a|, rounded to the window dtype; e ← a − c. So the stored
+rows plus e add up to the sum of all gradients (the subtraction is exact in fp32). c is stored as slot i, and the
+step is F⁻¹c over the stored rows, u = m · Cᵀ K⁻¹ eᵢ, exactly as for the dense window.
+
+Storage is block-major, (blocks, m, kept), with int16 offsets inside a block: a pass visits one block's entries of
+every slot together and gathers from (dots) or scatters into (combine) one block-sized buffer that stays in cache.
+The torch passes here are device-generic; on the CPU the fused kernels (kernels/cpu_passes.cpp) serve instead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import fused_passes_for
+
+# Coordinates per block: int16 offsets address 0 … 32767, so every position of a block fits.
+BLOCK = 1 << 15
+
+
+def kept_per_block(density: float) -> int:
+    return max(1, math.ceil(density * BLOCK))
+
+
+def num_blocks(size: int) -> int:
+    return max(1, -(-size // BLOCK))
+
+
+class CompressedRows:
+    """The window over `size` local coordinates (zero-padded to whole blocks) as top-k entries per block per slot,
+    and the error buffer of the error feedback. Same interface as the other storage kinds (storage.py)."""
+
+    # Slots per gather/scatter in the torch passes: bounds their temporaries (blocks × slots × kept).
+    SLOTS_PER_CHUNK = 64
+
+    def __init__(self, values: Tensor, offsets: Tensor, error: Tensor, size: int,
+                 accumulate_dtype: torch.dtype) -> None:
+        self.values = values  # (blocks, m, kept), window dtype
+        self.offsets = offsets  # (blocks, m, kept) int16, ascending within a slot's block
+        self.error = error  # (blocks · BLOCK,) fp32
+        self.size = size
+        self.accumulate_dtype = accumulate_dtype
+        self._fused = fused_passes_for(values, accumulate_dtype)
+        self._result: Optional[Tensor] = None  # the fused combine's output, reused (page faults otherwise)
+
+    @staticmethod
+    def allocate(num_grads: int, size: int, density: float, dtype: torch.dtype, device) -> dict[str, Tensor]:
+        blocks, kept = num_blocks(size), kept_per_block(density)
+        return {"compressed_values": torch.zeros(blocks, num_grads, kept, dtype=dtype, device=device),
+                "compressed_offsets": torch.zeros(blocks, num_grads, kept, dtype=torch.int16, device=device),
+                "error": torch.zeros(blocks * BLOCK, dtype=torch.float32, device=device)}
+
+    def state(self) -> dict[str, Tensor]:
+        return {"compressed_values": self.values, "compressed_offsets": self.offsets, "error": self.error}
+
+    @property
+    def num_grads(self) -> int:
+        return self.values.shape[1]
+
+    def store(self, slot: int, grad: Tensor) -> None:
+        """a = e + g; slot `slot` keeps each block's largest |a|, rounded; e ← a − c. All in the error buffer."""
+        accumulated = self.error.view(-1, BLOCK)
+        self.error[:self.size] += grad
+        kept = torch.topk(accumulated.abs(), self.values.shape[2], dim=1, sorted=False).indices.sort(dim=1).values
+        exact = accumulated.gather(1, kept)
+        rounded = exact.to(self.values.dtype)
+        self.values[:, slot] = rounded
+        self.offsets[:, slot] = kept.to(torch.int16)
+        accumulated.scatter_(1, kept, exact - rounded.float())  # what rounding left behind stays in the error
+
+    def dots(self, slot: int) -> Tensor:
+        """⟨c_j, c_slot⟩ for every slot j, accumulated in float64: the kept entries span the gradient's whole
+        dynamic range, so fp32 sums of their products lose digits in the Gram matrix, and with few entries per
+        block the float64 arithmetic costs little next to the gathers."""
+        if self._fused is not None:
+            return self._fused.compressed_dots(self.values, self.offsets, slot, BLOCK)
+        new = torch.zeros(self.values.shape[0], BLOCK, dtype=torch.float64, device=self.values.device)
+        new.scatter_(1, self.offsets[:, slot].long(), self.values[:, slot].double())
+        dots = torch.empty(self.num_grads, dtype=torch.float64, device=self.values.device)
+        for chunk in self._slot_chunks():
+            offsets, values = self.offsets[:, chunk], self.values[:, chunk]
+            gathered = new.gather(1, offsets.long().reshape(offsets.shape[0], -1)).view(offsets.shape)
+            dots[chunk] = (gathered * values.double()).sum(dim=(0, 2))
+        return dots
+
+    def combine(self, coefficients: Tensor) -> Tensor:
+        """Σ_j c_j · slot j over the local coordinates, in fp32."""
+        if self._fused is not None:
+            if self._result is None:
+                self._result = torch.empty(self.error.numel(), dtype=torch.float32)
+            self._fused.compressed_combine(self.values, self.offsets, coefficients.float(), self._result, BLOCK)
+            return self._result[:self.size]
+        result = torch.zeros(self.values.shape[0], BLOCK, dtype=self.accumulate_dtype, device=self.values.device)
+        coefficients = coefficients.to(self.accumulate_dtype)
+        for chunk in self._slot_chunks():
+            offsets, values = self.offsets[:, chunk], self.values[:, chunk]
+            scaled = values.to(self.accumulate_dtype) * coefficients[chunk][None, :, None]
+            result.scatter_add_(1, offsets.long().reshape(offsets.shape[0], -1), scaled.reshape(offsets.shape[0], -1))
+        return result.view(-1)[:self.size].float()
+
+    def to_dense(self) -> Tensor:
+        """The stored rows as an (m, size) fp32 matrix, exactly."""
+        blocks, m, kept = self.values.shape
+        dense = torch.zeros(m, blocks, BLOCK, dtype=torch.float32, device=self.values.device)
+        dense.scatter_(2, self.offsets.long().permute(1, 0, 2), self.values.float().permute(1, 0, 2))
+        return dense.reshape(m, -1)[:, :self.size]
+
+    def _slot_chunks(self) -> Iterator[slice]:
+        for start in range(0, self.num_grads, self.SLOTS_PER_CHUNK):
+            yield slice(start, start + self.SLOTS_PER_CHUNK)

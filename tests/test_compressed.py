@@ -1,0 +1,175 @@
+"""The compressed window (top-k with error feedback) against float64 references written here from the method's
+definition: what is stored, what the error buffer keeps, which entries are kept, and the step F⁻¹c."""
+import io
+
+import pytest
+import torch
+
+from mfac_optim import MFAC
+from mfac_optim.compressed import BLOCK, CompressedRows, kept_per_block
+
+TOLERANCE = 1e-4
+
+
+class TwoParameters(torch.nn.Module):
+    """A vector spanning three blocks and a bit, and a small matrix: 3 · 32768 + 100 + 350 coordinates."""
+
+    def __init__(self):
+        super().__init__()
+        self.vector = torch.nn.Parameter(torch.randn(3 * BLOCK + 100))
+        self.matrix = torch.nn.Parameter(torch.randn(50, 7))
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def set_gradients(model, generator, scales=(1.0, 1.0)):
+    """Gradients whose entries vary in size (a heavy-tailed mix), so that top-k is a real choice."""
+    for p, scale in zip(model.parameters(), scales):
+        magnitude = torch.exp(2 * torch.randn(p.shape, generator=generator))
+        p.grad = (scale * magnitude * torch.randn(p.shape, generator=generator)).to(p.dtype)
+
+
+def make(density=0.01, num_grads=4, damp=1e-3, seed=0, weight_decay=0.01, dtype=torch.float32, **kwargs):
+    """A float64 model lets a test read the direction from the parameters' change: an fp32 parameter would round
+    away the smallest entries of lr · u."""
+    torch.manual_seed(seed)
+    model = TwoParameters().to(dtype)
+    groups = [{"params": [model.vector], "weight_decay": 0.0},
+              {"params": [model.matrix], "weight_decay": weight_decay, "lr": 5e-3, "momentum": 0.0}]
+    return model, MFAC(groups, lr=1e-2, num_grads=num_grads, damp=damp, density=density, **kwargs)
+
+
+def error_fed(optimizer, model) -> torch.Tensor:
+    """a = e + g, formed in fp32 as the optimizer forms it (no weight decay here)."""
+    state = optimizer.state[model.vector]
+    gradient = flat([model.vector.grad, model.matrix.grad]).float()
+    return (state["error"][:gradient.numel()] + gradient) if "error" in state else gradient
+
+
+def test_stored_rows_are_the_kept_error_fed_entries_and_the_error_loses_nothing():
+    model, optimizer = make(num_grads=8, grad_dtype="bfloat16", weight_decay=0.0)
+    generator = torch.Generator().manual_seed(1)
+    total = 0
+    for step in range(6):  # no wrap: the window holds every stored row
+        set_gradients(model, generator)
+        accumulated = error_fed(optimizer, model)
+        total = total + flat([model.vector.grad, model.matrix.grad]).double()
+        optimizer.step()
+        row = optimizer.stored_gradients()[step]
+        kept = row != 0
+        # Stored: a rounded to bf16 on the support; zero elsewhere.
+        assert torch.equal(row[kept], accumulated[kept].to(torch.bfloat16).float())
+        accumulated = accumulated.double()
+        # kept per block: the largest |a| (the padded tail of the last block holds zeros, never larger).
+        padded = torch.zeros(4 * BLOCK, dtype=torch.float64)
+        padded[:row.numel()] = accumulated
+        mask = torch.zeros(4 * BLOCK, dtype=torch.bool)
+        mask[:row.numel()] = kept
+        for block in range(4):
+            values, chosen = padded[block * BLOCK:(block + 1) * BLOCK].abs(), mask[block * BLOCK:(block + 1) * BLOCK]
+            assert chosen.sum() <= kept_per_block(0.01)
+            assert values[chosen].min() >= values[~chosen].max()
+    state = optimizer.state[model.vector]
+    error = state["error"][:row.numel()].double()
+    stored = optimizer.stored_gradients()[:6].double().sum(0)
+    # Σ stored + e = Σ g, up to the fp32 rounding of each a = e + g.
+    torch.testing.assert_close(stored + error, total, rtol=0, atol=1e-6 * total.abs().max().item())
+    assert torch.all(state["error"][row.numel():] == 0)
+
+
+def reference_direction(stored: torch.Tensor, slot: int, damp: float) -> torch.Tensor:
+    """F⁻¹c for c = row `slot` of the stored rows C, F = λI + CᵀC/m, in float64. d is too large for a d × d solve,
+    so through the m × m system: since c = Cᵀeᵢ, F⁻¹c = m · Cᵀ (mλI + CCᵀ)⁻¹ eᵢ (the form without cancellation)."""
+    m = stored.shape[0]
+    kernel = m * damp * torch.eye(m, dtype=torch.float64) + stored @ stored.T
+    return m * stored.T @ torch.linalg.solve(kernel, torch.eye(m, dtype=torch.float64)[slot])
+
+
+def fisher_residual(stored: torch.Tensor, slot: int, damp: float, direction: torch.Tensor) -> float:
+    """‖F u − c‖ / ‖c‖, F applied without inverting anything: an independent check of the direction."""
+    applied = damp * direction + stored.T @ (stored @ direction) / stored.shape[0]
+    return ((applied - stored[slot]).norm() / stored[slot].norm()).item()
+
+
+@pytest.mark.parametrize("grad_dtype", ["float32", "bfloat16"])
+def test_updates_equal_a_dense_float64_solve_over_the_stored_rows_across_wraps(grad_dtype):
+    model, optimizer = make(num_grads=4, damp=1e-3, grad_dtype=grad_dtype, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(2)
+    worst = 0.0
+    for step in range(14):  # three wrap-arounds of 4 slots, gradient scales varying by 100×
+        set_gradients(model, generator, scales=(10.0 ** (step % 3 - 1), 1.0))
+        before = flat(model.parameters()).detach().double()
+        optimizer.step()
+        moved = (before - flat(model.parameters()).detach().double())
+        lrs = torch.cat([torch.full((model.vector.numel(),), 1e-2), torch.full((model.matrix.numel(),), 5e-3)]).double()
+        stored = optimizer.stored_gradients().double()
+        expected = reference_direction(stored, step % 4, 1e-3)
+        error = ((moved / lrs - expected).norm() / expected.norm()).item()
+        worst = max(worst, error, fisher_residual(stored, step % 4, 1e-3, moved / lrs))
+    assert worst < TOLERANCE, worst
+
+
+def test_density_one_is_the_dense_optimizer_bit_for_bit():
+    trajectories = []
+    for density in (None, 1.0):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(200, 8), torch.nn.Flatten(), torch.nn.Linear(24, 2))
+        optimizer = MFAC(model.parameters(), num_grads=3, **({} if density is None else {"density": density}))
+        generator = torch.Generator().manual_seed(3)
+        for _ in range(5):
+            optimizer.zero_grad()
+            model(torch.randint(0, 200, (4, 3), generator=generator)).square().sum().backward()
+            optimizer.step()
+        assert "window" in optimizer.state[model[0].weight] and "error" not in optimizer.state[model[0].weight]
+        trajectories.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*trajectories))
+
+
+def test_state_dict_round_trip_nonfinite_skip_and_momentum():
+    model, optimizer = make(num_grads=3, grad_dtype="bfloat16", momentum=0.5)
+    generator = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        set_gradients(model, generator)
+        optimizer.step()
+    error = optimizer.state[model.vector]["error"].clone()
+    model.matrix.grad[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="NaN or Inf"):
+        optimizer.step()
+    assert torch.equal(optimizer.state[model.vector]["error"], error)
+
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    resumed_model, resumed = make(num_grads=3, grad_dtype="bfloat16", momentum=0.5, seed=9)
+    resumed_model.load_state_dict(saved["model"])
+    resumed.load_state_dict(saved["optimizer"])
+    assert resumed.state[resumed_model.vector]["compressed_offsets"].dtype == torch.int16
+    for generator_seed in (5, 6, 7):
+        for m, o in ((model, optimizer), (resumed_model, resumed)):
+            set_gradients(m, torch.Generator().manual_seed(generator_seed))
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_passes_equal_the_torch_passes_and_float64(dtype):
+    generator = torch.Generator().manual_seed(5)
+    blocks, m, kept, size = 3, 5, 40, 3 * BLOCK
+    offsets = torch.stack([torch.randperm(BLOCK, generator=generator)[:kept].sort().values
+                           for _ in range(blocks * m)]).view(blocks, m, kept)
+    offsets[0, 0, -1] = BLOCK - 1  # the largest offset an int16 holds
+    values = torch.randn(blocks, m, kept, generator=generator).to(dtype)
+    part = CompressedRows(values, offsets.to(torch.int16), torch.zeros(blocks * BLOCK), size, torch.float32)
+    assert part._fused is not None, "the fused CPU kernels must build on the CI machine"
+    dense = part.to_dense().double()
+    assert dense[0, BLOCK - 1] == values[0, 0, -1].double()
+    coefficients = torch.randn(m, dtype=torch.float64, generator=generator)
+    fused = part.dots(2), part.combine(coefficients).clone()
+    part._fused = None
+    unfused = part.dots(2), part.combine(coefficients)
+    for dots in (fused[0], unfused[0]):  # float64 sums of exact products
+        torch.testing.assert_close(dots, dense @ dense[2], rtol=1e-12, atol=1e-12)
+    for combined in (fused[1], unfused[1]):
+        torch.testing.assert_close(combined.double(), coefficients @ dense, rtol=1e-5, atol=1e-6)
