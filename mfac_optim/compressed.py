@@ -53,7 +53,9 @@ class CompressedRows:
     def allocate(num_grads: int, size: int, density: float, dtype: torch.dtype, device) -> dict[str, Tensor]:
         blocks, kept = num_blocks(size), kept_per_block(density)
         return {"compressed_values": torch.zeros(blocks, num_grads, kept, dtype=dtype, device=device),
-                "compressed_offsets": torch.zeros(blocks, num_grads, kept, dtype=torch.int16, device=device),
+                # Empty slots point at distinct positions (their values are zero): had they all pointed at one,
+                # the combine pass would chain its read-modify-writes through that single address.
+                "compressed_offsets": torch.arange(kept, dtype=torch.int16, device=device).repeat(blocks, num_grads, 1),
                 "error": torch.zeros(blocks * BLOCK, dtype=torch.float32, device=device)}
 
     def state(self) -> dict[str, Tensor]:
@@ -65,6 +67,8 @@ class CompressedRows:
 
     def store(self, slot: int, grad: Tensor) -> None:
         """a = e + g; slot `slot` keeps each block's largest |a|, rounded; e ← a − c. All in the error buffer."""
+        if self._fused is not None:
+            return self._fused.compressed_store(self.error, grad.contiguous(), self.values, self.offsets, slot, BLOCK)
         accumulated = self.error.view(-1, BLOCK)
         self.error[:self.size] += grad
         kept = torch.topk(accumulated.abs(), self.values.shape[2], dim=1, sorted=False).indices.sort(dim=1).values

@@ -37,6 +37,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mfac_optim import GRAD_DTYPES, MFAC  # noqa: E402
+from mfac_optim.compressed import kept_per_block, num_blocks  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_file", type=Path, help="SST-2 train.tsv for --model_config")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--ranks", type=int, default=1, help="processes sharing a sharded window (with --model_config)")
+    parser.add_argument("--density", type=float, default=1.0, help="MFAC density: < 1 is the compressed window")
+    parser.add_argument("--config_overrides", type=json.loads, default={},
+                        help="JSON of config fields to change (e.g. bert-base shapes from bert-mini's folder)")
     args = parser.parse_args(argv)
     if (args.model_config is None) != (args.train_file is None):
         parser.error("--model_config and --train_file go together")
@@ -148,7 +152,7 @@ def model_and_batches(args: argparse.Namespace, device: torch.device) -> tuple[t
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     batches = sst2_batches(args.model_config, args.train_file, args.batch_size, args.steps + 2, device)
-    config = AutoConfig.from_pretrained(args.model_config, num_labels=2)
+    config = AutoConfig.from_pretrained(args.model_config, num_labels=2, **args.config_overrides)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).to(device)
     model(**batches[0]).loss.backward()
@@ -160,7 +164,7 @@ def measure_mfac(model: torch.nn.Module, batches: list, args: argparse.Namespace
                  shard: bool) -> dict:
     baseline = peak_rss_bytes()
     mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
-                shard=shard)
+                shard=shard, density=args.density)
     step, total = time_training(model, mfac, batches, device)
     embedding = model.get_input_embeddings().weight
     rows = mfac.state[embedding]["row_values"].shape[1] if "row_values" in mfac.state[embedding] else None
@@ -172,6 +176,7 @@ def print_setting(args: argparse.Namespace, model: torch.nn.Module, batches: lis
     print(f"model                 {args.model_config} ({sum(p.numel() for p in model.parameters()):,} params)")
     print(f"num_grads m           {args.num_grads}")
     print(f"grad_dtype            {args.grad_dtype}")
+    print(f"density               {args.density}")
     print(f"batches               {len(batches)} SST-2 batches of {args.batch_size}, "
           f"median length {statistics.median(b['input_ids'].shape[1] for b in batches)}")
     print(f"word-embedding rows   {rows} per slot (capacity after these batches)" if rows else
@@ -233,11 +238,15 @@ def main(argv=None) -> None:
     param = torch.nn.Parameter(torch.randn(args.params, device=device) * 0.02)
 
     element_bytes = torch.tensor([], dtype=GRAD_DTYPES[args.grad_dtype]).element_size()
-    window_bytes = args.num_grads * args.params * element_bytes
+    if args.density < 1:  # values and int16 offsets of the kept entries
+        window_bytes = num_blocks(args.params) * args.num_grads * kept_per_block(args.density) * (element_bytes + 2)
+    else:
+        window_bytes = args.num_grads * args.params * element_bytes
     pass_bytes = 2 * window_bytes
     bandwidth = read_bandwidth(min(window_bytes, 4 << 30), device)
 
-    mfac = MFAC([param], lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype)
+    mfac = MFAC([param], lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
+                density=args.density)
     mfac_seconds = time_optimizer(mfac, param, args.steps, warmup=2)
     del mfac
     adamw_seconds = time_optimizer(torch.optim.AdamW([param], lr=1e-9), param, args.steps, warmup=2)
@@ -248,6 +257,7 @@ def main(argv=None) -> None:
     print(f"params d              {args.params:,}")
     print(f"num_grads m           {args.num_grads}")
     print(f"grad_dtype            {args.grad_dtype}")
+    print(f"density               {args.density}")
     print(f"window                {window_bytes / 2**30:.2f} GiB")
     print(f"MFAC step (median)    {mfac_seconds * 1e3:.1f} ms")
     print(f"window bytes / step   {pass_bytes / 1e9:.2f} GB (two passes)")

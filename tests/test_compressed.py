@@ -173,3 +173,23 @@ def test_fused_passes_equal_the_torch_passes_and_float64(dtype):
         torch.testing.assert_close(dots, dense @ dense[2], rtol=1e-12, atol=1e-12)
     for combined in (fused[1], unfused[1]):
         torch.testing.assert_close(combined.double(), coefficients @ dense, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_store_selects_and_feeds_back_as_the_torch_store(dtype):
+    size = 3 * BLOCK + 1000
+    generator = torch.Generator().manual_seed(6)
+    fused_state = CompressedRows.allocate(4, size, 0.01, dtype, "cpu")
+    torch_state = {key: value.clone() for key, value in fused_state.items()}
+    fused = CompressedRows(fused_state["compressed_values"], fused_state["compressed_offsets"], fused_state["error"],
+                           size, torch.float32)
+    unfused = CompressedRows(torch_state["compressed_values"], torch_state["compressed_offsets"],
+                             torch_state["error"], size, torch.float32)
+    assert fused._fused is not None
+    unfused._fused = None
+    for slot in range(6):  # wraps once
+        gradient = torch.randn(size, generator=generator) * torch.exp(2 * torch.randn(size, generator=generator))
+        gradient[:5000] = 0  # a stretch where only the error feeds the selection
+        fused.store(slot % 4, gradient)
+        unfused.store(slot % 4, gradient)
+        assert torch.equal(fused.to_dense(), unfused.to_dense()) and torch.equal(fused.error, unfused.error)

@@ -5,7 +5,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -258,6 +260,73 @@ static void compressed_combine_impl(const torch::Tensor& values, const torch::Te
   });
 }
 
+static inline uint16_t round_to_bf16(float x) {  // round to nearest even, as torch rounds float to bfloat16
+  uint32_t u; std::memcpy(&u, &x, 4);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+static inline void round_to(float x, float* out) { *out = x; }
+static inline void round_to(float x, uint16_t* out) { *out = round_to_bf16(x); }
+
+// The compressed window's store (CompressedRows.store): per block of `block` coordinates, a = e + g in place, the
+// `kept` entries of largest |a| (ties by position) go to slot `slot` in ascending position, rounded to T, and the
+// error keeps a minus what was stored. The k-th largest |a| is found among candidates above a threshold taken from
+// a sample of the block (a full selection only when the sample misjudged), so a block costs about one pass.
+template <typename T>
+static void compressed_store_impl(torch::Tensor& error, const torch::Tensor& grad, torch::Tensor& values,
+                                  torch::Tensor& offsets, int64_t slot, int64_t block) {
+  const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2), size = grad.numel();
+  float* e = error.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  T* v = reinterpret_cast<T*>(values.data_ptr());
+  int16_t* o = offsets.data_ptr<int16_t>();
+  constexpr int64_t kStride = 32;  // one sample per 32 coordinates
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> sample, candidates;
+    std::vector<int32_t> positions;
+    for (int64_t b = first; b < last; ++b) {
+      float* a = e + b * block;
+      const int64_t real = std::max<int64_t>(0, std::min(block, size - b * block));
+      for (int64_t i = 0; i < real; ++i) a[i] += g[b * block + i];
+      // Threshold: the sample's magnitude at twice the expected rank of the k-th largest, so that the candidates
+      // above it number about 2k and include the k largest unless the sample misjudged (checked below).
+      sample.clear();
+      for (int64_t i = 0; i < block; i += kStride) sample.push_back(std::fabs(a[i]));
+      const int64_t rank = std::min<int64_t>(sample.size() - 1, 2 * kept / kStride + 2);
+      std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
+      float threshold = sample[rank];
+      candidates.clear(); positions.clear();
+      for (int64_t i = 0; i < block; ++i)
+        if (std::fabs(a[i]) >= threshold) { candidates.push_back(std::fabs(a[i])); positions.push_back(int32_t(i)); }
+      if (static_cast<int64_t>(candidates.size()) < kept) {  // misjudged: every coordinate is a candidate
+        candidates.clear(); positions.clear();
+        for (int64_t i = 0; i < block; ++i) { candidates.push_back(std::fabs(a[i])); positions.push_back(int32_t(i)); }
+      }
+      std::vector<float> order(candidates);
+      std::nth_element(order.begin(), order.begin() + (kept - 1), order.end(), std::greater<float>());
+      const float kth = order[kept - 1];
+      int64_t above = 0;
+      for (float x : candidates) above += x > kth;
+      int64_t ties = kept - above, n = 0;
+      T* vs = v + (b * m + slot) * kept;
+      int16_t* os = o + (b * m + slot) * kept;
+      for (size_t c = 0; c < candidates.size() && n < kept; ++c) {
+        if (candidates[c] > kth || (candidates[c] == kth && ties-- > 0)) {
+          const int32_t i = positions[c];
+          round_to(a[i], vs + n);
+          os[n++] = static_cast<int16_t>(i);
+          a[i] -= widen(vs[n - 1]);  // exact: a minus its own rounding
+        }
+      }
+    }
+  });
+}
+
+void compressed_store(torch::Tensor error, torch::Tensor grad, torch::Tensor values, torch::Tensor offsets,
+                      int64_t slot, int64_t block) {
+  if (values.scalar_type() == torch::kBFloat16) compressed_store_impl<uint16_t>(error, grad, values, offsets, slot, block);
+  else compressed_store_impl<float>(error, grad, values, offsets, slot, block);
+}
+
 torch::Tensor compressed_dots(torch::Tensor values, torch::Tensor offsets, int64_t slot, int64_t block) {
   return values.scalar_type() == torch::kBFloat16 ? compressed_dots_impl<uint16_t>(values, offsets, slot, block)
                                                   : compressed_dots_impl<float>(values, offsets, slot, block);
@@ -274,6 +343,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_combine", &window_combine, "result = G^T c in fp32");
   m.def("sparse_dots", &sparse_dots, "dots of every row-sparse slot with a dense matrix, in float64");
   m.def("sparse_combine", &sparse_combine, "result = sum_j c_j * (row-sparse slot j scattered), in fp32");
+  m.def("compressed_store", &compressed_store, "error feedback and top-k per block into slot `slot`");
   m.def("compressed_dots", &compressed_dots, "dots of every compressed slot with slot `slot`, in float64");
   m.def("compressed_combine", &compressed_combine, "result = sum_j c_j * compressed slot j, in fp32");
 }
