@@ -51,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_file", type=Path, help="SST-2 train.tsv for --model_config")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--ranks", type=int, default=1, help="processes sharing a sharded window (with --model_config)")
-    parser.add_argument("--density", type=float, default=1.0, help="MFAC density: < 1 is the compressed window")
+    parser.add_argument("--density", type=float, nargs="+", default=[1.0],
+                        help="MFAC density: < 1 is the compressed window; with --model_config, several are measured "
+                             "in one run next to AdamW")
     parser.add_argument("--config_overrides", type=json.loads, default={},
                         help="JSON of config fields to change (e.g. bert-base shapes from bert-mini's folder)")
     args = parser.parse_args(argv)
@@ -161,10 +163,10 @@ def model_and_batches(args: argparse.Namespace, device: torch.device) -> tuple[t
 
 
 def measure_mfac(model: torch.nn.Module, batches: list, args: argparse.Namespace, device: torch.device,
-                 shard: bool) -> dict:
+                 shard: bool, density: float = 1.0) -> dict:
     baseline = peak_rss_bytes()
     mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
-                shard=shard, density=args.density)
+                shard=shard, density=density)
     step, total = time_training(model, mfac, batches, device)
     embedding = model.get_input_embeddings().weight
     rows = mfac.state[embedding]["row_values"].shape[1] if "row_values" in mfac.state[embedding] else None
@@ -176,7 +178,6 @@ def print_setting(args: argparse.Namespace, model: torch.nn.Module, batches: lis
     print(f"model                 {args.model_config} ({sum(p.numel() for p in model.parameters()):,} params)")
     print(f"num_grads m           {args.num_grads}")
     print(f"grad_dtype            {args.grad_dtype}")
-    print(f"density               {args.density}")
     print(f"batches               {len(batches)} SST-2 batches of {args.batch_size}, "
           f"median length {statistics.median(b['input_ids'].shape[1] for b in batches)}")
     print(f"word-embedding rows   {rows} per slot (capacity after these batches)" if rows else
@@ -184,15 +185,18 @@ def print_setting(args: argparse.Namespace, model: torch.nn.Module, batches: lis
 
 
 def benchmark_model(args: argparse.Namespace, device: torch.device) -> None:
+    """Each density in turn (the window filled by the same real batches), then AdamW, in one process. Peak RSS
+    growth is measured from the peak so far, so the first configuration's is the clean one: list the smallest first."""
     model, batches = model_and_batches(args, device)
-    mfac = measure_mfac(model, batches, args, device, shard=False)
+    results = {density: measure_mfac(model, batches, args, device, shard=False, density=density)
+               for density in args.density}
     adamw_step, adamw_total = time_training(model, torch.optim.AdamW(model.parameters(), lr=1e-9), batches, device)
-    print_setting(args, model, batches, mfac["rows"])
-    print(f"MFAC state            {mfac['state'] / 2**30:.2f} GiB")
-    print(f"peak RSS growth       {mfac['rss_growth'] / 2**30:.2f} GiB")
-    print(f"MFAC step (median)    {mfac['step'] * 1e3:.0f} ms; whole training step {mfac['total'] * 1e3:.0f} ms")
-    print(f"AdamW step (median)   {adamw_step * 1e3:.0f} ms; whole training step {adamw_total * 1e3:.0f} ms")
-    print(f"throughput MFAC/AdamW {adamw_total / mfac['total']:.2f}")
+    print_setting(args, model, batches, next((mfac["rows"] for mfac in results.values() if mfac["rows"]), None))
+    for density, mfac in results.items():
+        print(f"MFAC density {density:<8g} state {mfac['state'] / 2**30:.2f} GiB; peak RSS growth "
+              f"{mfac['rss_growth'] / 2**30:.2f} GiB; step (median) {mfac['step'] * 1e3:.0f} ms; whole training step "
+              f"{mfac['total'] * 1e3:.0f} ms; throughput / AdamW {adamw_total / mfac['total']:.2f}")
+    print(f"AdamW                 step (median) {adamw_step * 1e3:.0f} ms; whole training step {adamw_total * 1e3:.0f} ms")
 
 
 def sharded_rank(rank: int, args: argparse.Namespace, folder: str) -> None:
@@ -205,7 +209,7 @@ def sharded_rank(rank: int, args: argparse.Namespace, folder: str) -> None:
                             world_size=args.ranks)
     try:
         model, batches = model_and_batches(args, device)
-        result = measure_mfac(model, batches, args, device, shard=True)
+        result = measure_mfac(model, batches, args, device, shard=True, density=args.density[0])
         result["threads"] = torch.get_num_threads()
         if rank == 0:
             print_setting(args, model, batches, result["rows"])
@@ -238,15 +242,16 @@ def main(argv=None) -> None:
     param = torch.nn.Parameter(torch.randn(args.params, device=device) * 0.02)
 
     element_bytes = torch.tensor([], dtype=GRAD_DTYPES[args.grad_dtype]).element_size()
-    if args.density < 1:  # values and int16 offsets of the kept entries
-        window_bytes = num_blocks(args.params) * args.num_grads * kept_per_block(args.density) * (element_bytes + 2)
+    density = args.density[0]
+    if density < 1:  # values and int16 offsets of the kept entries
+        window_bytes = num_blocks(args.params) * args.num_grads * kept_per_block(density) * (element_bytes + 2)
     else:
         window_bytes = args.num_grads * args.params * element_bytes
     pass_bytes = 2 * window_bytes
     bandwidth = read_bandwidth(min(window_bytes, 4 << 30), device)
 
     mfac = MFAC([param], lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
-                density=args.density)
+                density=density)
     mfac_seconds = time_optimizer(mfac, param, args.steps, warmup=2)
     del mfac
     adamw_seconds = time_optimizer(torch.optim.AdamW([param], lr=1e-9), param, args.steps, warmup=2)
@@ -257,7 +262,7 @@ def main(argv=None) -> None:
     print(f"params d              {args.params:,}")
     print(f"num_grads m           {args.num_grads}")
     print(f"grad_dtype            {args.grad_dtype}")
-    print(f"density               {args.density}")
+    print(f"density               {density}")
     print(f"window                {window_bytes / 2**30:.2f} GiB")
     print(f"MFAC step (median)    {mfac_seconds * 1e3:.1f} ms")
     print(f"window bytes / step   {pass_bytes / 1e9:.2f} GB (two passes)")
