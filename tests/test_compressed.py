@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 
-from mfac_optim import MFAC
+from mfac_optim import MFAC, memory_bound_bytes
 from mfac_optim.compressed import BLOCK, CompressedRows, kept_per_block
 
 TOLERANCE = 1e-4
@@ -193,3 +193,17 @@ def test_fused_store_selects_and_feeds_back_as_the_torch_store(dtype):
         fused.store(slot % 4, gradient)
         unfused.store(slot % 4, gradient)
         assert torch.equal(fused.to_dense(), unfused.to_dense()) and torch.equal(fused.error, unfused.error)
+
+
+def test_memory_of_the_compressed_window_by_hand():
+    model, optimizer = make(num_grads=4, grad_dtype="bfloat16")
+    set_gradients(model, torch.Generator().manual_seed(7))
+    optimizer.step()
+    blocks, kept, m = 4, kept_per_block(0.01), 4  # 98,754 coordinates in 4 blocks of 32,768; 328 kept per block
+    state = blocks * m * kept * (2 + 2) + 4 * blocks * BLOCK + 8 * m * m + 4 * 8  # values, offsets, error, Gram, counters
+    assert optimizer.memory_bytes() == state
+    d = model.vector.numel() + model.matrix.numel()
+    bound = memory_bound_bytes([p.shape for p in model.parameters()], {}, m, "bfloat16", density=0.01)
+    # State without counters, plus the step's buffers: flat gradient and pieces, the direction over whole blocks,
+    # and the unfused passes' block.
+    assert bound == state - 4 * 8 + 8 * d + 4 * blocks * BLOCK + m * 65536 * 4
