@@ -6,8 +6,10 @@
         --output_dir out_dir/ --optim MFAC --optim_args '{"lr": 1e-4, "num_grads": 1024, "damp": 1e-6}'
 
 Differences from HF's script, all additive:
-- `--optim MFAC` (any case) trains with `mfac_optim.MFAC`; `--optim_args` is then a JSON object of its
-  constructor arguments. Every other `--optim` behaves as in HF.
+- `--optim MFAC` (any case) trains with `mfac_optim.MFAC`; `--optim_args` is then its constructor arguments, as a
+  JSON object or HF's key=value form (mfac_optim.hf_arguments). Every other `--optim` behaves as in HF.
+- A config.json without "model_type" (prajjwal1/bert-mini) gets the type transformers 4 inferred from the name.
+- An M-FAC window that cannot fit in the training device's memory is refused before the weights load.
 - Local GLUE `.tsv` files as distributed (with `--task_name`), next to `.csv` and `.json`/`.jsonl`.
 - Metrics are computed locally (scikit-learn, scipy): nothing is fetched from the Hub for them.
 - Without `--model_name_or_path`, `--config_name` and `--tokenizer_name` train a randomly initialised model.
@@ -23,7 +25,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
