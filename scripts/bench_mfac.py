@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--density", type=float, nargs="+", default=[1.0],
                         help="MFAC density: < 1 is the compressed window; with --model_config, several are measured "
                              "in one run next to AdamW")
+    parser.add_argument("--fill", type=int, default=0,
+                        help="with --model_config: train this many further SST-2 batches before the timed ones, so "
+                             "that the window is full of real gradients (e.g. --fill 1024)")
     parser.add_argument("--config_overrides", type=json.loads, default={},
                         help="JSON of config fields to change (e.g. bert-base shapes from bert-mini's folder)")
     args = parser.parse_args(argv)
@@ -153,7 +156,7 @@ def model_and_batches(args: argparse.Namespace, device: torch.device) -> tuple[t
     activations and gradients are in the RSS baseline and not in the optimizer's share."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    batches = sst2_batches(args.model_config, args.train_file, args.batch_size, args.steps + 2, device)
+    batches = sst2_batches(args.model_config, args.train_file, args.batch_size, args.fill + args.steps + 2, device)
     config = AutoConfig.from_pretrained(args.model_config, num_labels=2, **args.config_overrides)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).to(device)
@@ -167,7 +170,9 @@ def measure_mfac(model: torch.nn.Module, batches: list, args: argparse.Namespace
     baseline = peak_rss_bytes()
     mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
                 shard=shard, density=density)
-    step, total = time_training(model, mfac, batches, device)
+    if args.fill:
+        time_training(model, mfac, batches[:args.fill], device)  # fills the window; not timed
+    step, total = time_training(model, mfac, batches[args.fill:], device)
     embedding = model.get_input_embeddings().weight
     rows = mfac.state[embedding]["row_values"].shape[1] if "row_values" in mfac.state[embedding] else None
     return {"step": step, "total": total, "state": mfac.memory_bytes(), "rss_growth": peak_rss_bytes() - baseline,
@@ -178,7 +183,7 @@ def print_setting(args: argparse.Namespace, model: torch.nn.Module, batches: lis
     print(f"model                 {args.model_config} ({sum(p.numel() for p in model.parameters()):,} params)")
     print(f"num_grads m           {args.num_grads}")
     print(f"grad_dtype            {args.grad_dtype}")
-    print(f"batches               {len(batches)} SST-2 batches of {args.batch_size}, "
+    print(f"batches               {len(batches)} SST-2 batches of {args.batch_size} ({args.fill} to fill), "
           f"median length {statistics.median(b['input_ids'].shape[1] for b in batches)}")
     print(f"word-embedding rows   {rows} per slot (capacity after these batches)" if rows else
           "word-embedding rows   stored dense")
@@ -190,7 +195,8 @@ def benchmark_model(args: argparse.Namespace, device: torch.device) -> None:
     model, batches = model_and_batches(args, device)
     results = {density: measure_mfac(model, batches, args, device, shard=False, density=density)
                for density in args.density}
-    adamw_step, adamw_total = time_training(model, torch.optim.AdamW(model.parameters(), lr=1e-9), batches, device)
+    adamw_step, adamw_total = time_training(model, torch.optim.AdamW(model.parameters(), lr=1e-9),
+                                            batches[args.fill:], device)
     print_setting(args, model, batches, next((mfac["rows"] for mfac in results.values() if mfac["rows"]), None))
     for density, mfac in results.items():
         print(f"MFAC density {density:<8g} state {mfac['state'] / 2**30:.2f} GiB; peak RSS growth "
