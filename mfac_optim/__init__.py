@@ -8,10 +8,11 @@ rows), damp λ > 0, and the dampened empirical Fisher F = λI + (1/m) GᵀG. Eac
 i of G and moves the parameters along u = F⁻¹g = m · Gᵀ K⁻¹ eᵢ with K = mλI + GGᵀ (m × m), a form without the
 cancellation of g/λ − Gᵀ(…)/λ.
 
-Modules: optimizer (the torch.optim plumbing), layout (every offset), storage (the window's storage kinds), window
-(the ring buffer and the step's two passes), algebra (the m × m system), distributed (sharding across processes),
-memory (an upper bound before training), kernels (compiled passes), hf_arguments and hf_trainer (the HF Trainer's
-`--optim MFAC`; they import transformers, so they are not imported here).
+Modules: optimizer (the torch.optim plumbing), layout (every offset), storage and compressed (the window's
+storage kinds: dense, row-sparse, top-k with error feedback), window (the ring buffer and the step's two passes),
+algebra (the m × m system), distributed (sharding across processes), memory (an upper bound before training),
+kernels (compiled passes), hf_arguments and hf_trainer (the HF Trainer's `--optim MFAC`; they import
+transformers, so they are not imported here).
 """
 from .hyperparameters import GRAD_DTYPES, resolve_grad_dtype
 from .memory import memory_bound_bytes
