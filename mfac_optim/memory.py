@@ -27,9 +27,26 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
     """
     element_size = torch.tensor([], dtype=GRAD_DTYPES[resolve_grad_dtype(grad_dtype)]).element_size()
     layout = Layout(tuple(shapes), world_size=world_size)
-    layouts = [layout.blocks_of(rank) for rank in range(world_size)]
+    total, local = layout.total_size, layout.largest_local_size
+    if density < 1:
+        padded = num_blocks(local) * BLOCK
+        window_bytes = num_blocks(local) * num_grads * kept_per_block(density) * (element_size + 2) + 4 * padded
+        local = padded  # the passes' buffers span whole blocks
+    else:
+        window_bytes = dense_window_bytes(layout, max_rows, num_grads, element_size)
+    accumulate_size = accumulate_dtype(num_grads, total).itemsize
+    buffers = (8 * total  # the flat gradient and its fp32 pieces
+               + 4 * local * (2 if momentum else 1)  # the direction, and the momentum
+               + num_grads * min(BLOCK_COLUMNS, local) * accumulate_size)  # the unfused passes' conversion block
+    if world_size > 1:
+        buffers += 4 * ((world_size + 1) * local + total)  # all-gather pieces and the full direction
+    return window_bytes + 8 * num_grads * num_grads + buffers
+
+
+def dense_window_bytes(layout: Layout, max_rows: dict[int, int], num_grads: int, element_size: int) -> int:
+    """The dense and row-sparse window of the process with the largest shard of each parameter."""
     window_bytes = 0
-    for index, shard_of_each_rank in enumerate(zip(*layouts)):
+    for index, shard_of_each_rank in enumerate(zip(*(layout.blocks_of(rank) for rank in range(layout.world_size)))):
         largest = max(shard_of_each_rank, key=lambda block: block.size)
         stored = num_grads * largest.size * element_size
         if index in max_rows and largest.matrix:
@@ -40,15 +57,4 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
             stored = sparse if row_sparse_pays(capacity, largest.rows, largest.columns, element_size) \
                 else max(stored, sparse)
         window_bytes += stored
-    total, local = layout.total_size, layout.largest_local_size
-    if density < 1:
-        padded = num_blocks(local) * BLOCK
-        window_bytes = num_blocks(local) * num_grads * kept_per_block(density) * (element_size + 2) + 4 * padded
-        local = padded  # the passes' buffers span whole blocks
-    accumulate_size = accumulate_dtype(num_grads, total).itemsize
-    buffers = (8 * total  # the flat gradient and its fp32 pieces
-               + 4 * local * (2 if momentum else 1)  # the direction, and the momentum
-               + num_grads * min(BLOCK_COLUMNS, local) * accumulate_size)  # the unfused passes' conversion block
-    if world_size > 1:
-        buffers += 4 * ((world_size + 1) * local + total)  # all-gather pieces and the full direction
-    return window_bytes + 8 * num_grads * num_grads + buffers
+    return window_bytes
