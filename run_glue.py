@@ -166,6 +166,11 @@ class ModelArguments:
         default=False, metadata={"help": "Load a checkpoint whose classifier head has another number of labels."}
     )
 
+    @property
+    def hub_options(self) -> dict[str, Any]:
+        """Where and which version to read from the Hub (or its cache): for every from_pretrained."""
+        return dict(cache_dir=self.cache_dir, revision=self.model_revision, token=self.token)
+
     def __post_init__(self) -> None:
         if self.model_name_or_path is None and self.config_name is None:
             raise UsageError("--model_name_or_path: required (or --config_name with --tokenizer_name for random init)")
@@ -349,7 +354,7 @@ def model_type_to_infer(source: str, flag: str, model_args: ModelArguments, requ
     """None when `source`'s config.json declares its "model_type" (or, for an optional config, does not exist);
     else the model type inferred from its name. Config files come from a folder, the Hub or the Hub's cache."""
     try:
-        return undeclared_model_type(source, model_args.cache_dir, model_args.model_revision, model_args.token)
+        return undeclared_model_type(source, **model_args.hub_options)
     except OSError as error:  # transformers' "not found / cannot connect", usually several lines
         if not required:
             return None
@@ -412,7 +417,7 @@ def load_config(source: str, flag: str, model_args: ModelArguments, **kwargs):
     """`AutoConfig.from_pretrained`, or the inferred type's config class when config.json has no model_type."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
-    hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token)
+    hub = model_args.hub_options
     model_type = model_type_to_infer(source, flag, model_args)
     if model_type is None:
         return AutoConfig.from_pretrained(source, trust_remote_code=model_args.trust_remote_code, **hub, **kwargs)
@@ -456,8 +461,7 @@ def model_config(model_args: ModelArguments, num_labels: int, task: Optional[str
 def load_model_and_tokenizer(model_args: ModelArguments, config):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    hub = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
-               trust_remote_code=model_args.trust_remote_code)
+    hub = dict(model_args.hub_options, trust_remote_code=model_args.trust_remote_code)
     tokenizer_flag, tokenizer_source = tokenizer_source_of(model_args)
     # AutoTokenizer reads the config to pick the tokenizer class, and would fail on one without model_type.
     inferred = model_type_to_infer(tokenizer_source, tokenizer_flag, model_args, required=False)
