@@ -18,7 +18,7 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
                        grad_dtype: Union[str, torch.dtype] = torch.float32, momentum: bool = False,
                        world_size: int = 1, density: float = 1.0) -> int:
     """An upper bound, before any gradient is seen, of the bytes one process of MFAC needs: its state (window,
-    Gram matrix, momentum) plus the buffers of a step.
+    Gram matrix and factor, momentum) plus the buffers of a step.
 
     `shapes` are the parameters' shapes in order. `max_rows[i]` bounds how many rows of matrix parameter i one
     gradient can touch (an embedding: the tokens in a batch), so that its row-sparse storage is bounded with its
@@ -37,10 +37,11 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
     accumulate_size = accumulate_dtype(num_grads, total).itemsize
     buffers = (8 * total  # the flat gradient and its fp32 pieces
                + 4 * local * (2 if momentum else 1)  # the direction, and the momentum
-               + num_grads * min(BLOCK_COLUMNS, local) * accumulate_size)  # the unfused passes' conversion block
+               + num_grads * min(BLOCK_COLUMNS, local) * accumulate_size  # the unfused passes' conversion block
+               + 16 * num_grads * num_grads)  # a refactorisation: K in chronological order and its new factor
     if world_size > 1:
         buffers += 4 * ((world_size + 1) * local + total)  # all-gather pieces and the full direction
-    return window_bytes + 8 * num_grads * num_grads + buffers
+    return window_bytes + 2 * 8 * num_grads * num_grads + buffers  # + the Gram matrix and its factor (float64)
 
 
 def dense_window_bytes(layout: Layout, max_rows: dict[int, int], num_grads: int, element_size: int) -> int:

@@ -20,8 +20,9 @@ from .compressed import CompressedRows
 from .storage import DenseRows, RowSparseRows
 from .window import GradientWindow
 
-# State entries that count steps or say which shard this is: kept on the CPU, as torch.optim keeps "step".
-COUNTERS = ("step", "skipped_steps", "shard_rank", "shard_world_size")
+# State entries the host reads every step (counters, the shard position, the λ the factor was made for): kept on
+# the CPU, as torch.optim keeps "step".
+HOST_ENTRIES = ("step", "skipped_steps", "shard_rank", "shard_world_size", "factor_damp", "refactorizations")
 
 
 class MFAC(Optimizer):
@@ -77,7 +78,7 @@ class MFAC(Optimizer):
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         for index, param in zip(saved_ids, self._params()):
             if index in state_dict["state"]:
-                self.state[param] = {key: value.to(device=param.device, copy=True) if key not in COUNTERS else value.clone()
+                self.state[param] = {key: value.to(device=param.device, copy=True) if key not in HOST_ENTRIES else value.clone()
                                      for key, value in state_dict["state"][index].items()}
         self._dense_storage = None
         if self._params() and "gram" in self._shared_state():
@@ -225,8 +226,11 @@ class MFAC(Optimizer):
                                              self.state[params[block.index]]["row_values"], block.rows, accumulate)
                   for block in layout.sparse_blocks}
         sum_shards = sum_over_processes if layout.world_size > 1 else None
-        return GradientWindow(self._dense_columns(layout, accumulate), sparse, FisherKernel(state["gram"], first["damp"]),
-                              sum_shards)
+        if "factor" not in state:  # made by the first step from S, as after a checkpoint that predates the factor
+            state.update(factor=torch.zeros_like(state["gram"]), factor_damp=torch.tensor(float("nan"), dtype=torch.float64),
+                         refactorizations=torch.tensor(0, dtype=torch.int64))
+        kernel = FisherKernel(state["gram"], state["factor"], state["factor_damp"], state["refactorizations"], first["damp"])
+        return GradientWindow(self._dense_columns(layout, accumulate), sparse, kernel, sum_shards)
 
     def _dense_columns(self, layout: Layout, accumulate: torch.dtype) -> Union[DenseRows, CompressedRows]:
         """The storage of the window's dense columns: the dense rows, or the compressed window. Reused (with its

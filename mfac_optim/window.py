@@ -40,6 +40,5 @@ class GradientWindow:
                                            torch.zeros_like(self.kernel.gram[0]))
         if self.sum_shards is not None:
             dots = self.sum_shards(dots)
-        self.kernel.replace_slot(slot, dots)
-        coefficients = self.num_grads * self.kernel.inverse_column(slot)
+        coefficients = self.num_grads * self.kernel.insert(slot, dots)
         return self.dense.combine(coefficients), {index: part.combine(coefficients) for index, part in self.sparse.items()}

@@ -1,4 +1,6 @@
-"""Optimizer state written before mfac_optim became a package (commit 66979aa, one file) still resumes, bit for bit."""
+"""Optimizer state written before mfac_optim became a package (commit 66979aa, one file) still resumes, bit for bit.
+That state has no factor of the m × m system (it was refactored every step then): the first step makes it from the
+saved Gram matrix, and the float64 solves agree with the old ones far below the fp32 parameters' resolution."""
 import io
 from pathlib import Path
 

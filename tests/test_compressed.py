@@ -200,10 +200,11 @@ def test_memory_of_the_compressed_window_by_hand():
     set_gradients(model, torch.Generator().manual_seed(7))
     optimizer.step()
     blocks, kept, m = 4, kept_per_block(0.01), 4  # 98,754 coordinates in 4 blocks of 32,768; 328 kept per block
-    state = blocks * m * kept * (2 + 2) + 4 * blocks * BLOCK + 8 * m * m + 4 * 8  # values, offsets, error, Gram, counters
+    # values, offsets, error, Gram matrix and factor, five counters and the factor's λ
+    state = blocks * m * kept * (2 + 2) + 4 * blocks * BLOCK + 2 * 8 * m * m + 6 * 8
     assert optimizer.memory_bytes() == state
     d = model.vector.numel() + model.matrix.numel()
     bound = memory_bound_bytes([p.shape for p in model.parameters()], {}, m, "bfloat16", density=0.01)
     # State without counters, plus the step's buffers: flat gradient and pieces, the direction over whole blocks,
-    # and the unfused passes' block.
-    assert bound == state - 4 * 8 + 8 * d + 4 * blocks * BLOCK + m * 65536 * 4
+    # the unfused passes' block, and K and its factor when refactoring.
+    assert bound == state - 6 * 8 + 8 * d + 4 * blocks * BLOCK + m * 65536 * 4 + 2 * 8 * m * m

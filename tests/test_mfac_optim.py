@@ -185,9 +185,10 @@ def test_memory_bytes_counts_the_state():
     p.grad[[3, 7]] = 1.0
     q.grad = torch.ones(50)
     optimizer.step()
-    # rows: 4 slots × 2 rows × (8 bf16 + one int64); dense: 4 × 50 bf16; Gram 4 × 4 float64; momentum 8050 fp32;
-    # four int64 counters (steps, skipped steps, shard rank and world size).
-    assert optimizer.memory_bytes() == 4 * 2 * (8 * 2 + 8) + 4 * 50 * 2 + 16 * 8 + 8050 * 4 + 4 * 8
+    # rows: 4 slots × 2 rows × (8 bf16 + one int64); dense: 4 × 50 bf16; Gram matrix and its factor 4 × 4 float64;
+    # momentum 8050 fp32; five int64 counters (steps, skipped steps, shard rank and world size, refactorizations)
+    # and the factor's λ (float64).
+    assert optimizer.memory_bytes() == 4 * 2 * (8 * 2 + 8) + 4 * 50 * 2 + 2 * 16 * 8 + 8050 * 4 + 5 * 8 + 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -355,9 +356,10 @@ def test_memory_bound_of_a_dense_window_by_hand():
         model(torch.randn(4, 30)).square().sum().backward()
         optimizer.step()
     d, m = 30 * 20 + 20 + 20 * 3 + 3, 5
-    state = m * d * 2 + 8 * m * m  # bf16 window and float64 Gram matrix
-    assert optimizer.memory_bytes() == state + 4 * 8  # plus four int64 counters
-    step_buffers = 8 * d + 4 * d + m * d * 4  # flat gradient and pieces, direction, conversion block (d < 65536)
+    state = m * d * 2 + 2 * 8 * m * m  # bf16 window, float64 Gram matrix and factor
+    assert optimizer.memory_bytes() == state + 5 * 8 + 8  # plus five int64 counters and the factor's λ
+    # flat gradient and pieces, direction, conversion block (d < 65536), K and its factor when refactoring
+    step_buffers = 8 * d + 4 * d + m * d * 4 + 2 * 8 * m * m
     assert memory_bound_bytes([p.shape for p in model.parameters()], {}, m, "bfloat16") == state + step_buffers
 
 

@@ -11,11 +11,13 @@ from typing import Optional
 import torch
 
 SOURCES = Path(__file__).resolve().parent
+CPP_SOURCES = ("cpu_passes.cpp", "factor_update.cpp", "bindings.cpp")  # and kernels.h, which they include
 _cpu_passes = None  # the compiled module, False once a build failed
 
 
 def cpu_passes():
-    """The fused AVX2 CPU passes (mfac_optim/kernels/cpu_passes.cpp), or None if they cannot be built here."""
+    """The compiled CPU kernels (the fused AVX2 window passes of cpu_passes.cpp, the factor update of
+    factor_update.cpp), or None if they cannot be built here."""
     global _cpu_passes
     if _cpu_passes is None:
         try:
@@ -23,7 +25,7 @@ def cpu_passes():
 
             # The folder torch builds in (per Python and torch flavour); private, but stable since torch 1.x.
             _remove_stale_build_lock(os.path.join(_get_build_directory("mfac_cpu_kernels", False), "lock"))
-            _cpu_passes = load(name="mfac_cpu_kernels", sources=[str(SOURCES / "cpu_passes.cpp")],
+            _cpu_passes = load(name="mfac_cpu_kernels", sources=[str(SOURCES / name) for name in CPP_SOURCES],
                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as error:  # no compiler, no ninja, unsupported platform
             warnings.warn(f"MFAC: fused CPU kernels unavailable ({type(error).__name__}: {error}); using torch passes")

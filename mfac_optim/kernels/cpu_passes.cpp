@@ -2,7 +2,7 @@
 // so the window is read exactly once per pass and no fp32 copy of it exists. Column blocks go to threads; within a
 // block every row's segment is streamed, with per-block fp32 partial sums added up in float64.
 // Built on first use by mfac_optim.kernels (torch's extension builder); the Python side is mfac_optim/storage.py.
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -336,14 +336,4 @@ void compressed_combine(torch::Tensor values, torch::Tensor offsets, torch::Tens
                         int64_t block) {
   if (values.scalar_type() == torch::kBFloat16) compressed_combine_impl<uint16_t>(values, offsets, coefficients, result, block);
   else compressed_combine_impl<float>(values, offsets, coefficients, result, block);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("window_dots", &window_dots, "G g in float64, g = row `slot` of the dense window");
-  m.def("window_combine", &window_combine, "result = G^T c in fp32");
-  m.def("sparse_dots", &sparse_dots, "dots of every row-sparse slot with a dense matrix, in float64");
-  m.def("sparse_combine", &sparse_combine, "result = sum_j c_j * (row-sparse slot j scattered), in fp32");
-  m.def("compressed_store", &compressed_store, "error feedback and top-k per block into slot `slot`");
-  m.def("compressed_dots", &compressed_dots, "dots of every compressed slot with slot `slot`, in float64");
-  m.def("compressed_combine", &compressed_combine, "result = sum_j c_j * compressed slot j, in fp32");
 }
