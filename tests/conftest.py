@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny BERT folder and GLUE-format data, real from ../shared when it is there, else generated."""
+"""Shared fixtures: a tiny BERT folder and GLUE-format data, real from ../shared when it is there, else generated;
+and the two forms of the factor update."""
 import os
 import random
 from pathlib import Path
@@ -124,3 +125,12 @@ def hub_cache(tmp_path_factory, glue_dir) -> Path:
     splits["test"] = {"sentence": unlabelled, "label": [-1] * len(unlabelled), "idx": list(range(len(unlabelled)))}
     write_dataset_config(hf_home, "nyu-mll/glue", "sst2", splits, features)
     return hf_home
+
+
+@pytest.fixture(params=["compiled", "panels"])
+def update_form(request, monkeypatch):
+    """Runs a test with the compiled factor update (as on the CPU) or with the panel form (as on other devices)."""
+    if request.param == "panels":
+        from mfac_optim import algebra
+        monkeypatch.setattr(algebra, "cpu_passes", lambda: None)
+    return request.param

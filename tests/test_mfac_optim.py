@@ -73,9 +73,10 @@ def set_random_grads(params, generator, scale=0.1, none_mask=(), sparse_rows=Non
 
 
 def run_against_reference(shapes, num_grads, damp, steps, grad_dtype=torch.float32, group_options=None,
-                          none_every=0, device="cpu", sparse_rows=None, before_step=None):
+                          none_every=0, device="cpu", sparse_rows=None, before_step=None, scale_of_step=lambda step: 0.1):
     """Steps MFAC and the reference on the same gradients; returns the worst relative error of an update.
-    `before_step(step, optimizer)` may change the optimizer's groups before a step."""
+    `before_step(step, optimizer)` may change the optimizer's groups before a step; `scale_of_step(step)` is the
+    gradients' entry scale."""
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(shape, generator=generator).to(device).requires_grad_() for shape in shapes]
     group_options = group_options or [{}]
@@ -87,7 +88,7 @@ def run_against_reference(shapes, num_grads, damp, steps, grad_dtype=torch.float
     worst = 0.0
     for step in range(steps):
         none_mask = {step % len(params)} if none_every and step % none_every == 0 else ()
-        set_random_grads(params, generator, none_mask=none_mask, sparse_rows=sparse_rows)
+        set_random_grads(params, generator, scale_of_step(step), none_mask=none_mask, sparse_rows=sparse_rows)
         if before_step is not None:
             before_step(step, optimizer)
         before = flat(params)
@@ -160,6 +161,19 @@ def test_row_sparse_storage_matches_dense_reference(grad_dtype, num_grads, steps
     assert state["row_values"].dtype == grad_dtype
     assert state["window"].shape == (num_grads, 6 * 6 + 6)  # only the dense parameters
     assert worst < TOLERANCE
+
+
+@pytest.mark.parametrize("storage", ["dense", "row-sparse"])
+def test_updates_match_the_dense_solve_over_six_wraps_with_norms_varying_100x(update_form, storage):
+    # λ = 1e-6; the gradient scale cycles through 0.1 … 10 (100×) with period 5, against a window of 16: every
+    # window mixes all scales. The m × m factor is made once and updated from then on.
+    shapes, rows = ([(40, 30), (30,), (7,)], None) if storage == "dense" else (EMBEDDING_SHAPES, {0: 7})
+    worst = run_against_reference(shapes, 16, 1e-6, 6 * 16 + 3, sparse_rows=rows,
+                                  scale_of_step=lambda step: 10.0 ** (step % 5 / 2 - 1))
+    state = run_against_reference.last_optimizer.state[run_against_reference.last_optimizer.param_groups[0]["params"][0]]
+    assert ("row_values" in state) == (storage == "row-sparse")
+    assert int(state["refactorizations"]) == 1
+    assert worst < TOLERANCE, worst
 
 
 def test_row_sparse_parameter_moves_to_dense_storage_when_rows_fill():
@@ -278,7 +292,8 @@ def test_state_dict_round_trip_continues_bit_identically(grad_dtype):
     resumed_optimizer.load_state_dict(saved["optimizer"])
 
     state = resumed_optimizer.state[resumed_model.hidden.weight]
-    assert state["gram"].dtype == torch.float64
+    assert state["gram"].dtype == state["factor"].dtype == torch.float64  # the updated factor is state: no refactor
+    assert int(state["refactorizations"]) == 1 and float(state["factor_damp"]) == 1e-3
     assert state["window"].dtype == GRAD_DTYPES[grad_dtype]
     assert int(state["step"]) == 6
     assert resumed_optimizer.state[resumed_model.embedding.weight]["row_values"].dtype == GRAD_DTYPES[grad_dtype]
@@ -287,6 +302,7 @@ def test_state_dict_round_trip_continues_bit_identically(grad_dtype):
     train_steps(resumed_model, resumed_optimizer, 5, seed=2)
     for original, resumed in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(original, resumed)
+    assert torch.equal(optimizer.state[model.hidden.weight]["factor"], state["factor"])
 
 
 def test_nonfinite_gradient_skips_step_and_warns_once():
