@@ -17,6 +17,15 @@ builds the model from its config (random weights), takes SST-2 batches of 32 (dy
 tokens) and prints the optimizer's state bytes, the peak RSS growth over the optimizer steps, the median
 optimizer step and the median forward + backward + step, for MFAC and for AdamW.
 
+The m × m algebra alone (a tiny model, so that the window passes are small next to it):
+
+    python scripts/bench_mfac.py --params 2000 --algebra 256 512 1024 2048 4096 8192
+
+prints, for each window size m, the median MFAC step (the window's factor updated in O(m²), the first step's
+factorisation not timed) and the median of its m × m part alone, next to one float64 Cholesky of an m × m matrix
+timed in the same run, their ratio, and how the step grows from one m to the next. `--panel_update` times the
+device-generic update of the factor (what other devices run) instead of the C++ one.
+
 With `--ranks N` (and --model_config), N processes (gloo on CPU, NCCL on GPUs) share one window with
 shard=True, each on the same batches (as DDP's averaged gradients are the same everywhere), and each prints its
 state bytes, RSS growth and step times. On the CPU the cores are divided among the processes.
@@ -36,7 +45,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mfac_optim import GRAD_DTYPES, MFAC  # noqa: E402
+from mfac_optim import GRAD_DTYPES, MFAC, algebra  # noqa: E402
 from mfac_optim.compressed import kept_per_block, num_blocks  # noqa: E402
 
 
@@ -57,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fill", type=int, default=0,
                         help="with --model_config: train this many further SST-2 batches before the timed ones, so "
                              "that the window is full of real gradients (e.g. --fill 1024)")
+    parser.add_argument("--algebra", type=int, nargs="+", metavar="M",
+                        help="time steps at these window sizes next to one float64 Cholesky of each size")
+    parser.add_argument("--panel_update", action="store_true",
+                        help="with --algebra: time the device-generic panel update of the factor, not the C++ one")
     parser.add_argument("--config_overrides", type=json.loads, default={},
                         help="JSON of config fields to change (e.g. bert-base shapes from bert-mini's folder)")
     args = parser.parse_args(argv)
@@ -235,6 +248,64 @@ def benchmark_sharded(args: argparse.Namespace) -> None:
               f"whole training step {result['total'] * 1e3:.0f} ms")
 
 
+def cholesky_seconds(size: int, device: torch.device) -> float:
+    """One float64 Cholesky of a size × size positive definite matrix (median of 3)."""
+    rows = torch.randn(size, size, dtype=torch.float64, device=device)
+    matrix = rows @ rows.T + size * torch.eye(size, dtype=torch.float64, device=device)
+    return median_seconds(lambda: torch.linalg.cholesky(matrix), 3, device)
+
+
+class TimedInserts:
+    """Records how long each FisherKernel.insert (the step's m × m work: factor update, solve, residual check)
+    takes while active."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, []
+
+    def __enter__(self) -> "TimedInserts":
+        insert = self.original = algebra.FisherKernel.insert
+
+        def timed(kernel, slot, dots):
+            synchronize(self.device)
+            start = time.perf_counter()
+            solution = insert(kernel, slot, dots)
+            synchronize(self.device)
+            self.seconds.append(time.perf_counter() - start)
+            return solution
+
+        algebra.FisherKernel.insert = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        algebra.FisherKernel.insert = self.original
+
+
+def benchmark_algebra(args: argparse.Namespace, device: torch.device) -> None:
+    if args.panel_update:  # what runs where the compiled kernels do not: other devices, or no compiler
+        algebra.cpu_passes = lambda: None
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(args.params, device=device) * 0.02)
+    print(f"device {device} ({torch.get_num_threads()} threads), d = {args.params:,} parameters, "
+          f"{args.grad_dtype} window, λ = 1e-6, median of {args.steps} steps, "
+          f"factor update: {'panels (device-generic)' if args.panel_update else 'compiled if on the CPU'}")
+    print(f"{'m':>6} {'step ms':>9} {'m×m ms':>8} {'Cholesky ms':>12} {'step/Cholesky':>14} {'step growth':>12} "
+          f"{'factorisations':>15}")
+    steps = {}
+    for size in args.algebra:
+        mfac = MFAC([param], lr=1e-9, num_grads=size, damp=1e-6, grad_dtype=args.grad_dtype)
+        with TimedInserts(device) as inserts:
+            steps[size] = time_optimizer(mfac, param, args.steps, warmup=2)
+        made = int(mfac.state[param]["refactorizations"])  # 1: only the first step's
+        del mfac
+        cholesky = cholesky_seconds(size, device)
+        previous = [m for m in steps if m < size]
+        growth = f"{steps[size] / steps[previous[-1]]:.1f}x" if previous else ""
+        print(f"{size:>6} {steps[size] * 1e3:>9.2f} {statistics.median(inserts.seconds[2:]) * 1e3:>8.2f} "
+              f"{cholesky * 1e3:>12.1f} {steps[size] / cholesky:>14.3f} {growth:>12} {made:>15}", flush=True)
+    if 1024 in steps and 4096 in steps:
+        print(f"step growth from m = 1024 to 4096: {steps[4096] / steps[1024]:.1f}x (O(m^2): 16x, O(m^3): 64x)")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -243,6 +314,9 @@ def main(argv=None) -> None:
         return
     if args.model_config is not None:
         benchmark_model(args, device)
+        return
+    if args.algebra:
+        benchmark_algebra(args, device)
         return
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(args.params, device=device) * 0.02)
