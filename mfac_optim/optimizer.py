@@ -227,9 +227,11 @@ class MFAC(Optimizer):
                   for block in layout.sparse_blocks}
         sum_shards = sum_over_processes if layout.world_size > 1 else None
         if "factor" not in state:  # made by the first step from S, as after a checkpoint that predates the factor
-            state.update(factor=torch.zeros_like(state["gram"]), factor_damp=torch.tensor(float("nan"), dtype=torch.float64),
+            state.update(factor=torch.zeros_like(state["gram"]),
+                         factor_damp=torch.tensor(float("nan"), dtype=torch.float64),
                          refactorizations=torch.tensor(0, dtype=torch.int64))
-        kernel = FisherKernel(state["gram"], state["factor"], state["factor_damp"], state["refactorizations"], first["damp"])
+        kernel = FisherKernel(state["gram"], state["factor"], state["factor_damp"], state["refactorizations"],
+                              first["damp"])
         return GradientWindow(self._dense_columns(layout, accumulate), sparse, kernel, sum_shards)
 
     def _dense_columns(self, layout: Layout, accumulate: torch.dtype) -> Union[DenseRows, CompressedRows]:

@@ -153,7 +153,8 @@ def test_each_process_keeps_its_half_of_the_window(ranks):
     assert whole.memory_bytes() == 16 * 1385 * 4 + replicated
     assert [result["dense_memory"] for result in ranks] == [16 * 677 * 4 + replicated, 16 * 708 * 4 + replicated]
     # The embedding model (with momentum): each process keeps the rows its half of the vocabulary has seen, half
-    # the other rows and half the momentum; only the 8 × 8 Gram matrix, its factor and the counters are whole everywhere.
+    # the other rows and half the momentum; only the 8 × 8 Gram matrix, its factor and the counters are whole
+    # everywhere.
     _, unsharded = unsharded_run()
     replicated = 2 * 8 * 8 * 8 + 6 * 8
     halves = [result["memory"] - replicated for result in ranks]

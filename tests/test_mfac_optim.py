@@ -170,7 +170,8 @@ def test_updates_match_the_dense_solve_over_six_wraps_with_norms_varying_100x(up
     shapes, rows = ([(40, 30), (30,), (7,)], None) if storage == "dense" else (EMBEDDING_SHAPES, {0: 7})
     worst = run_against_reference(shapes, 16, 1e-6, 6 * 16 + 3, sparse_rows=rows,
                                   scale_of_step=lambda step: 10.0 ** (step % 5 / 2 - 1))
-    state = run_against_reference.last_optimizer.state[run_against_reference.last_optimizer.param_groups[0]["params"][0]]
+    optimizer = run_against_reference.last_optimizer
+    state = optimizer.state[optimizer.param_groups[0]["params"][0]]
     assert ("row_values" in state) == (storage == "row-sparse")
     assert int(state["refactorizations"]) == 1
     assert worst < TOLERANCE, worst
