@@ -8,7 +8,8 @@ step is F⁻¹c over the stored rows, u = m · Cᵀ K⁻¹ eᵢ, exactly as for 
 
 Storage is block-major, (blocks, m, kept), with int16 offsets inside a block: a pass visits one block's entries of
 every slot together and gathers from (dots) or scatters into (combine) one block-sized buffer that stays in cache.
-The torch passes here are device-generic; on the CPU the fused kernels (kernels/cpu_passes.cpp) serve instead.
+The torch passes here are device-generic; on the CPU the fused kernels (kernels/cpu_passes.cpp) serve instead, and
+on a GPU the combine is a deterministic Triton kernel (kernels/triton_passes.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .kernels import fused_passes_for
+from .kernels import fused_passes_for, triton_passes_for
 
 # Coordinates per block: int16 offsets address 0 … 32767, so every position of a block fits.
 BLOCK = 1 << 15
@@ -47,6 +48,8 @@ class CompressedRows:
         self.size = size
         self.accumulate_dtype = accumulate_dtype
         self._fused = fused_passes_for(values, accumulate_dtype)
+        # On a GPU the combine is a Triton kernel: scatter_add_ there adds with float atomics, in no fixed order.
+        self._triton = triton_passes_for(values, accumulate_dtype)
         self._result: Optional[Tensor] = None  # the fused combine's output, reused (page faults otherwise)
 
     @staticmethod
@@ -95,10 +98,11 @@ class CompressedRows:
 
     def combine(self, coefficients: Tensor) -> Tensor:
         """Σ_j c_j · slot j over the local coordinates, in fp32."""
-        if self._fused is not None:
+        kernels = self._fused or self._triton
+        if kernels is not None:
             if self._result is None:
-                self._result = torch.empty(self.error.numel(), dtype=torch.float32)
-            self._fused.compressed_combine(self.values, self.offsets, coefficients.float(), self._result, BLOCK)
+                self._result = torch.empty(self.error.numel(), dtype=torch.float32, device=self.values.device)
+            kernels.compressed_combine(self.values, self.offsets, coefficients.float(), self._result, BLOCK)
             return self._result[:self.size]
         result = torch.zeros(self.values.shape[0], BLOCK, dtype=self.accumulate_dtype, device=self.values.device)
         coefficients = coefficients.to(self.accumulate_dtype)

@@ -32,7 +32,8 @@ class MFAC(Optimizer):
         params: tensors or param-group dicts. `lr`, `weight_decay` and `momentum` may differ per group;
             `num_grads`, `damp` and `grad_dtype` describe the one shared window and must not.
         lr: learning rate, read from the group at every step (LR schedulers work).
-        num_grads: m, the number of gradients in the window.
+        num_grads: m, the number of gradients in the window. Besides the window, m costs 16·m² bytes of float64
+            state (the Gram matrix and its Cholesky factor) and O(m²) work per step (algebra.py).
         damp: λ in F = λI + (1/m) GᵀG.
         momentum: μ of the exponential average v ← μv + (1 − μ)u of the directions (0 disables it).
         weight_decay: coupled L2: g ← g + weight_decay · p before g enters the window.

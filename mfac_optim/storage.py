@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .kernels import fused_passes_for
+from .kernels import dense_passes_for, fused_passes_for
 
 # Columns per block in the torch (unfused) passes.
 BLOCK_COLUMNS = 1 << 16
@@ -32,7 +32,7 @@ class DenseRows:
         self.accumulate_dtype = accumulate_dtype
         self._block_buffer: Optional[Tensor] = None
         self._direction_buffer: Optional[Tensor] = None
-        self._fused = fused_passes_for(window, accumulate_dtype)
+        self._fused = dense_passes_for(window, accumulate_dtype)
 
     def state(self) -> dict[str, Tensor]:
         return {"window": self.window}
@@ -57,7 +57,8 @@ class DenseRows:
         """Gᵀ c in fp32 over these columns (second pass over the window)."""
         if self._fused is not None:
             if self._direction_buffer is None:
-                self._direction_buffer = torch.empty(self.window.shape[1], dtype=torch.float32)
+                self._direction_buffer = torch.empty(self.window.shape[1], dtype=torch.float32,
+                                                     device=self.window.device)
             self._fused.window_combine(self.window, coefficients.float(), self._direction_buffer)
             return self._direction_buffer
         result = torch.empty(self.window.shape[1], dtype=torch.float32, device=self.window.device)

@@ -45,6 +45,28 @@ def _remove_stale_build_lock(path: str, max_age_seconds: float = 600) -> None:
         os.remove(path)
 
 
+def dense_passes_for(window: torch.Tensor, accumulate_dtype: torch.dtype) -> Optional[object]:
+    """The dense window's fused passes (`window_dots`, `window_combine`): the compiled ones on the CPU, the Triton
+    ones on a GPU, else None."""
+    if window.device.type == "cpu":
+        return fused_passes_for(window, accumulate_dtype)
+    return triton_passes_for(window, accumulate_dtype)
+
+
+def triton_passes_for(storage: torch.Tensor, accumulate_dtype: torch.dtype) -> Optional[object]:
+    """The Triton passes (triton_passes.py) if they apply to this window storage (a CUDA tensor, contiguous rows,
+    fp32 accumulation) and Triton is installed, else None."""
+    applies = (storage.device.type == "cuda" and accumulate_dtype == torch.float32 and storage.stride(-1) == 1
+               and storage.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    if not applies:
+        return None
+    try:
+        from . import triton_passes
+    except ImportError:  # torch's CUDA wheels bring Triton; other builds may not
+        return None
+    return triton_passes
+
+
 def fused_passes_for(storage: torch.Tensor, accumulate_dtype: torch.dtype) -> Optional[object]:
     """The fused CPU passes if they apply to this window storage (CPU, fp32 or bf16, contiguous, fp32
     accumulation), else None."""

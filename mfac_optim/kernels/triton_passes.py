@@ -1,0 +1,97 @@
+"""The dense window's two passes for GPU tensors, in Triton: each reads the window once, in its storage dtype,
+and accumulates in fp32 (with float64 sums over column splits for the dot products). No atomics, so results are
+deterministic. The functions match the compiled CPU module's (`window_dots`, `window_combine`), so DenseRows uses
+either without knowing which. The tests run them on the CPU under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+import torch
+
+ROWS = 16  # window rows per program: one load of the new row's segment serves them all
+COLUMNS = 512  # columns per inner iteration
+SPLIT = 1 << 15  # columns per program of the dot products: fp32 sums over at most 32,768 products
+
+
+@triton.jit
+def _dots_kernel(window, partial, slot, rows, columns, stride, ROWS: tl.constexpr, COLUMNS: tl.constexpr,
+                 SPLIT: tl.constexpr):
+    """partial[split, row] = Σ over the split's columns of window[row, col] · window[slot, col], in fp32."""
+    row_tile, split = tl.program_id(0), tl.program_id(1)
+    row_index = row_tile * ROWS + tl.arange(0, ROWS)
+    row_mask = row_index < rows
+    total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
+    for offset in range(0, SPLIT, COLUMNS):
+        column_index = split * SPLIT + offset + tl.arange(0, COLUMNS)
+        column_mask = column_index < columns
+        new = tl.load(window + slot * stride + column_index, mask=column_mask, other=0.0).to(tl.float32)
+        block = tl.load(window + row_index[:, None] * stride + column_index[None, :],
+                        mask=row_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+        total += block * new[None, :]
+    tl.store(partial + split * rows + row_index, tl.sum(total, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _combine_kernel(window, coefficients, result, rows, columns, stride, ROWS: tl.constexpr,
+                    COLUMNS: tl.constexpr):
+    """result[col] = Σ_row coefficients[row] · window[row, col], in fp32, rows in order."""
+    column_index = tl.program_id(0) * COLUMNS + tl.arange(0, COLUMNS)
+    column_mask = column_index < columns
+    total = tl.zeros([COLUMNS], dtype=tl.float32)
+    for start in range(0, rows, ROWS):
+        row_index = start + tl.arange(0, ROWS)
+        row_mask = row_index < rows
+        scale = tl.load(coefficients + row_index, mask=row_mask, other=0.0)
+        block = tl.load(window + row_index[:, None] * stride + column_index[None, :],
+                        mask=row_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+        total += tl.sum(block * scale[:, None], axis=0)
+    tl.store(result + column_index, total, mask=column_mask)
+
+
+def window_dots(window: torch.Tensor, slot: int) -> torch.Tensor:
+    """G ĝ in float64, ĝ = row `slot` of the (m, n) window: fp32 sums per split of columns, added in float64."""
+    rows, columns = window.shape
+    splits = triton.cdiv(columns, SPLIT)
+    partial = torch.empty(splits, rows, dtype=torch.float32, device=window.device)
+    _dots_kernel[(triton.cdiv(rows, ROWS), splits)](window, partial, slot, rows, columns, window.stride(0),
+                                                   ROWS=ROWS, COLUMNS=COLUMNS, SPLIT=SPLIT)
+    return partial.sum(dim=0, dtype=torch.float64)
+
+
+def window_combine(window: torch.Tensor, coefficients: torch.Tensor, result: torch.Tensor) -> None:
+    """result = Gᵀc in fp32 (coefficients fp32, one per row)."""
+    rows, columns = window.shape
+    _combine_kernel[(triton.cdiv(columns, COLUMNS),)](window, coefficients, result, rows, columns, window.stride(0),
+                                                      ROWS=ROWS, COLUMNS=COLUMNS)
+
+
+@triton.jit
+def _compressed_combine_kernel(values, offsets, coefficients, result, slots, KEPT: tl.constexpr,
+                               KEPT_TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per block of coordinates: result[block] = Σ_j c_j · slot j's kept entries, slots in order. A
+    slot's offsets in a block are distinct, so its lanes never collide; the barrier orders one slot's writes before
+    the next slot's reads. No atomics: the sum's order is fixed, and the result deterministic."""
+    block = tl.program_id(0)
+    out = result + block * BLOCK
+    for start in range(0, BLOCK, KEPT_TILE):
+        tl.store(out + start + tl.arange(0, KEPT_TILE), tl.zeros([KEPT_TILE], dtype=tl.float32))
+    tl.debug_barrier()
+    entry = tl.arange(0, KEPT_TILE)
+    mask = entry < KEPT
+    for slot in range(0, slots):
+        scale = tl.load(coefficients + slot)
+        base = (block * slots + slot) * KEPT
+        position = tl.load(offsets + base + entry, mask=mask, other=0).to(tl.int32)
+        value = tl.load(values + base + entry, mask=mask, other=0.0).to(tl.float32)
+        current = tl.load(out + position, mask=mask, other=0.0)
+        tl.store(out + position, current + scale * value, mask=mask)
+        tl.debug_barrier()
+
+
+def compressed_combine(values: torch.Tensor, offsets: torch.Tensor, coefficients: torch.Tensor,
+                       result: torch.Tensor, block: int) -> None:
+    """result (blocks · block, fp32) = Σ_j c_j · slot j of the (blocks, m, kept) compressed window."""
+    blocks, slots, kept = values.shape
+    _compressed_combine_kernel[(blocks,)](values, offsets, coefficients, result, slots, KEPT=kept,
+                                          KEPT_TILE=triton.next_power_of_2(kept), BLOCK=block)

@@ -1,0 +1,73 @@
+"""The dense window's GPU passes (mfac_optim/kernels/triton_passes.py) against float64, run on the CPU under
+Triton's interpreter when there is no GPU (conftest sets TRITON_INTERPRET=1), and MFAC with them in place against
+the dense float64 solve. Skipped where Triton is not installed."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import test_compressed  # noqa: E402
+from mfac_optim import compressed, storage  # noqa: E402
+from mfac_optim.compressed import BLOCK, CompressedRows  # noqa: E402
+from mfac_optim.kernels import triton_passes  # noqa: E402
+from test_mfac_optim import TOLERANCE, run_against_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_passes_equal_float64_across_tiles_and_splits(dtype):
+    # 37 rows (2 tiles of 16 and a part), 70,000 columns (3 splits of 32,768, the last partial), entries whose sizes
+    # span e^±6: fp32 sums must stay within 1e-5 of the sum of the products' magnitudes.
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.exp(2 * torch.randn(70_000, generator=generator)).clamp(max=1e4)
+    window = (torch.randn(37, 70_000, generator=generator) * scales).to(dtype).to(DEVICE)
+    exact = window.double()
+    dots = triton_passes.window_dots(window, 5)
+    assert dots.dtype == torch.float64
+    assert ((dots - exact @ exact[5]).abs() <= 1e-5 * (exact.abs() @ exact[5].abs())).all()
+    coefficients = torch.randn(37, generator=generator).to(DEVICE)
+    result = torch.empty(70_000, device=DEVICE)
+    triton_passes.window_combine(window, coefficients, result)
+    expected, magnitude = exact.T @ coefficients.double(), exact.abs().T @ coefficients.double().abs()
+    assert ((result.double() - expected).abs() <= 1e-5 * magnitude).all()
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch, grad_dtype):
+    calls = []
+
+    def triton_for_every_window(window, accumulate_dtype):
+        calls.append(window.dtype)
+        return triton_passes
+
+    monkeypatch.setattr(storage, "dense_passes_for", triton_for_every_window)
+    worst = run_against_reference([(40, 30), (30,), (7,)], 16, 1e-6, 40, grad_dtype=grad_dtype, device=DEVICE)
+    assert calls and set(calls) == {grad_dtype}
+    assert worst < TOLERANCE, worst
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressed_combine_equals_float64_and_repeats_bit_for_bit(dtype):
+    size, generator = 3 * BLOCK + 100, torch.Generator().manual_seed(1)
+    rows = CompressedRows(*CompressedRows.allocate(6, size, 0.01, dtype, "cpu").values(), size, torch.float32)
+    for slot in range(5):  # slot 5 stays empty: its offsets are the initial distinct ones, its values zero
+        rows.store(slot, torch.randn(size, generator=generator) * torch.exp(2 * torch.randn(size, generator=generator)))
+    values, offsets = rows.values.to(DEVICE), rows.offsets.to(DEVICE)
+    coefficients = torch.randn(6, generator=generator).to(DEVICE)
+    results = []
+    for _ in range(2):
+        result = torch.full((4 * BLOCK,), float("nan"), device=DEVICE)  # every entry must be written
+        triton_passes.compressed_combine(values, offsets, coefficients, result, BLOCK)
+        results.append(result)
+    stored = rows.to_dense().double().to(DEVICE)
+    expected, magnitude = stored.T @ coefficients.double(), stored.abs().T @ coefficients.double().abs()
+    assert ((results[0][:size].double() - expected).abs() <= 1e-6 * magnitude).all()
+    assert (results[0][size:] == 0).all() and torch.equal(results[0], results[1])
+
+
+def test_compressed_optimizer_with_the_triton_combine_matches_the_dense_solve(monkeypatch):
+    monkeypatch.setattr(compressed, "triton_passes_for", lambda storage, accumulate_dtype: triton_passes)
+    monkeypatch.setattr(compressed, "fused_passes_for", lambda storage, accumulate_dtype: None)
+    # The compressed test's six wraps at λ = 1e-6 (its first argument only labels the factor update's form).
+    test_compressed.test_updates_equal_a_dense_float64_solve_over_the_stored_rows_across_wraps(
+        "compiled", "bfloat16", 1e-6)
