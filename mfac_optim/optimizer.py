@@ -110,7 +110,8 @@ class MFAC(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grad = self._flat_gradient()
-        # A sum is finite whenever all terms are, unless it overflows: only then is the full check needed.
+        # A sum is finite whenever all terms are, unless it overflows: only then is the full check needed. On a GPU
+        # this is a host synchronisation the step needs: skipping it or not is the host's decision.
         if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
             self._skip_nonfinite()
             return loss
@@ -201,7 +202,7 @@ class MFAC(Optimizer):
         sparse = {}
         for block in layout.sparse_blocks:
             matrix = layout.matrix(grad, block)
-            rows = nonzero_rows(matrix)
+            rows = nonzero_rows(matrix)  # on a GPU, a host synchronisation: the row count sizes the storage
             if row_sparse_pays(len(rows), block.rows, block.columns, self._shared_state()["window"].element_size()):
                 sparse[block.index] = (matrix, rows)
             else:

@@ -13,6 +13,7 @@ float64, which bounds the rounding error by the block length rather than by d.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
@@ -142,9 +143,10 @@ class RowSparseRows:
             return result
         result = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
         coefficients = coefficients.to(self.accumulate_dtype)
-        for chunk in self._slot_chunks():
-            scaled = self.values[chunk].to(self.accumulate_dtype) * coefficients[chunk, None, None]
-            result.index_add_(0, self.indices[chunk].reshape(-1), scaled.reshape(-1, self.values.shape[2]))
+        with _adding_in_a_fixed_order(self.values.device):
+            for chunk in self._slot_chunks():
+                scaled = self.values[chunk].to(self.accumulate_dtype) * coefficients[chunk, None, None]
+                result.index_add_(0, self.indices[chunk].reshape(-1), scaled.reshape(-1, self.values.shape[2]))
         return result.float()
 
     def state(self) -> dict[str, Tensor]:
@@ -161,4 +163,19 @@ class RowSparseRows:
         for start in range(0, self.indices.shape[0], self.SLOTS_PER_CHUNK):
             yield slice(start, start + self.SLOTS_PER_CHUNK)
 
+
+@contextmanager
+def _adding_in_a_fixed_order(device: torch.device) -> Iterator[None]:
+    """index_add_ on CUDA adds with float atomics, in no fixed order, unless deterministic algorithms are on: they
+    are, for the combine (then restored), so that a resumed run repeats it bit for bit. Elsewhere it changes nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
