@@ -26,6 +26,16 @@ factorisation not timed) and the median of its m × m part alone, next to one fl
 timed in the same run, their ratio, and how the step grows from one m to the next. `--panel_update` times the
 device-generic update of the factor (what other devices run) instead of the C++ one.
 
+On a GPU, the comparison the README reports, in one run (the authors' optim.py from a folder you fetched):
+
+    python scripts/bench_mfac.py --model_config ../shared/data/models/bert-mini-config \
+        --train_file ../shared/data/glue/SST-2/train.tsv --num_grads 1024 --steps 20 --compare_all \
+        --authors_optim path/to/M-FAC
+
+prints the optimizer step and the whole training step of AdamW (fused), our M-FAC dense bf16 and fp32, compressed
+(density 0.01) and the authors' M-FAC, each whole step against AdamW's, and each window's bandwidth (two passes
+per step) against a device-to-device copy measured in the same run.
+
 With `--ranks N` (and --model_config), N processes (gloo on CPU, NCCL on GPUs) share one window with
 shard=True, each on the same batches (as DDP's averaged gradients are the same everywhere), and each prints its
 state bytes, RSS growth and step times. On the CPU the cores are divided among the processes.
@@ -70,11 +80,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="time steps at these window sizes next to one float64 Cholesky of each size")
     parser.add_argument("--panel_update", action="store_true",
                         help="with --algebra: time the device-generic panel update of the factor, not the C++ one")
+    parser.add_argument("--compare_all", action="store_true",
+                        help="with --model_config: in one run, AdamW (fused on CUDA), M-FAC dense bf16 and fp32, "
+                             "compressed (density 0.01, bf16) and, with --authors_optim, the authors' M-FAC, each "
+                             "with its window bandwidth against a device-to-device copy")
+    parser.add_argument("--authors_optim", type=Path,
+                        help="a folder holding the authors' optim.py (github.com/IST-DASLab/M-FAC; fetched by you, "
+                             "never part of this project), for --compare_all")
     parser.add_argument("--config_overrides", type=json.loads, default={},
                         help="JSON of config fields to change (e.g. bert-base shapes from bert-mini's folder)")
     args = parser.parse_args(argv)
     if (args.model_config is None) != (args.train_file is None):
         parser.error("--model_config and --train_file go together")
+    if (args.compare_all or args.authors_optim) and args.model_config is None:
+        parser.error("--compare_all and --authors_optim need --model_config and --train_file")
+    if args.authors_optim and not (args.authors_optim / "optim.py").is_file():
+        parser.error(f"--authors_optim: no optim.py in {args.authors_optim}")
+    if args.authors_optim and not args.device.startswith("cuda"):
+        parser.error("--authors_optim: the authors' M-FAC runs only on CUDA (its LU has no CPU version)")
     if args.ranks < 1 or (args.ranks > 1 and args.model_config is None):
         parser.error("--ranks: a positive number of processes, more than 1 only with --model_config")
     return args
@@ -192,10 +215,11 @@ def measure_mfac(model: torch.nn.Module, batches: list, args: argparse.Namespace
             "rows": rows}
 
 
-def print_setting(args: argparse.Namespace, model: torch.nn.Module, batches: list, rows: int | None) -> None:
+def print_setting(args: argparse.Namespace, model: torch.nn.Module, batches: list, rows: int | None,
+                  grad_dtype: str | None = None) -> None:
     print(f"model                 {args.model_config} ({sum(p.numel() for p in model.parameters()):,} params)")
     print(f"num_grads m           {args.num_grads}")
-    print(f"grad_dtype            {args.grad_dtype}")
+    print(f"grad_dtype            {grad_dtype or args.grad_dtype}")
     print(f"batches               {len(batches)} SST-2 batches of {args.batch_size} ({args.fill} to fill), "
           f"median length {statistics.median(b['input_ids'].shape[1] for b in batches)}")
     print(f"word-embedding rows   {rows} per slot (capacity after these batches)" if rows else
@@ -216,6 +240,70 @@ def benchmark_model(args: argparse.Namespace, device: torch.device) -> None:
               f"{mfac['rss_growth'] / 2**30:.2f} GiB; step (median) {mfac['step'] * 1e3:.0f} ms; whole training step "
               f"{mfac['total'] * 1e3:.0f} ms; throughput / AdamW {adamw_total / mfac['total']:.2f}")
     print(f"AdamW                 step (median) {adamw_step * 1e3:.0f} ms; whole training step {adamw_total * 1e3:.0f} ms")
+
+
+def copy_bandwidth(num_bytes: int, device: torch.device) -> float:
+    """Bytes moved per second (read + write) by a device-to-device copy of `num_bytes`, the best of 7."""
+    source = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    fastest = min(median_seconds(lambda: target.copy_(source), 1, device) for _ in range(7))
+    return 2 * num_bytes / fastest
+
+
+WINDOW_ENTRIES = ("window", "row_indices", "row_values", "compressed_values", "compressed_offsets")
+
+
+def mfac_window_bytes(optimizer: MFAC) -> int:
+    """The bytes of the window that each of a step's two passes reads."""
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
+               for key, value in state.items() if key in WINDOW_ENTRIES)
+
+
+def authors_mfac(folder: Path, model: torch.nn.Module, num_grads: int, device: torch.device):
+    """The authors' M-FAC (their optim.py, imported from `folder`): fp32 window, m × m coefficients per step."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("authors_mfac_optim", folder / "optim.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    optimizer = module.MFAC(model.parameters(), lr=1e-9, ngrads=num_grads, damp=1e-6, moddev=device, optdev=device,
+                            gpus=[device])
+    return optimizer, num_grads * sum(p.numel() for p in model.parameters()) * 4
+
+
+def benchmark_all(args: argparse.Namespace, device: torch.device) -> None:
+    """One process, the same real batches: AdamW, our M-FAC in three forms, the authors' M-FAC if given."""
+    model, batches = model_and_batches(args, device)
+    print_setting(args, model, batches, None, grad_dtype="per row below")
+    settings = {f"MFAC dense bf16, m={args.num_grads}": dict(grad_dtype="bfloat16"),
+                f"MFAC dense fp32, m={args.num_grads}": dict(grad_dtype="float32"),
+                f"MFAC compressed 0.01 bf16, m={args.num_grads}": dict(grad_dtype="bfloat16", density=0.01)}
+    rows = []
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=device.type == "cuda")
+    rows.append(("AdamW" + (" (fused)" if device.type == "cuda" else ""), *time_training(model, adamw, batches, device),
+                 None))
+    del adamw
+    for name, options in settings.items():
+        mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, **options)
+        step, total = time_training(model, mfac, batches, device)
+        rows.append((name, step, total, mfac_window_bytes(mfac)))
+        del mfac
+    if args.authors_optim:
+        optimizer, window = authors_mfac(args.authors_optim, model, args.num_grads, device)
+        rows.append((f"authors' M-FAC (optim.py, fp32), m={args.num_grads}",
+                     *time_training(model, optimizer, batches, device), window))
+        del optimizer
+    largest = max(window for *_, window in rows if window)
+    copy = copy_bandwidth(min(largest, 4 << 30), device)
+    adamw_total = rows[0][2]
+    print(f"device-to-device copy {copy / 1e9:.0f} GB/s (read + write)")
+    print(f"{'optimizer':<40} {'step ms':>9} {'whole step ms':>14} {'vs AdamW':>9} {'window GiB':>11} "
+          f"{'window GB/s':>12} {'vs copy':>8}")
+    for name, step, total, window in rows:
+        bandwidth = 2 * window / step if window else None  # two passes over the window per step
+        print(f"{name:<40} {step * 1e3:>9.2f} {total * 1e3:>14.2f} {adamw_total / total:>9.2f} "
+              + (f"{window / 2**30:>11.2f} {bandwidth / 1e9:>12.0f} {bandwidth / copy:>8.2f}" if window else ""))
 
 
 def sharded_rank(rank: int, args: argparse.Namespace, folder: str) -> None:
@@ -311,6 +399,9 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if args.ranks > 1:
         benchmark_sharded(args)
+        return
+    if args.compare_all:
+        benchmark_all(args, device)
         return
     if args.model_config is not None:
         benchmark_model(args, device)

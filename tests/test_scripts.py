@@ -1,4 +1,5 @@
-"""scripts/ and configs/: the reproduction command, the seed sweep, the comparison table and plot."""
+"""scripts/ and configs/: the reproduction command, the seed sweep, the comparison table and plot, and the
+benchmark's one-run comparison."""
 import json
 import os
 import subprocess
@@ -6,11 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import run_glue
+from mfac_optim import MFAC
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
+import bench_mfac  # noqa: E402
 import compare  # noqa: E402
 import sweep  # noqa: E402
 
@@ -237,3 +241,28 @@ def test_compare_rejects_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
         compare.main([str(tmp_path / "half")])
     assert exit_info.value.code == 2
     assert f"{tmp_path / 'half'} is not a finished run_glue.py run (no all_results.json)" in capsys.readouterr().err
+
+
+def test_bench_compare_all_times_every_optimizer_and_counts_the_window(tiny_bert, glue_dir, capsys):
+    bench_mfac.main(["--model_config", str(tiny_bert), "--train_file", str(glue_dir / "SST-2" / "train.tsv"),
+                     "--num_grads", "4", "--steps", "2", "--batch_size", "8", "--compare_all", "--device", "cpu"])
+    table = capsys.readouterr().out
+    names = ["AdamW", "MFAC dense bf16, m=4", "MFAC dense fp32, m=4", "MFAC compressed 0.01 bf16, m=4"]
+    assert all(any(line.startswith(name) for line in table.splitlines()) for name in names), table
+    assert "device-to-device copy" in table
+
+    params = [torch.zeros(30, 20, requires_grad=True), torch.zeros(7, requires_grad=True)]
+    optimizer = MFAC(params, num_grads=4, grad_dtype="bfloat16")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert bench_mfac.mfac_window_bytes(optimizer) == 4 * 607 * 2  # m × d bf16 values: what each pass reads
+
+
+def test_bench_refuses_the_authors_code_off_cuda(tiny_bert, glue_dir, tmp_path, capsys):
+    (tmp_path / "optim.py").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_mfac.parse_args(["--model_config", str(tiny_bert), "--train_file", str(glue_dir / "SST-2" / "train.tsv"),
+                               "--compare_all", "--authors_optim", str(tmp_path), "--device", "cpu"])
+    assert exit_info.value.code == 2 and "runs only on CUDA" in capsys.readouterr().err
+
