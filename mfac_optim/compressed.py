@@ -9,7 +9,7 @@ step is F⁻¹c over the stored rows, u = m · Cᵀ K⁻¹ eᵢ, exactly as for 
 Storage is block-major, (blocks, m, kept), with int16 offsets inside a block: a pass visits one block's entries of
 every slot together and gathers from (dots) or scatters into (combine) one block-sized buffer that stays in cache.
 The torch passes here are device-generic; on the CPU the fused kernels (kernels/cpu_passes.cpp) serve instead, and
-on a GPU the combine is a deterministic Triton kernel (kernels/triton_passes.py).
+on a GPU the dots and a deterministic combine are Triton kernels (kernels/triton_passes.py).
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ class CompressedRows:
         self.size = size
         self.accumulate_dtype = accumulate_dtype
         self._fused = fused_passes_for(values, accumulate_dtype)
-        # On a GPU the combine is a Triton kernel: scatter_add_ there adds with float atomics, in no fixed order.
+        # On a GPU the dots and the combine are Triton kernels: the torch combine (scatter_add_) would add with float
+        # atomics there, in no fixed order.
         self._triton = triton_passes_for(values, accumulate_dtype)
         self._result: Optional[Tensor] = None  # the fused combine's output, reused (page faults otherwise)
 
@@ -85,8 +86,9 @@ class CompressedRows:
         """⟨c_j, c_slot⟩ for every slot j, accumulated in float64: the kept entries span the gradient's whole
         dynamic range, so fp32 sums of their products lose digits in the Gram matrix, and with few entries per
         block the float64 arithmetic costs little next to the gathers."""
-        if self._fused is not None:
-            return self._fused.compressed_dots(self.values, self.offsets, slot, BLOCK)
+        kernels = self._fused or self._triton
+        if kernels is not None:
+            return kernels.compressed_dots(self.values, self.offsets, slot, BLOCK)
         new = torch.zeros(self.values.shape[0], BLOCK, dtype=torch.float64, device=self.values.device)
         new.scatter_(1, self.offsets[:, slot].long(), self.values[:, slot].double())
         dots = torch.empty(self.num_grads, dtype=torch.float64, device=self.values.device)

@@ -47,7 +47,7 @@ def test_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch, g
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compressed_combine_equals_float64_and_repeats_bit_for_bit(dtype):
+def test_compressed_passes_equal_float64_and_the_combine_repeats_bit_for_bit(dtype):
     size, generator = 3 * BLOCK + 100, torch.Generator().manual_seed(1)
     rows = CompressedRows(*CompressedRows.allocate(6, size, 0.01, dtype, "cpu").values(), size, torch.float32)
     for slot in range(5):  # slot 5 stays empty: its offsets are the initial distinct ones, its values zero
@@ -60,12 +60,14 @@ def test_compressed_combine_equals_float64_and_repeats_bit_for_bit(dtype):
         triton_passes.compressed_combine(values, offsets, coefficients, result, BLOCK)
         results.append(result)
     stored = rows.to_dense().double().to(DEVICE)
+    dots = triton_passes.compressed_dots(values, offsets, 3, BLOCK)
+    assert ((dots - stored @ stored[3]).abs() <= 1e-12 * (stored.abs() @ stored[3].abs())).all()  # float64 sums
     expected, magnitude = stored.T @ coefficients.double(), stored.abs().T @ coefficients.double().abs()
     assert ((results[0][:size].double() - expected).abs() <= 1e-6 * magnitude).all()
     assert (results[0][size:] == 0).all() and torch.equal(results[0], results[1])
 
 
-def test_compressed_optimizer_with_the_triton_combine_matches_the_dense_solve(monkeypatch):
+def test_compressed_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch):
     monkeypatch.setattr(compressed, "triton_passes_for", lambda storage, accumulate_dtype: triton_passes)
     monkeypatch.setattr(compressed, "fused_passes_for", lambda storage, accumulate_dtype: None)
     # The compressed test's six wraps at λ = 1e-6 (its first argument only labels the factor update's form).

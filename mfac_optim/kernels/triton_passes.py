@@ -95,3 +95,33 @@ def compressed_combine(values: torch.Tensor, offsets: torch.Tensor, coefficients
     blocks, slots, kept = values.shape
     _compressed_combine_kernel[(blocks,)](values, offsets, coefficients, result, slots, KEPT=kept,
                                           KEPT_TILE=triton.next_power_of_2(kept), BLOCK=block)
+
+
+@triton.jit
+def _compressed_dots_kernel(values, offsets, new, partial, slots, KEPT: tl.constexpr, KEPT_TILE: tl.constexpr,
+                            BLOCK: tl.constexpr, SLOTS: tl.constexpr):
+    """partial[block, slot] = Σ over slot's kept entries of the block of value · new[block, offset], in float64."""
+    block, slot_tile = tl.program_id(0), tl.program_id(1)
+    entry = tl.arange(0, KEPT_TILE)
+    mask = entry < KEPT
+    for index in range(0, SLOTS):
+        slot = slot_tile * SLOTS + index
+        if slot < slots:
+            base = (block * slots + slot) * KEPT
+            position = tl.load(offsets + base + entry, mask=mask, other=0).to(tl.int32)
+            value = tl.load(values + base + entry, mask=mask, other=0.0).to(tl.float64)
+            other = tl.load(new + block * BLOCK + position, mask=mask, other=0.0)
+            tl.store(partial + block * slots + slot, tl.sum(value * other, axis=0))
+
+
+def compressed_dots(values: torch.Tensor, offsets: torch.Tensor, slot: int, block: int) -> torch.Tensor:
+    """⟨slot j, slot `slot`⟩ for every slot j of the (blocks, m, kept) compressed window, in float64: the new slot
+    is scattered into a dense float64 copy of its blocks (its offsets are distinct), which every slot gathers from."""
+    blocks, slots, kept = values.shape
+    new = torch.zeros(blocks, block, dtype=torch.float64, device=values.device)
+    new.scatter_(1, offsets[:, slot].long(), values[:, slot].double())
+    partial = torch.empty(blocks, slots, dtype=torch.float64, device=values.device)
+    _compressed_dots_kernel[(blocks, triton.cdiv(slots, ROWS))](values, offsets, new, partial, slots, KEPT=kept,
+                                                                KEPT_TILE=triton.next_power_of_2(kept), BLOCK=block,
+                                                                SLOTS=ROWS)
+    return partial.sum(dim=0)
