@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .kernels import dense_passes_for, fused_passes_for
+from .kernels import dense_passes_for, fused_passes_for, triton_passes_for
 
 # Columns per block in the torch (unfused) passes.
 BLOCK_COLUMNS = 1 << 16
@@ -100,6 +100,7 @@ class RowSparseRows:
         self.num_rows = num_rows
         self.accumulate_dtype = accumulate_dtype
         self._fused = fused_passes_for(values, accumulate_dtype)
+        self._triton = triton_passes_for(values, accumulate_dtype)  # on a GPU: the dots (the combine is torch's)
 
     @classmethod
     def allocate(cls, num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
@@ -127,8 +128,9 @@ class RowSparseRows:
         """s_j = Σ over the rows of slot j of ⟨stored row, new gradient's row⟩, in float64."""
         new = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
         new.index_add_(0, self.indices[slot], self.values[slot].to(self.accumulate_dtype))  # padding adds zeros
-        if self._fused is not None:
-            return self._fused.sparse_dots(self.indices, self.values, new)
+        kernels = self._fused or self._triton
+        if kernels is not None:
+            return kernels.sparse_dots(self.indices, self.values, new)
         dots = torch.empty(self.indices.shape[0], dtype=torch.float64, device=self.values.device)
         for chunk in self._slot_chunks():
             products = new[self.indices[chunk]] * self.values[chunk].to(self.accumulate_dtype)

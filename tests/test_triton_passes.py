@@ -91,3 +91,29 @@ def test_cuda_steps_repeat_bit_for_bit(density, sparse_rows):
             optimizer.step()
         runs.append([p.detach().cpu() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_sparse_dots_equal_float64(dtype):
+    # 9 slots of 21 stored rows (2 tiles of 16, the second partial) of width 300 (a partial column tile); row 0
+    # padding with zero values, as the storage pads.
+    generator = torch.Generator().manual_seed(2)
+    indices = torch.stack([torch.randperm(50, generator=generator)[:21] for _ in range(9)])
+    indices[4, 15:] = 0
+    values = torch.randn(9, 21, 300, generator=generator).to(dtype)
+    values[4, 15:] = 0
+    new = torch.randn(50, 300, generator=generator)
+    dots = triton_passes.sparse_dots(indices.to(DEVICE), values.to(DEVICE), new.to(DEVICE))
+    gathered = new.double()[indices]  # (slots, rows, columns)
+    products = values.double() * gathered
+    assert ((dots.cpu() - products.sum(dim=(1, 2))).abs() <= 1e-6 * products.abs().sum(dim=(1, 2))).all()
+
+
+def test_row_sparse_optimizer_with_the_triton_dots_matches_the_dense_solve(monkeypatch):
+    monkeypatch.setattr(storage, "triton_passes_for", lambda storage, accumulate_dtype: triton_passes)
+    monkeypatch.setattr(storage, "fused_passes_for", lambda storage, accumulate_dtype: None)
+    worst = run_against_reference([(120, 6), (6, 6), (6,)], 16, 1e-6, 40, sparse_rows={0: 7}, device=DEVICE)
+    assert "row_values" in run_against_reference.last_optimizer.state[
+        run_against_reference.last_optimizer.param_groups[0]["params"][0]]
+    assert worst < TOLERANCE, worst
+

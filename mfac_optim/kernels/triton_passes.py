@@ -125,3 +125,33 @@ def compressed_dots(values: torch.Tensor, offsets: torch.Tensor, slot: int, bloc
                                                                 KEPT_TILE=triton.next_power_of_2(kept), BLOCK=block,
                                                                 SLOTS=ROWS)
     return partial.sum(dim=0)
+
+
+@triton.jit
+def _sparse_dots_kernel(indices, values, new, partial, capacity, columns, tiles, ROWS: tl.constexpr,
+                        COLUMNS: tl.constexpr):
+    """partial[slot, tile] = Σ over the tile's ROWS stored rows of slot of ⟨row values, new[row index]⟩, in fp32."""
+    slot, tile = tl.program_id(0), tl.program_id(1)
+    row = tile * ROWS + tl.arange(0, ROWS)
+    row_mask = row < capacity
+    index = tl.load(indices + slot * capacity + row, mask=row_mask, other=0)
+    total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
+    for start in range(0, columns, COLUMNS):
+        column = start + tl.arange(0, COLUMNS)
+        mask = row_mask[:, None] & (column < columns)[None, :]
+        stored = tl.load(values + (slot * capacity + row[:, None]) * columns + column[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+        other = tl.load(new + index[:, None] * columns + column[None, :], mask=mask, other=0.0)
+        total += stored * other
+    tl.store(partial + slot * tiles + tile, tl.sum(tl.sum(total, axis=1), axis=0))
+
+
+def sparse_dots(indices: torch.Tensor, values: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Dots of every row-sparse slot ((m, capacity) row indices, (m, capacity, columns) values) with the dense fp32
+    matrix `new`, in float64: fp32 sums over tiles of ROWS stored rows, added in float64."""
+    slots, capacity, columns = values.shape
+    tiles = triton.cdiv(capacity, ROWS)
+    partial = torch.empty(slots, tiles, dtype=torch.float32, device=values.device)
+    _sparse_dots_kernel[(slots, tiles)](indices, values, new, partial, capacity, columns, tiles, ROWS=ROWS,
+                                        COLUMNS=triton.next_power_of_2(min(columns, COLUMNS)))
+    return partial.sum(dim=1, dtype=torch.float64)
