@@ -54,9 +54,9 @@ def dense_passes_for(window: torch.Tensor, accumulate_dtype: torch.dtype) -> Opt
 
 
 def triton_passes_for(storage: torch.Tensor, accumulate_dtype: torch.dtype) -> Optional[object]:
-    """The Triton passes (triton_passes.py) if they apply to this window storage (a CUDA tensor, contiguous rows,
-    fp32 accumulation) and Triton is installed, else None."""
-    applies = (storage.device.type == "cuda" and accumulate_dtype == torch.float32 and storage.stride(-1) == 1
+    """The Triton passes (triton_passes.py) if they apply to this window storage (a contiguous CUDA tensor, fp32
+    accumulation) and Triton is installed, else None."""
+    applies = (storage.device.type == "cuda" and accumulate_dtype == torch.float32 and storage.is_contiguous()
                and storage.dtype in (torch.float32, torch.bfloat16, torch.float16))
     if not applies:
         return None
