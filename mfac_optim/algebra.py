@@ -125,7 +125,7 @@ class FisherKernel:
 
     def _accurate(self, solution: Tensor, slot: int) -> bool:
         """Whether ‖Ky − e_slot‖∞ is within RESIDUAL_TOLERANCE of the scale ‖K‖‖y‖ (false for NaN). On a GPU
-        this is the step's one host synchronisation: refactoring or not is a host decision."""
+        this is a host synchronisation the step needs: refactoring or not is a host decision."""
         residual = torch.mv(self.gram, solution).add_(solution, alpha=self.shift)
         residual[slot] -= 1.0
         scale = (self.gram.diagonal().max() + self.shift) * solution.abs().max()

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from .kernels import dense_passes_for, fused_passes_for, triton_passes_for
+from .kernels import fused_passes_for, triton_passes_for
 
 # Columns per block in the torch (unfused) passes.
 BLOCK_COLUMNS = 1 << 16
@@ -33,7 +33,7 @@ class DenseRows:
         self.accumulate_dtype = accumulate_dtype
         self._block_buffer: Optional[Tensor] = None
         self._direction_buffer: Optional[Tensor] = None
-        self._fused = dense_passes_for(window, accumulate_dtype)
+        self._fused = fused_passes_for(window, accumulate_dtype) or triton_passes_for(window, accumulate_dtype)
 
     def state(self) -> dict[str, Tensor]:
         return {"window": self.window}

@@ -119,16 +119,18 @@ def median_seconds(action, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def fastest_seconds(action, repeats: int, device: torch.device) -> float:
+    """The shortest of `repeats` timed runs: the ceiling a shared host lets a run reach."""
+    return min(median_seconds(action, 1, device) for _ in range(repeats))
+
+
 def read_bandwidth(num_bytes: int, device: torch.device) -> float:
     """The best rate of two plain reductions (sum, max) over a buffer of `num_bytes`, over 7 runs each: a ceiling
     for streaming reads on this device (on a shared host the rate varies from run to run)."""
     buffer = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
-    fastest = float("inf")
     for reduction in (buffer.sum, buffer.max):
         reduction()
-        for _ in range(7):
-            fastest = min(fastest, median_seconds(reduction, 1, device))
-    return num_bytes / fastest
+    return num_bytes / min(fastest_seconds(reduction, 7, device) for reduction in (buffer.sum, buffer.max))
 
 
 def time_optimizer(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, steps: int, warmup: int) -> float:
@@ -247,8 +249,7 @@ def copy_bandwidth(num_bytes: int, device: torch.device) -> float:
     source = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
     target.copy_(source)
-    fastest = min(median_seconds(lambda: target.copy_(source), 1, device) for _ in range(7))
-    return 2 * num_bytes / fastest
+    return 2 * num_bytes / fastest_seconds(lambda: target.copy_(source), 7, device)
 
 
 WINDOW_ENTRIES = ("window", "row_indices", "row_values", "compressed_values", "compressed_offsets")

@@ -40,7 +40,8 @@ def test_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch, g
         calls.append(window.dtype)
         return triton_passes
 
-    monkeypatch.setattr(storage, "dense_passes_for", triton_for_every_window)
+    monkeypatch.setattr(storage, "fused_passes_for", lambda storage, accumulate_dtype: None)
+    monkeypatch.setattr(storage, "triton_passes_for", triton_for_every_window)
     worst = run_against_reference([(40, 30), (30,), (7,)], 16, 1e-6, 40, grad_dtype=grad_dtype, device=DEVICE)
     assert calls and set(calls) == {grad_dtype}
     assert worst < TOLERANCE, worst

@@ -1,5 +1,7 @@
-"""Compiled window passes, built from the C++ sources beside this file on first use (about a minute, then cached by
-torch) and found relative to the installed package. Without a compiler the callers' torch passes serve instead."""
+"""The window passes' kernels. On the CPU: compiled from the C++ sources beside this file on first use (about a
+minute, then cached by torch) and found relative to the installed package. On a GPU: the Triton kernels of
+triton_passes.py, which cover the dense window's passes and the dots (and, compressed, the combine) of the other
+kinds. Where neither applies, the callers' torch passes serve instead."""
 from __future__ import annotations
 
 import os
@@ -45,17 +47,10 @@ def _remove_stale_build_lock(path: str, max_age_seconds: float = 600) -> None:
         os.remove(path)
 
 
-def dense_passes_for(window: torch.Tensor, accumulate_dtype: torch.dtype) -> Optional[object]:
-    """The dense window's fused passes (`window_dots`, `window_combine`): the compiled ones on the CPU, the Triton
-    ones on a GPU, else None."""
-    if window.device.type == "cpu":
-        return fused_passes_for(window, accumulate_dtype)
-    return triton_passes_for(window, accumulate_dtype)
-
-
 def triton_passes_for(storage: torch.Tensor, accumulate_dtype: torch.dtype) -> Optional[object]:
     """The Triton passes (triton_passes.py) if they apply to this window storage (a contiguous CUDA tensor, fp32
-    accumulation) and Triton is installed, else None."""
+    accumulation) and Triton is installed, else None. They name their functions as the compiled module does, so a
+    caller takes `fused_passes_for(...) or triton_passes_for(...)` for a pass both provide."""
     applies = (storage.device.type == "cuda" and accumulate_dtype == torch.float32 and storage.is_contiguous()
                and storage.dtype in (torch.float32, torch.bfloat16, torch.float16))
     if not applies:

@@ -1,6 +1,7 @@
-"""The dense window's two passes for GPU tensors, in Triton: each reads the window once, in its storage dtype,
-and accumulates in fp32 (with float64 sums over column splits for the dot products). No atomics, so results are
-deterministic. The functions match the compiled CPU module's (`window_dots`, `window_combine`), so DenseRows uses
+"""Window passes for GPU tensors, in Triton: the dense window's dots and combine, the compressed window's dots and
+combine, and the row-sparse dots. Each reads the window once, in its storage dtype; sums are fp32 per tile and
+float64 across tiles (float64 throughout for the compressed dots, as on the CPU). No atomics, so results are
+deterministic. The functions have the names and signatures of the compiled CPU module's, so the storage kinds call
 either without knowing which. The tests run them on the CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
