@@ -84,8 +84,9 @@ class DenseRows:
 
 class RowSparseRows:
     """The window restricted to one matrix parameter whose gradients are zero outside a few rows (a word
-    embedding: only the rows of the batch's tokens). Slot j keeps (row indices, row values), padded to a common
-    capacity with row 0 and zero values, which add nothing to any dot product or combination, so all stay exact.
+    embedding: only the rows of the batch's tokens). Slot j keeps (row indices, row values), its rows increasing,
+    padded to a common capacity with row 0 and zero values, which add nothing to any dot product or combination, so
+    all stay exact.
     """
 
     # Slots per gather in the passes: bounds the temporary (slots × capacity × columns) fp32 block.
@@ -100,7 +101,7 @@ class RowSparseRows:
         self.num_rows = num_rows
         self.accumulate_dtype = accumulate_dtype
         self._fused = fused_passes_for(values, accumulate_dtype)
-        self._triton = triton_passes_for(values, accumulate_dtype)  # on a GPU: the dots (the combine is torch's)
+        self._triton = triton_passes_for(values, accumulate_dtype)
 
     @classmethod
     def allocate(cls, num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
@@ -139,9 +140,10 @@ class RowSparseRows:
 
     def combine(self, coefficients: Tensor) -> Tensor:
         """Σ_j c_j · (slot j scattered into a rows × columns matrix), accumulated in fp32 or better."""
-        if self._fused is not None:
-            result = torch.empty(self.num_rows, self.values.shape[2], dtype=torch.float32)
-            self._fused.sparse_combine(self.indices, self.values, coefficients.float(), result)
+        kernels = self._fused or self._triton
+        if kernels is not None:
+            result = torch.empty(self.num_rows, self.values.shape[2], dtype=torch.float32, device=self.values.device)
+            kernels.sparse_combine(self.indices, self.values, coefficients.float(), result)
             return result
         result = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
         coefficients = coefficients.to(self.accumulate_dtype)

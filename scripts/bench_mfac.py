@@ -23,8 +23,9 @@ The m × m algebra alone (a tiny model, so that the window passes are small next
 
 prints, for each window size m, the median MFAC step (the window's factor updated in O(m²), the first step's
 factorisation not timed) and the median of its m × m part alone, next to one float64 Cholesky of an m × m matrix
-timed in the same run, their ratio, and how the step grows from one m to the next. `--panel_update` times the
-device-generic update of the factor (what other devices run) instead of the C++ one.
+timed in the same run, their ratio, and how the step grows from one m to the next. On the CPU the factor is
+updated by the C++ kernel; on a GPU it is made by Cholesky at every step (algebra.refactors_every_step).
+`--panel_update` times the device-generic O(m²) panel update instead.
 
 On a GPU, the comparison the README reports, in one run (the authors' optim.py from a folder you fetched):
 
@@ -79,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--algebra", type=int, nargs="+", metavar="M",
                         help="time steps at these window sizes next to one float64 Cholesky of each size")
     parser.add_argument("--panel_update", action="store_true",
-                        help="with --algebra: time the device-generic panel update of the factor, not the C++ one")
+                        help="with --algebra: time the device-generic O(m²) panel update of the factor (not the C++ "
+                             "update on the CPU, nor a Cholesky every step on a GPU)")
     parser.add_argument("--compare_all", action="store_true",
                         help="with --model_config: in one run, AdamW (fused on CUDA), M-FAC dense bf16 and fp32, "
                              "compressed (density 0.01, bf16) and, with --authors_optim, the authors' M-FAC, each "
@@ -265,22 +267,23 @@ def authors_mfac(folder: Path, model: torch.nn.Module, num_grads: int, device: t
     """The authors' M-FAC (their optim.py, imported from `folder`): fp32 window, m × m coefficients per step."""
     import importlib.util
 
+    sys.path.insert(0, str(folder))  # their hinv_cuda, if built there (python setup_cuda.py build_ext --inplace)
     spec = importlib.util.spec_from_file_location("authors_mfac_optim", folder / "optim.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     optimizer = module.MFAC(model.parameters(), lr=1e-9, ngrads=num_grads, damp=1e-6, moddev=device, optdev=device,
                             gpus=[device])
-    return optimizer, num_grads * sum(p.numel() for p in model.parameters()) * 4
+    kernels = "hinv_cuda" if module.USE_CUDA else "no hinv_cuda"
+    return optimizer, num_grads * sum(p.numel() for p in model.parameters()) * 4, kernels
 
 
 def benchmark_all(args: argparse.Namespace, device: torch.device) -> None:
     """One process, the same real batches: AdamW, our M-FAC in three forms, the authors' M-FAC if given."""
     model, batches = model_and_batches(args, device)
-    print_setting(args, model, batches, None, grad_dtype="per row below")
     settings = {f"MFAC dense bf16, m={args.num_grads}": dict(grad_dtype="bfloat16"),
                 f"MFAC dense fp32, m={args.num_grads}": dict(grad_dtype="float32"),
                 f"MFAC compressed 0.01 bf16, m={args.num_grads}": dict(grad_dtype="bfloat16", density=0.01)}
-    rows = []
+    rows, sparse_rows = [], None
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=device.type == "cuda")
     rows.append(("AdamW" + (" (fused)" if device.type == "cuda" else ""), *time_training(model, adamw, batches, device),
                  None))
@@ -289,15 +292,19 @@ def benchmark_all(args: argparse.Namespace, device: torch.device) -> None:
         mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, **options)
         step, total = time_training(model, mfac, batches, device)
         rows.append((name, step, total, mfac_window_bytes(mfac)))
+        embedding = mfac.state[model.get_input_embeddings().weight]
+        if "row_values" in embedding:
+            sparse_rows = embedding["row_values"].shape[1]
         del mfac
     if args.authors_optim:
-        optimizer, window = authors_mfac(args.authors_optim, model, args.num_grads, device)
-        rows.append((f"authors' M-FAC (optim.py, fp32), m={args.num_grads}",
+        optimizer, window, kernels = authors_mfac(args.authors_optim, model, args.num_grads, device)
+        rows.append((f"authors' M-FAC ({kernels}, fp32), m={args.num_grads}",
                      *time_training(model, optimizer, batches, device), window))
         del optimizer
     largest = max(window for *_, window in rows if window)
     copy = copy_bandwidth(min(largest, 4 << 30), device)
     adamw_total = rows[0][2]
+    print_setting(args, model, batches, sparse_rows, grad_dtype="per row below")
     print(f"device-to-device copy {copy / 1e9:.0f} GB/s (read + write)")
     print(f"{'optimizer':<40} {'step ms':>9} {'whole step ms':>14} {'vs AdamW':>9} {'window GiB':>11} "
           f"{'window GB/s':>12} {'vs copy':>8}")
@@ -369,14 +376,21 @@ class TimedInserts:
         algebra.FisherKernel.insert = self.original
 
 
+def factor_policy(panel_update: bool, device: torch.device) -> str:
+    if panel_update:
+        return "updated by panels (device-generic)"
+    return "made by Cholesky every step" if algebra.refactors_every_step(device) else "updated by the compiled kernel"
+
+
 def benchmark_algebra(args: argparse.Namespace, device: torch.device) -> None:
-    if args.panel_update:  # what runs where the compiled kernels do not: other devices, or no compiler
+    if args.panel_update:  # the O(m²) update without the compiled kernel (a CPU without a compiler), on any device
         algebra.cpu_passes = lambda: None
+        algebra.refactors_every_step = lambda device: False
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(args.params, device=device) * 0.02)
     print(f"device {device} ({torch.get_num_threads()} threads), d = {args.params:,} parameters, "
           f"{args.grad_dtype} window, λ = 1e-6, median of {args.steps} steps, "
-          f"factor update: {'panels (device-generic)' if args.panel_update else 'compiled if on the CPU'}")
+          f"factor: {factor_policy(args.panel_update, device)}")
     print(f"{'m':>6} {'step ms':>9} {'m×m ms':>8} {'Cholesky ms':>12} {'step/Cholesky':>14} {'step growth':>12} "
           f"{'factorisations':>15}")
     steps = {}

@@ -13,7 +13,16 @@ def compiled_update(factor, column, diagonal):
     cpu_passes().factor_drop_oldest_append_newest(factor, column, float(diagonal))
 
 
-UPDATES = {"compiled": compiled_update, "panels": algebra._drop_oldest_append_newest_by_panels}
+def panels_on_cuda(factor, column, diagonal):
+    on_device = factor.cuda()
+    algebra._drop_oldest_append_newest_by_panels(on_device, column.cuda(), diagonal.cuda())
+    factor.copy_(on_device)
+
+
+UPDATES = {"compiled": compiled_update, "panels": algebra._drop_oldest_append_newest_by_panels,
+           "panels on CUDA": panels_on_cuda}
+FORMS = ["compiled", "panels",
+         pytest.param("panels on CUDA", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 def positive_definite(size: int, generator: torch.Generator) -> torch.Tensor:
@@ -23,7 +32,7 @@ def positive_definite(size: int, generator: torch.Generator) -> torch.Tensor:
     return rows @ rows.T + 1e-3 * torch.eye(size, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("form", UPDATES)
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("size", [1, 2, 9, PANEL_COLUMNS + 2, 2 * PANEL_COLUMNS + 1])
 def test_one_update_gives_the_factor_of_the_next_window(form, size):
     # Slots 0..size: the factor covers 0..size − 1; the update drops slot 0 and appends slot `size`.
@@ -65,9 +74,8 @@ SCALES = {  # each step's gradient norm: 100× apart across the run, within a wr
 }
 
 
-@pytest.mark.parametrize("scales", SCALES)
-@pytest.mark.parametrize("dim", [400, 10])  # d ≫ m, and d < m: a rank-deficient window, K's smallest eigenvalue mλ
-def test_solves_equal_a_dense_solve_over_eight_wraps_without_refactoring(update_form, scales, dim):
+def solves_over_eight_wraps(scales: str, dim: int) -> FisherKernel:
+    """Inserts 8 wraps of gradients (m = 16, λ = 1e-6) with norms 100× apart, each solve against a dense one."""
     m, damp, steps = 16, 1e-6, 8 * 16 + 5
     generator = torch.Generator().manual_seed(3)
     kernel, rows = new_kernel(m, damp), torch.zeros(m, dim, dtype=torch.float64)
@@ -83,7 +91,21 @@ def test_solves_equal_a_dense_solve_over_eight_wraps_without_refactoring(update_
         worst_residual = max(worst_residual, relative_residual(rows, slot, damp, solution))
     assert worst_residual < 1e-14, worst_residual
     assert worst_direction < (1e-10 if dim > m else 1e-4), worst_direction
+    return kernel
+
+
+@pytest.mark.parametrize("scales", SCALES)
+@pytest.mark.parametrize("dim", [400, 10])  # d ≫ m, and d < m: a rank-deficient window, K's smallest eigenvalue mλ
+def test_solves_equal_a_dense_solve_over_eight_wraps_without_refactoring(update_form, scales, dim):
+    kernel = solves_over_eight_wraps(scales, dim)
     assert int(kernel.refactorizations) == 1  # made at the first step, then only updated
+
+
+@pytest.mark.parametrize("dim", [400, 10])
+def test_refactoring_every_step_as_on_a_gpu_equals_a_dense_solve(monkeypatch, dim):
+    monkeypatch.setattr(algebra, "refactors_every_step", lambda device: True)
+    kernel = solves_over_eight_wraps("random", dim)
+    assert int(kernel.refactorizations) == 8 * 16 + 5
 
 
 def test_the_first_insert_and_a_new_damp_make_the_factor_from_the_gram_matrix(update_form):

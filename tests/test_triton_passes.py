@@ -68,6 +68,8 @@ def test_compressed_passes_equal_float64_and_the_combine_repeats_bit_for_bit(dty
     assert (results[0][size:] == 0).all() and torch.equal(results[0], results[1])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="test_compressed's CPU tensors reach Triton only through its "
+                    "interpreter, which conftest turns on without CUDA")
 def test_compressed_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch):
     monkeypatch.setattr(compressed, "triton_passes_for", lambda storage, accumulate_dtype: triton_passes)
     monkeypatch.setattr(compressed, "fused_passes_for", lambda storage, accumulate_dtype: None)
@@ -94,6 +96,26 @@ def test_cuda_steps_repeat_bit_for_bit(density, sparse_rows):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dense_passes_address_a_window_past_two_to_the_31_entries():
+    """bert-mini's dense window at m = 1024 has 3.4 billion entries: row offsets must not wrap in int32. Three rows of
+    2³⁰ + 64 bf16 entries (6.4 GB), row r constant r + 1 except a random tail, against float64 by hand."""
+    rows, columns, tail = 3, (1 << 30) + 64, 4096
+    window = torch.empty(rows, columns, dtype=torch.bfloat16, device="cuda")
+    for row in range(rows):
+        window[row].fill_(row + 1)
+    window[:, -tail:] = torch.randn(rows, tail, device="cuda").bfloat16()
+    ends = window[:, -tail:].double()
+    counts = torch.arange(1, rows + 1, dtype=torch.float64, device="cuda")
+    expected_dots = counts * counts[2] * (columns - tail) + ends @ ends[2]
+    assert torch.allclose(triton_passes.window_dots(window, 2), expected_dots, rtol=1e-6, atol=0)
+    coefficients = torch.tensor([0.5, -2.0, 1.25], device="cuda")
+    result = torch.full((columns,), float("nan"), device="cuda")
+    triton_passes.window_combine(window, coefficients, result)
+    assert torch.all(result[:-tail] == (coefficients.double() @ counts).item())
+    assert torch.allclose(result[-tail:].double(), coefficients.double() @ ends, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_sparse_dots_equal_float64(dtype):
     # 9 slots of 21 stored rows (2 tiles of 16, the second partial) of width 300 (a partial column tile); row 0
@@ -110,7 +132,36 @@ def test_row_sparse_dots_equal_float64(dtype):
     assert ((dots.cpu() - products.sum(dim=(1, 2))).abs() <= 1e-6 * products.abs().sum(dim=(1, 2))).all()
 
 
-def test_row_sparse_optimizer_with_the_triton_dots_matches_the_dense_solve(monkeypatch):
+@pytest.mark.parametrize("runs", [1, 3])
+def test_row_sparse_combine_equals_float64_and_repeats_bit_for_bit(monkeypatch, runs):
+    # 9 slots of up to 70 stored rows (2 tiles of 64) of width 100 (2 column tiles), rows increasing, padded with
+    # row 0; slot 2 stores the real row 0 first, slot 5 is empty. `runs` partial sums, through the bytes bound.
+    rows, columns, slots, capacity = 200, 100, 9, 70
+    monkeypatch.setattr(triton_passes, "SPARSE_PARTIAL_BYTES", 4 * rows * columns * runs)
+    generator = torch.Generator().manual_seed(6)
+    indices = torch.zeros(slots, capacity, dtype=torch.int64)
+    values = torch.zeros(slots, capacity, columns)
+    for slot, count in enumerate([70, 31, 64, 1, 50, 0, 65, 12, 70]):
+        stored = torch.randperm(rows - 1, generator=generator)[:count].sort().values + 1
+        if slot == 2:
+            stored[0] = 0
+        indices[slot, :count] = stored
+        values[slot, :count] = torch.randn(count, columns, generator=generator)
+    coefficients = torch.randn(slots, generator=generator)
+    dense = torch.zeros(slots, rows, columns, dtype=torch.float64)
+    dense.scatter_add_(1, indices[:, :, None].expand_as(values), values.double())
+    expected = torch.einsum("j,jrc->rc", coefficients.double(), dense)
+    magnitude = torch.einsum("j,jrc->rc", coefficients.double().abs(), dense.abs())
+    results = []
+    for _ in range(2):
+        result = torch.full((rows, columns), float("nan"), device=DEVICE)  # every entry must be written
+        triton_passes.sparse_combine(indices.to(DEVICE), values.to(DEVICE), coefficients.to(DEVICE), result)
+        results.append(result.cpu())
+    assert ((results[0].double() - expected).abs() <= 1e-6 * magnitude).all()
+    assert torch.equal(results[0], results[1])
+
+
+def test_row_sparse_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch):
     monkeypatch.setattr(storage, "triton_passes_for", lambda storage, accumulate_dtype: triton_passes)
     monkeypatch.setattr(storage, "fused_passes_for", lambda storage, accumulate_dtype: None)
     worst = run_against_reference([(120, 6), (6, 6), (6,)], 16, 1e-6, 40, sparse_rows={0: 7}, device=DEVICE)

@@ -1,8 +1,9 @@
 """Window passes for GPU tensors, in Triton: the dense window's dots and combine, the compressed window's dots and
-combine, and the row-sparse dots. Each reads the window once, in its storage dtype; sums are fp32 per tile and
+combine, and the row-sparse dots and combine. Each reads the window once, in its storage dtype; sums are fp32 per tile and
 float64 across tiles (float64 throughout for the compressed dots, as on the CPU). No atomics, so results are
-deterministic. The functions have the names and signatures of the compiled CPU module's, so the storage kinds call
-either without knowing which. The tests run them on the CPU under TRITON_INTERPRET=1.
+deterministic. Offsets into a window are int64, since Triton's int32 wraps past 2³¹ entries (bert-mini's dense
+window at m = 1024 has 3.4 billion). The functions have the names and signatures of the compiled CPU module's, so
+the storage kinds call either without knowing which. The tests run them on the CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -16,18 +17,19 @@ SPLIT = 1 << 15  # columns per program of the dot products: fp32 sums over at mo
 
 
 @triton.jit
-def _dots_kernel(window, partial, slot, rows, columns, stride, ROWS: tl.constexpr, COLUMNS: tl.constexpr,
+def _dots_kernel(window, new_row, partial, rows, columns, stride, ROWS: tl.constexpr, COLUMNS: tl.constexpr,
                  SPLIT: tl.constexpr):
-    """partial[split, row] = Σ over the split's columns of window[row, col] · window[slot, col], in fp32."""
+    """partial[split, row] = Σ over the split's columns of window[row, col] · new_row[col], in fp32."""
     row_tile, split = tl.program_id(0), tl.program_id(1)
     row_index = row_tile * ROWS + tl.arange(0, ROWS)
     row_mask = row_index < rows
+    row_start = row_index.to(tl.int64) * stride
     total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
     for offset in range(0, SPLIT, COLUMNS):
         column_index = split * SPLIT + offset + tl.arange(0, COLUMNS)
         column_mask = column_index < columns
-        new = tl.load(window + slot * stride + column_index, mask=column_mask, other=0.0).to(tl.float32)
-        block = tl.load(window + row_index[:, None] * stride + column_index[None, :],
+        new = tl.load(new_row + column_index, mask=column_mask, other=0.0).to(tl.float32)
+        block = tl.load(window + row_start[:, None] + column_index[None, :],
                         mask=row_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
         total += block * new[None, :]
     tl.store(partial + split * rows + row_index, tl.sum(total, axis=1), mask=row_mask)
@@ -44,7 +46,7 @@ def _combine_kernel(window, coefficients, result, rows, columns, stride, ROWS: t
         row_index = start + tl.arange(0, ROWS)
         row_mask = row_index < rows
         scale = tl.load(coefficients + row_index, mask=row_mask, other=0.0)
-        block = tl.load(window + row_index[:, None] * stride + column_index[None, :],
+        block = tl.load(window + row_index.to(tl.int64)[:, None] * stride + column_index[None, :],
                         mask=row_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
         total += tl.sum(block * scale[:, None], axis=0)
     tl.store(result + column_index, total, mask=column_mask)
@@ -55,7 +57,7 @@ def window_dots(window: torch.Tensor, slot: int) -> torch.Tensor:
     rows, columns = window.shape
     splits = triton.cdiv(columns, SPLIT)
     partial = torch.empty(splits, rows, dtype=torch.float32, device=window.device)
-    _dots_kernel[(triton.cdiv(rows, ROWS), splits)](window, partial, slot, rows, columns, window.stride(0),
+    _dots_kernel[(triton.cdiv(rows, ROWS), splits)](window, window[slot], partial, rows, columns, window.stride(0),
                                                    ROWS=ROWS, COLUMNS=COLUMNS, SPLIT=SPLIT)
     return partial.sum(dim=0, dtype=torch.float64)
 
@@ -82,7 +84,7 @@ def _compressed_combine_kernel(values, offsets, coefficients, result, slots, KEP
     mask = entry < KEPT
     for slot in range(0, slots):
         scale = tl.load(coefficients + slot)
-        base = (block * slots + slot) * KEPT
+        base = (block.to(tl.int64) * slots + slot) * KEPT
         position = tl.load(offsets + base + entry, mask=mask, other=0).to(tl.int32)
         value = tl.load(values + base + entry, mask=mask, other=0.0).to(tl.float32)
         current = tl.load(out + position, mask=mask, other=0.0)
@@ -108,7 +110,7 @@ def _compressed_dots_kernel(values, offsets, new, partial, slots, KEPT: tl.const
     for index in range(0, SLOTS):
         slot = slot_tile * SLOTS + index
         if slot < slots:
-            base = (block * slots + slot) * KEPT
+            base = (block.to(tl.int64) * slots + slot) * KEPT
             position = tl.load(offsets + base + entry, mask=mask, other=0).to(tl.int32)
             value = tl.load(values + base + entry, mask=mask, other=0.0).to(tl.float64)
             other = tl.load(new + block * BLOCK + position, mask=mask, other=0.0)
@@ -140,8 +142,8 @@ def _sparse_dots_kernel(indices, values, new, partial, capacity, columns, tiles,
     for start in range(0, columns, COLUMNS):
         column = start + tl.arange(0, COLUMNS)
         mask = row_mask[:, None] & (column < columns)[None, :]
-        stored = tl.load(values + (slot * capacity + row[:, None]) * columns + column[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
+        stored = tl.load(values + (slot.to(tl.int64) * capacity + row[:, None]) * columns + column[None, :],
+                         mask=mask, other=0.0).to(tl.float32)
         other = tl.load(new + index[:, None] * columns + column[None, :], mask=mask, other=0.0)
         total += stored * other
     tl.store(partial + slot * tiles + tile, tl.sum(tl.sum(total, axis=1), axis=0))
@@ -156,3 +158,52 @@ def sparse_dots(indices: torch.Tensor, values: torch.Tensor, new: torch.Tensor) 
     _sparse_dots_kernel[(slots, tiles)](indices, values, new, partial, capacity, columns, tiles, ROWS=ROWS,
                                         COLUMNS=triton.next_power_of_2(min(columns, COLUMNS)))
     return partial.sum(dim=1, dtype=torch.float64)
+
+
+# The row-sparse combine's partial sums: at most this many bytes of them, each over a run of consecutive slots.
+SPARSE_PARTIAL_BYTES = 1 << 28
+SPARSE_ROWS, SPARSE_COLUMNS = 64, 64  # stored rows × columns per inner iteration of the row-sparse combine
+
+
+@triton.jit
+def _sparse_combine_kernel(indices, values, coefficients, partial, slots, capacity, columns, num_rows,
+                           SLOTS: tl.constexpr, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    """partial[run] = Σ over the run's SLOTS slots, in order, of c_j · slot j scattered into rows. A slot's stored
+    rows are increasing and padded with row 0 after its first position (zero values, masked here), so within a slot
+    no two lanes touch one row; the barrier orders one slot's writes before the next slot's reads."""
+    run, column_tile = tl.program_id(0), tl.program_id(1)
+    column = column_tile * COLUMNS + tl.arange(0, COLUMNS)
+    column_mask = column < columns
+    out = partial + run.to(tl.int64) * num_rows * columns
+    for index in range(0, SLOTS):
+        slot = run * SLOTS + index
+        if slot < slots:
+            scale = tl.load(coefficients + slot)
+            first = slot.to(tl.int64) * capacity
+            for start in range(0, capacity, ROWS):
+                position = start + tl.arange(0, ROWS)
+                row = tl.load(indices + first + position, mask=position < capacity, other=0)
+                stored = (position < capacity) & ((row != 0) | (position == 0))
+                mask = stored[:, None] & column_mask[None, :]
+                value = tl.load(values + (first + position[:, None]) * columns + column[None, :], mask=mask,
+                                other=0.0).to(tl.float32)
+                target = out + row[:, None] * columns + column[None, :]
+                current = tl.load(target, mask=mask, other=0.0)
+                tl.store(target, current + scale * value, mask=mask)
+            tl.debug_barrier()
+
+
+def sparse_combine(indices: torch.Tensor, values: torch.Tensor, coefficients: torch.Tensor,
+                   result: torch.Tensor) -> None:
+    """result (rows × columns, fp32) = Σ_j c_j · row-sparse slot j scattered, without atomics: runs of consecutive
+    slots are summed in parallel, each into its own partial sum (SPARSE_PARTIAL_BYTES bound them all), which are
+    then added in run order."""
+    slots, capacity, columns = values.shape
+    runs = max(1, min(slots, SPARSE_PARTIAL_BYTES // (4 * result.numel())))
+    per_run = triton.cdiv(slots, runs)
+    runs = triton.cdiv(slots, per_run)
+    partial = torch.zeros(runs, *result.shape, dtype=torch.float32, device=values.device)
+    _sparse_combine_kernel[(runs, triton.cdiv(columns, SPARSE_COLUMNS))](
+        indices, values, coefficients, partial, slots, capacity, columns, result.shape[0], SLOTS=per_run,
+        ROWS=SPARSE_ROWS, COLUMNS=SPARSE_COLUMNS)
+    torch.sum(partial, dim=0, out=result)
