@@ -125,18 +125,21 @@ class Layout:
         return torch.cat([grad[block.flat] for block in dense])
 
     def assemble(self, dense_direction: Tensor, sparse_directions: dict[int, Tensor]) -> Tensor:
-        """This process's blocks of the direction, in local order, from the dense part and the row-sparse parts."""
+        """This process's blocks of the direction, in local order, from the dense part and the row-sparse parts: one
+        concatenation of the row-sparse parts and the runs of dense blocks between them (a copy per block would be a
+        kernel launch per parameter on a GPU)."""
         if not sparse_directions:
             return dense_direction
-        direction = torch.empty(self.local_size, device=dense_direction.device)
-        dense_offset = 0
+        pieces, dense_offset, run = [], 0, 0
         for block in self.blocks:
             if block.index in sparse_directions:
-                direction[block.local] = sparse_directions[block.index].reshape(-1)
+                pieces.append(dense_direction[dense_offset:dense_offset + run])
+                dense_offset, run = dense_offset + run, 0
+                pieces.append(sparse_directions[block.index].reshape(-1))
             else:
-                direction[block.local] = dense_direction[dense_offset:dense_offset + block.size]
-                dense_offset += block.size
-        return direction
+                run += block.size
+        pieces.append(dense_direction[dense_offset:dense_offset + run])
+        return torch.cat(pieces)
 
     def to_flat(self, dense_rows: Tensor, sparse_rows: dict[int, Tensor]) -> Tensor:
         """Rows over this process's columns (the dense part's columns, and each row-sparse block made dense) as

@@ -272,7 +272,12 @@ class MFAC(Optimizer):
         return direction
 
     def _update_params(self, layout: Layout, update: Tensor) -> None:
-        """p ← p − lr · update, with each group's lr."""
-        lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
-        for (index, flat), p in zip(layout.param_slices(), self._params()):
-            p.add_(update[flat].view_as(p).to(p.dtype), alpha=-lrs[index])
+        """p ← p − lr · update, with each group's lr: one multi-tensor add per group, as torch.optim's foreach
+        implementations do, rather than a kernel launch per parameter."""
+        pieces = [update[flat] for _, flat in layout.param_slices()]
+        start = 0
+        for group in self.param_groups:
+            params = group["params"]
+            steps = [piece.view_as(p).to(p.dtype) for piece, p in zip(pieces[start:start + len(params)], params)]
+            torch._foreach_add_(params, steps, alpha=-group["lr"])
+            start += len(params)

@@ -47,8 +47,10 @@ def test_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch, g
     assert worst < TOLERANCE, worst
 
 
+@pytest.mark.parametrize("runs", [1, 4])  # partial sums over runs of slots (4: runs of 2, 2 and 2)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compressed_passes_equal_float64_and_the_combine_repeats_bit_for_bit(dtype):
+def test_compressed_passes_equal_float64_and_the_combine_repeats_bit_for_bit(monkeypatch, dtype, runs):
+    monkeypatch.setattr(triton_passes, "PARTIAL_BYTES", 4 * 4 * BLOCK * runs)
     size, generator = 3 * BLOCK + 100, torch.Generator().manual_seed(1)
     rows = CompressedRows(*CompressedRows.allocate(6, size, 0.01, dtype, "cpu").values(), size, torch.float32)
     for slot in range(5):  # slot 5 stays empty: its offsets are the initial distinct ones, its values zero
@@ -137,7 +139,7 @@ def test_row_sparse_combine_equals_float64_and_repeats_bit_for_bit(monkeypatch, 
     # 9 slots of up to 70 stored rows (2 tiles of 64) of width 100 (2 column tiles), rows increasing, padded with
     # row 0; slot 2 stores the real row 0 first, slot 5 is empty. `runs` partial sums, through the bytes bound.
     rows, columns, slots, capacity = 200, 100, 9, 70
-    monkeypatch.setattr(triton_passes, "SPARSE_PARTIAL_BYTES", 4 * rows * columns * runs)
+    monkeypatch.setattr(triton_passes, "PARTIAL_BYTES", 4 * rows * columns * runs)
     generator = torch.Generator().manual_seed(6)
     indices = torch.zeros(slots, capacity, dtype=torch.int64)
     values = torch.zeros(slots, capacity, columns)

@@ -70,34 +70,53 @@ def window_combine(window: torch.Tensor, coefficients: torch.Tensor, result: tor
 
 
 @triton.jit
-def _compressed_combine_kernel(values, offsets, coefficients, result, slots, KEPT: tl.constexpr,
-                               KEPT_TILE: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per block of coordinates: result[block] = Σ_j c_j · slot j's kept entries, slots in order. A
-    slot's offsets in a block are distinct, so its lanes never collide; the barrier orders one slot's writes before
-    the next slot's reads. No atomics: the sum's order is fixed, and the result deterministic."""
-    block = tl.program_id(0)
-    out = result + block * BLOCK
-    for start in range(0, BLOCK, KEPT_TILE):
-        tl.store(out + start + tl.arange(0, KEPT_TILE), tl.zeros([KEPT_TILE], dtype=tl.float32))
-    tl.debug_barrier()
+def _compressed_combine_kernel(values, offsets, coefficients, partial, slots, size, KEPT: tl.constexpr,
+                               KEPT_TILE: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
+    """partial[run, block] = Σ over the run's SLOTS slots, in order, of c_j · slot j's kept entries in the block
+    (`size` entries per partial). A slot's offsets in a block are distinct, so its lanes never collide; the barrier
+    orders one slot's writes before the next slot's reads."""
+    block, run = tl.program_id(0), tl.program_id(1)
+    out = partial + run.to(tl.int64) * size + block * BLOCK
     entry = tl.arange(0, KEPT_TILE)
     mask = entry < KEPT
-    for slot in range(0, slots):
-        scale = tl.load(coefficients + slot)
-        base = (block.to(tl.int64) * slots + slot) * KEPT
-        position = tl.load(offsets + base + entry, mask=mask, other=0).to(tl.int32)
-        value = tl.load(values + base + entry, mask=mask, other=0.0).to(tl.float32)
-        current = tl.load(out + position, mask=mask, other=0.0)
-        tl.store(out + position, current + scale * value, mask=mask)
-        tl.debug_barrier()
+    for index in range(0, SLOTS):
+        slot = run * SLOTS + index
+        if slot < slots:
+            scale = tl.load(coefficients + slot)
+            base = (block.to(tl.int64) * slots + slot) * KEPT
+            position = tl.load(offsets + base + entry, mask=mask, other=0).to(tl.int32)
+            value = tl.load(values + base + entry, mask=mask, other=0.0).to(tl.float32)
+            current = tl.load(out + position, mask=mask, other=0.0)
+            tl.store(out + position, current + scale * value, mask=mask)
+            tl.debug_barrier()
 
 
 def compressed_combine(values: torch.Tensor, offsets: torch.Tensor, coefficients: torch.Tensor,
                        result: torch.Tensor, block: int) -> None:
     """result (blocks · block, fp32) = Σ_j c_j · slot j of the (blocks, m, kept) compressed window."""
     blocks, slots, kept = values.shape
-    _compressed_combine_kernel[(blocks,)](values, offsets, coefficients, result, slots, KEPT=kept,
-                                          KEPT_TILE=triton.next_power_of_2(kept), BLOCK=block)
+
+    def launch(partial: torch.Tensor, runs: int, per_run: int) -> None:
+        _compressed_combine_kernel[(blocks, runs)](values, offsets, coefficients, partial, slots, result.numel(),
+                                                   KEPT=kept, KEPT_TILE=triton.next_power_of_2(kept), BLOCK=block,
+                                                   SLOTS=per_run)
+
+    _combine_in_runs(slots, result, launch)
+
+
+def _combine_in_runs(slots: int, result: torch.Tensor, launch) -> None:
+    """A combine without atomics that is still parallel over the slots: runs of consecutive slots are summed in
+    parallel, each into its own partial sum (PARTIAL_BYTES bound them all), which are then added in run order, so
+    the result is deterministic. `launch(partial, runs, slots_per_run)` adds each run into partial[run]."""
+    runs = max(1, min(slots, PARTIAL_BYTES // (4 * result.numel())))
+    per_run = triton.cdiv(slots, runs)
+    runs = triton.cdiv(slots, per_run)
+    if runs == 1:
+        launch(result.zero_().unsqueeze(0), 1, per_run)
+        return
+    partial = torch.zeros(runs, *result.shape, dtype=torch.float32, device=result.device)
+    launch(partial, runs, per_run)
+    torch.sum(partial, dim=0, out=result)
 
 
 @triton.jit
@@ -160,8 +179,8 @@ def sparse_dots(indices: torch.Tensor, values: torch.Tensor, new: torch.Tensor) 
     return partial.sum(dim=1, dtype=torch.float64)
 
 
-# The row-sparse combine's partial sums: at most this many bytes of them, each over a run of consecutive slots.
-SPARSE_PARTIAL_BYTES = 1 << 28
+# The combines' partial sums (one per run of consecutive slots): at most this many bytes of them.
+PARTIAL_BYTES = 1 << 28
 SPARSE_ROWS, SPARSE_COLUMNS = 64, 64  # stored rows × columns per inner iteration of the row-sparse combine
 
 
@@ -195,15 +214,12 @@ def _sparse_combine_kernel(indices, values, coefficients, partial, slots, capaci
 
 def sparse_combine(indices: torch.Tensor, values: torch.Tensor, coefficients: torch.Tensor,
                    result: torch.Tensor) -> None:
-    """result (rows × columns, fp32) = Σ_j c_j · row-sparse slot j scattered, without atomics: runs of consecutive
-    slots are summed in parallel, each into its own partial sum (SPARSE_PARTIAL_BYTES bound them all), which are
-    then added in run order."""
+    """result (rows × columns, fp32) = Σ_j c_j · row-sparse slot j scattered."""
     slots, capacity, columns = values.shape
-    runs = max(1, min(slots, SPARSE_PARTIAL_BYTES // (4 * result.numel())))
-    per_run = triton.cdiv(slots, runs)
-    runs = triton.cdiv(slots, per_run)
-    partial = torch.zeros(runs, *result.shape, dtype=torch.float32, device=values.device)
-    _sparse_combine_kernel[(runs, triton.cdiv(columns, SPARSE_COLUMNS))](
-        indices, values, coefficients, partial, slots, capacity, columns, result.shape[0], SLOTS=per_run,
-        ROWS=SPARSE_ROWS, COLUMNS=SPARSE_COLUMNS)
-    torch.sum(partial, dim=0, out=result)
+
+    def launch(partial: torch.Tensor, runs: int, per_run: int) -> None:
+        _sparse_combine_kernel[(runs, triton.cdiv(columns, SPARSE_COLUMNS))](
+            indices, values, coefficients, partial, slots, capacity, columns, result.shape[0], SLOTS=per_run,
+            ROWS=SPARSE_ROWS, COLUMNS=SPARSE_COLUMNS)
+
+    _combine_in_runs(slots, result, launch)
