@@ -27,7 +27,8 @@ timed in the same run, their ratio, and how the step grows from one m to the nex
 updated by the C++ kernel; on a GPU it is made by Cholesky at every step (algebra.refactors_every_step).
 `--panel_update` times the device-generic O(m²) panel update instead.
 
-On a GPU, the comparison the README reports, in one run (the authors' optim.py from a folder you fetched):
+On a GPU, the comparison the README reports, in one run (the authors' optim.py from a folder you fetched; with
+their hinv_cuda built in that folder, as the README says, their code uses its CUDA kernels):
 
     python scripts/bench_mfac.py --model_config ../shared/data/models/bert-mini-config \
         --train_file ../shared/data/glue/SST-2/train.tsv --num_grads 1024 --steps 20 --compare_all \
