@@ -1,6 +1,8 @@
-"""Optimizer state written before mfac_optim became a package (commit 66979aa, one file) still resumes, bit for bit.
-That state has no factor of the m × m system (it was refactored every step then): the first step makes it from the
-saved Gram matrix, and the float64 solves agree with the old ones far below the fp32 parameters' resolution."""
+"""Optimizer state written before mfac_optim became a package (commit 66979aa, one file) still resumes. That state has
+no factor of the m × m system (it was refactored every step then): the first step makes it from the saved Gram
+matrix, and the float64 solves agree with the old ones far below the fp32 parameters' resolution. On the machine
+that wrote the fixture the continuation is bit for bit; another CPU or torch build orders float sums differently
+(an H100 machine with torch 2.11 did), so the test allows fp32 rounding."""
 import io
 from pathlib import Path
 
@@ -41,7 +43,7 @@ def write_fixture() -> None:
     torch.save({**saved, "after_three_more_steps": model.state_dict()}, FIXTURE)
 
 
-def test_state_from_the_single_file_optimizer_resumes_bit_identically():
+def test_state_from_the_single_file_optimizer_resumes_where_it_left_off():
     fixture = torch.load(FIXTURE, weights_only=True)
     model = BagOfWords(vocabulary=300, width=8, hidden=6)
     model.load_state_dict(fixture["model"])
@@ -49,4 +51,4 @@ def test_state_from_the_single_file_optimizer_resumes_bit_identically():
     optimizer.load_state_dict(fixture["optimizer"])
     train(model, optimizer, 3, seed=2)
     for name, expected in fixture["after_three_more_steps"].items():
-        assert torch.equal(model.state_dict()[name], expected), name
+        torch.testing.assert_close(model.state_dict()[name], expected, rtol=1e-6, atol=1e-7, msg=name)
