@@ -223,7 +223,7 @@ def test_fused_cpu_passes_against_float64(dtype):
     generator = torch.Generator().manual_seed(0)
     window = torch.randn(7, 3 * 8192 + 13, generator=generator).to(dtype)
     rows = DenseRows(window, torch.float32)
-    assert rows._fused is kernels
+    assert rows._kernels is kernels
     exact = window.double()
     # Off-diagonal dots of random rows are far smaller than their terms: bound the error by the terms' scale (n).
     torch.testing.assert_close(rows.dots(2), exact @ exact[2], rtol=1e-5, atol=1e-7 * window.shape[1])

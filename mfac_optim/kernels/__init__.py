@@ -1,7 +1,7 @@
 """The window passes' kernels. On the CPU: compiled from the C++ sources beside this file on first use (about a
 minute, then cached by torch) and found relative to the installed package. On a GPU: the Triton kernels of
-triton_passes.py, which cover the dense window's passes and the dots (and, compressed, the combine) of the other
-kinds. Where neither applies, the callers' torch passes serve instead."""
+triton_passes.py, which cover the dots and the combine of every storage kind. Where neither applies, the callers'
+torch passes serve instead."""
 from __future__ import annotations
 
 import os

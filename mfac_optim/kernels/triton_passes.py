@@ -14,6 +14,9 @@ import torch
 ROWS = 16  # window rows per program: one load of the new row's segment serves them all
 COLUMNS = 512  # columns per inner iteration
 SPLIT = 1 << 15  # columns per program of the dot products: fp32 sums over at most 32,768 products
+# The combines' partial sums (one per run of consecutive slots): at most this many bytes of them.
+PARTIAL_BYTES = 1 << 28
+SPARSE_ROWS, SPARSE_COLUMNS = 64, 64  # stored rows × columns per inner iteration of the row-sparse combine
 
 
 @triton.jit
@@ -177,11 +180,6 @@ def sparse_dots(indices: torch.Tensor, values: torch.Tensor, new: torch.Tensor) 
     _sparse_dots_kernel[(slots, tiles)](indices, values, new, partial, capacity, columns, tiles, ROWS=ROWS,
                                         COLUMNS=triton.next_power_of_2(min(columns, COLUMNS)))
     return partial.sum(dim=1, dtype=torch.float64)
-
-
-# The combines' partial sums (one per run of consecutive slots): at most this many bytes of them.
-PARTIAL_BYTES = 1 << 28
-SPARSE_ROWS, SPARSE_COLUMNS = 64, 64  # stored rows × columns per inner iteration of the row-sparse combine
 
 
 @triton.jit
