@@ -36,7 +36,9 @@ their hinv_cuda built in that folder, as the README says, their code uses its CU
 
 prints the optimizer step and the whole training step of AdamW (fused), our M-FAC dense bf16 and fp32, compressed
 (density 0.01) and the authors' M-FAC, each whole step against AdamW's, and each window's bandwidth (two passes
-per step) against a device-to-device copy measured in the same run.
+per step) against a device-to-device copy measured in the same run. Then, from further steps with the device
+synchronised around each phase, where each M-FAC step goes: flattening the gradient, finding the word-embedding
+rows, storing into the window, the dots, the m × m algebra, the combine, the update, and the rest.
 
 With `--ranks N` (and --model_config), N processes (gloo on CPU, NCCL on GPUs) share one window with
 shard=True, each on the same batches (as DDP's averaged gradients are the same everywhere), and each prints its
@@ -58,7 +60,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mfac_optim import GRAD_DTYPES, MFAC, algebra  # noqa: E402
-from mfac_optim.compressed import kept_per_block, num_blocks  # noqa: E402
+from mfac_optim.compressed import CompressedRows, kept_per_block, num_blocks  # noqa: E402
+from mfac_optim.layout import Layout  # noqa: E402
+from mfac_optim.storage import DenseRows, RowSparseRows  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -284,7 +288,7 @@ def benchmark_all(args: argparse.Namespace, device: torch.device) -> None:
     settings = {f"MFAC dense bf16, m={args.num_grads}": dict(grad_dtype="bfloat16"),
                 f"MFAC dense fp32, m={args.num_grads}": dict(grad_dtype="float32"),
                 f"MFAC compressed 0.01 bf16, m={args.num_grads}": dict(grad_dtype="bfloat16", density=0.01)}
-    rows, sparse_rows = [], None
+    rows, phase_rows, sparse_rows = [], [], None
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=device.type == "cuda")
     rows.append(("AdamW" + (" (fused)" if device.type == "cuda" else ""), *time_training(model, adamw, batches, device),
                  None))
@@ -293,6 +297,9 @@ def benchmark_all(args: argparse.Namespace, device: torch.device) -> None:
         mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, **options)
         step, total = time_training(model, mfac, batches, device)
         rows.append((name, step, total, mfac_window_bytes(mfac)))
+        with TimedPhases(device) as phases:  # further steps, apart from the timing above
+            time_training(model, mfac, batches, device)
+        phase_rows.append((name, phases.medians()))
         embedding = mfac.state[model.get_input_embeddings().weight]
         if "row_values" in embedding:
             sparse_rows = embedding["row_values"].shape[1]
@@ -313,6 +320,7 @@ def benchmark_all(args: argparse.Namespace, device: torch.device) -> None:
         bandwidth = 2 * window / step if window else None  # two passes over the window per step
         print(f"{name:<40} {step * 1e3:>9.2f} {total * 1e3:>14.2f} {adamw_total / total:>9.2f} "
               + (f"{window / 2**30:>11.2f} {bandwidth / 1e9:>12.0f} {bandwidth / copy:>8.2f}" if window else ""))
+    print_phases(phase_rows)
 
 
 def sharded_rank(rank: int, args: argparse.Namespace, folder: str) -> None:
@@ -352,29 +360,64 @@ def cholesky_seconds(size: int, device: torch.device) -> float:
     return median_seconds(lambda: torch.linalg.cholesky(matrix), 3, device)
 
 
-class TimedInserts:
-    """Records how long each FisherKernel.insert (the step's m × m work: factor update, solve, residual check)
-    takes while active."""
+# Where a step's time goes: each phase is the methods that do it, timed with the device synchronised around each
+# call (so a phase's time includes its launches and host waits; the phases of one step add up to a little more than
+# an unsynchronised step). "other" is the rest of MFAC.step: the finiteness check, the state's bookkeeping.
+PHASES = {
+    "gradient": [(MFAC, "_flat_gradient")],
+    "sparse rows": [(MFAC, "_row_sparse_gradients")],
+    "store": [(DenseRows, "store"), (RowSparseRows, "store"), (CompressedRows, "store")],
+    "dots": [(DenseRows, "dots"), (RowSparseRows, "dots"), (CompressedRows, "dots")],
+    "m×m": [(algebra.FisherKernel, "insert")],
+    "combine": [(DenseRows, "combine"), (RowSparseRows, "combine"), (CompressedRows, "combine")],
+    "update": [(Layout, "assemble"), (MFAC, "_with_momentum"), (MFAC, "_update_params")],
+}
+
+
+class TimedPhases:
+    """While active, records the seconds of each phase (PHASES) of every MFAC step, and of the whole step."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, []
+        self.device = device
+        self.steps: list[dict[str, float]] = []  # per MFAC.step: phase -> seconds, and "step"
+        self.originals = [(owner, name, getattr(owner, name)) for methods in PHASES.values() for owner, name in methods]
+        self.originals.append((MFAC, "step", MFAC.step))
 
-    def __enter__(self) -> "TimedInserts":
-        insert = self.original = algebra.FisherKernel.insert
-
-        def timed(kernel, slot, dots):
-            synchronize(self.device)
-            start = time.perf_counter()
-            solution = insert(kernel, slot, dots)
-            synchronize(self.device)
-            self.seconds.append(time.perf_counter() - start)
-            return solution
-
-        algebra.FisherKernel.insert = timed
+    def __enter__(self) -> "TimedPhases":
+        for phase, methods in PHASES.items():
+            for owner, name in methods:
+                setattr(owner, name, self._timed(getattr(owner, name), phase))
+        MFAC.step = self._timed(MFAC.step, "step", starts_a_step=True)
         return self
 
     def __exit__(self, *exc) -> None:
-        algebra.FisherKernel.insert = self.original
+        for owner, name, method in self.originals:
+            setattr(owner, name, method)
+
+    def _timed(self, method, phase: str, starts_a_step: bool = False):
+        def timed(*args, **kwargs):
+            if starts_a_step:
+                self.steps.append(dict.fromkeys(PHASES, 0.0))
+            synchronize(self.device)
+            start = time.perf_counter()
+            result = method(*args, **kwargs)
+            synchronize(self.device)
+            self.steps[-1][phase] = self.steps[-1].get(phase, 0.0) + time.perf_counter() - start
+            return result
+        return timed
+
+    def medians(self, skip: int = 1) -> dict[str, float]:
+        """Each phase's median seconds per step, and "other" (the step less its phases), over the steps after the
+        first `skip` (the first step allocates the state)."""
+        steps = [{**step, "other": step["step"] - sum(step[phase] for phase in PHASES)} for step in self.steps[skip:]]
+        return {phase: statistics.median(step[phase] for step in steps) for phase in [*PHASES, "other", "step"]}
+
+
+def print_phases(rows: list[tuple[str, dict[str, float]]]) -> None:
+    print("where an M-FAC step goes, ms (median per step; device synchronised around each phase)")
+    print(f"{'optimizer':<40} " + " ".join(f"{phase:>11}" for phase in [*PHASES, "other", "step"]))
+    for name, phases in rows:
+        print(f"{name:<40} " + " ".join(f"{seconds * 1e3:>11.2f}" for seconds in phases.values()))
 
 
 def factor_policy(panel_update: bool, device: torch.device) -> str:
@@ -397,14 +440,14 @@ def benchmark_algebra(args: argparse.Namespace, device: torch.device) -> None:
     steps = {}
     for size in args.algebra:
         mfac = MFAC([param], lr=1e-9, num_grads=size, damp=1e-6, grad_dtype=args.grad_dtype)
-        with TimedInserts(device) as inserts:
+        with TimedPhases(device) as phases:
             steps[size] = time_optimizer(mfac, param, args.steps, warmup=2)
         made = int(mfac.state[param]["refactorizations"])  # 1: only the first step's
         del mfac
         cholesky = cholesky_seconds(size, device)
         previous = [m for m in steps if m < size]
         growth = f"{steps[size] / steps[previous[-1]]:.1f}x" if previous else ""
-        print(f"{size:>6} {steps[size] * 1e3:>9.2f} {statistics.median(inserts.seconds[2:]) * 1e3:>8.2f} "
+        print(f"{size:>6} {steps[size] * 1e3:>9.2f} {phases.medians(skip=2)['m×m'] * 1e3:>8.2f} "
               f"{cholesky * 1e3:>12.1f} {steps[size] / cholesky:>14.3f} {growth:>12} {made:>15}", flush=True)
     if 1024 in steps and 4096 in steps:
         print(f"step growth from m = 1024 to 4096: {steps[4096] / steps[1024]:.1f}x (O(m^2): 16x, O(m^3): 64x)")

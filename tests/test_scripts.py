@@ -250,6 +250,28 @@ def test_bench_compare_all_times_every_optimizer_and_counts_the_window(tiny_bert
     names = ["AdamW", "MFAC dense bf16, m=4", "MFAC dense fp32, m=4", "MFAC compressed 0.01 bf16, m=4"]
     assert all(any(line.startswith(name) for line in table.splitlines()) for name in names), table
     assert "device-to-device copy" in table
+    phases = table[table.index("where an M-FAC step goes"):].splitlines()
+    assert all(any(line.startswith(name) for line in phases) for name in names[1:]), table
+
+
+def test_bench_phases_split_each_step_without_overlap():
+    """Every phase is timed once per step for a window with a dense and a row-sparse part, and none runs inside
+    another: a nested phase would count twice, and the rest of the step ("other") would come out negative."""
+    torch.manual_seed(0)
+    embedding, linear = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)
+    optimizer = MFAC([*embedding.parameters(), *linear.parameters()], num_grads=4)
+    original_step = MFAC.step
+    with bench_mfac.TimedPhases(torch.device("cpu")) as timed:
+        for step in range(5):
+            optimizer.zero_grad()
+            linear(embedding(torch.tensor([step, step + 7]))).square().sum().backward()
+            optimizer.step()
+    assert MFAC.step is original_step  # restored on exit
+    assert len(timed.steps) == 5 and "row_indices" in optimizer.state[embedding.weight]
+    for step in timed.steps:
+        assert all(step[phase] > 0 for phase in bench_mfac.PHASES), step
+        assert sum(step[phase] for phase in bench_mfac.PHASES) <= step["step"], step
+    assert timed.medians(skip=0)["step"] == sorted(step["step"] for step in timed.steps)[2]
 
     params = [torch.zeros(30, 20, requires_grad=True), torch.zeros(7, requires_grad=True)]
     optimizer = MFAC(params, num_grads=4, grad_dtype="bfloat16")
