@@ -124,12 +124,10 @@ class Layout:
             return grad
         return torch.cat([grad[block.flat] for block in dense])
 
-    def assemble(self, dense_direction: Tensor, sparse_directions: dict[int, Tensor]) -> Tensor:
+    def assemble(self, dense_direction: Tensor, sparse_directions: dict[int, Tensor], out: Tensor) -> Tensor:
         """This process's blocks of the direction, in local order, from the dense part and the row-sparse parts: one
         concatenation of the row-sparse parts and the runs of dense blocks between them (a copy per block would be a
-        kernel launch per parameter on a GPU)."""
-        if not sparse_directions:
-            return dense_direction
+        kernel launch per parameter on a GPU), into `out` (local_size fp32)."""
         pieces, dense_offset, run = [], 0, 0
         for block in self.blocks:
             if block.index in sparse_directions:
@@ -139,7 +137,7 @@ class Layout:
             else:
                 run += block.size
         pieces.append(dense_direction[dense_offset:dense_offset + run])
-        return torch.cat(pieces)
+        return torch.cat(pieces, out=out)
 
     def to_flat(self, dense_rows: Tensor, sparse_rows: dict[int, Tensor]) -> Tensor:
         """Rows over this process's columns (the dense part's columns, and each row-sparse block made dense) as

@@ -35,8 +35,13 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
     else:
         window_bytes = dense_window_bytes(layout, max_rows, num_grads, element_size)
     accumulate_size = accumulate_dtype(num_grads, total).itemsize
+    row_sparse = density >= 1 and bool(max_rows)
     buffers = (8 * total  # the flat gradient and its fp32 pieces
                + 4 * local * (2 if momentum else 1)  # the direction, and the momentum
+               # With row-sparse parts, also kept between steps: the direction put together from them and the
+               # dense part (4 bytes a coordinate), and their scratch matrices, whose share beyond fp32 the term
+               # above leaves out (accumulate_size − 4). Together at most accumulate_size a local coordinate.
+               + accumulate_size * local * row_sparse
                + num_grads * min(BLOCK_COLUMNS, local) * accumulate_size  # the unfused passes' conversion block
                + 16 * num_grads * num_grads)  # a refactorisation: K in chronological order and its new factor
     if world_size > 1:

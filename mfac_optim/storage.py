@@ -95,11 +95,16 @@ class RowSparseRows:
     # row count does not reallocate the window at every step.
     GROWTH_NUMERATOR, GROWTH_DENOMINATOR = 5, 4
 
-    def __init__(self, indices: Tensor, values: Tensor, num_rows: int, accumulate_dtype: torch.dtype) -> None:
+    def __init__(self, indices: Tensor, values: Tensor, num_rows: int, accumulate_dtype: torch.dtype,
+                 scratch: Optional[Tensor] = None) -> None:
         self.indices = indices  # (m, capacity) int64
         self.values = values  # (m, capacity, columns), storage dtype
         self.num_rows = num_rows
         self.accumulate_dtype = accumulate_dtype
+        # A rows × columns matrix in the accumulation dtype that the caller may keep from step to step (a fresh one
+        # costs page faults at every step on the CPU): the new slot made dense for the dots, then the combine's
+        # result, which is only valid until the next dots.
+        self._scratch = scratch
         self._kernels = fused_passes_for(values, accumulate_dtype) or triton_passes_for(values, accumulate_dtype)
 
     @classmethod
@@ -126,7 +131,7 @@ class RowSparseRows:
 
     def dots(self, slot: int) -> Tensor:
         """s_j = Σ over the rows of slot j of ⟨stored row, new gradient's row⟩, in float64."""
-        new = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
+        new = self._scratch_matrix().zero_()
         new.index_add_(0, self.indices[slot], self.values[slot].to(self.accumulate_dtype))  # padding adds zeros
         if self._kernels is not None:
             return self._kernels.sparse_dots(self.indices, self.values, new)
@@ -138,11 +143,11 @@ class RowSparseRows:
 
     def combine(self, coefficients: Tensor) -> Tensor:
         """Σ_j c_j · (slot j scattered into a rows × columns matrix), accumulated in fp32 or better."""
-        if self._kernels is not None:
-            result = torch.empty(self.num_rows, self.values.shape[2], dtype=torch.float32, device=self.values.device)
+        if self._kernels is not None:  # they write every entry, in fp32 (their accumulation dtype)
+            result = self._scratch_matrix()
             self._kernels.sparse_combine(self.indices, self.values, coefficients.float(), result)
             return result
-        result = torch.zeros(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype, device=self.values.device)
+        result = self._scratch_matrix().zero_()
         coefficients = coefficients.to(self.accumulate_dtype)
         with _adding_in_a_fixed_order(self.values.device):
             for chunk in self._slot_chunks():
@@ -152,6 +157,12 @@ class RowSparseRows:
 
     def state(self) -> dict[str, Tensor]:
         return {"row_indices": self.indices, "row_values": self.values}
+
+    def _scratch_matrix(self) -> Tensor:
+        if self._scratch is None:
+            self._scratch = torch.empty(self.num_rows, self.values.shape[2], dtype=self.accumulate_dtype,
+                                        device=self.values.device)
+        return self._scratch
 
     def to_dense(self) -> Tensor:
         """The same window as dense rows (m × rows·columns), exactly."""

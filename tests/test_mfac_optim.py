@@ -389,6 +389,26 @@ def test_memory_bound_of_a_dense_window_by_hand():
     assert memory_bound_bytes([p.shape for p in model.parameters()], {}, m, "bfloat16") == state + step_buffers
 
 
+def test_memory_bound_of_a_window_with_row_sparse_embeddings_by_hand():
+    embedding, linear = torch.nn.Embedding(100, 8), torch.nn.Linear(8, 3)
+    optimizer = MFAC([*embedding.parameters(), *linear.parameters()], num_grads=4)
+    for step in range(6):
+        optimizer.zero_grad()
+        linear(embedding(torch.arange(step, step + 10))).square().sum().backward()
+        optimizer.step()
+    assert optimizer.state[embedding.weight]["row_values"].shape[1] == 10
+    d, m = 100 * 8 + 8 * 3 + 3, 4
+    capacity = 13  # 10 rows grown by 5/4, rounded up
+    window = m * (8 * 3 + 3) * 4 + m * capacity * (8 * 4 + 8)  # dense fp32 part; rows and their int64 indices
+    # flat gradient and pieces, the dense direction, the conversion block (d < 65536), K and its factor when
+    # refactoring, and with row-sparse parts: the direction put together, the parts' scratch beyond fp32 (none)
+    step_buffers = 8 * d + 4 * d + m * d * 4 + 2 * 8 * m * m + 4 * d
+    assert memory_bound_bytes([p.shape for p in optimizer.param_groups[0]["params"]], {0: 10}, m) \
+        == window + 2 * 8 * m * m + step_buffers
+    kept = sum(buffer.numel() * buffer.element_size() for buffer in optimizer._buffers.values())
+    assert kept == 4 * d + 4 * d + 4 * 100 * 8  # flat gradient, direction, the embedding's scratch
+
+
 def test_closure_is_evaluated_with_grad_and_loss_returned():
     model, optimizer = make_model_and_optimizer(num_grads=4)
     tokens, y = torch.randint(0, 500, (8, 5)), torch.randint(0, 2, (8,))
