@@ -58,7 +58,9 @@ class MFAC(Optimizer):
         self._warned_nonfinite = False
         # (its state tensor, the dense columns' storage): reused across steps for its buffers
         self._dense_storage: Optional[tuple[Tensor, Union[DenseRows, CompressedRows]]] = None
-        self._buffers: dict[str, Tensor] = {}  # vectors rewritten at every step (_reused_buffer)
+        # Vectors rewritten at every step (_reused_buffer): the flat gradient, the direction, each row-sparse part's
+        # scratch (under ("rows of", parameter index)).
+        self._buffers: dict[Union[str, tuple[str, int]], Tensor] = {}
         self._gather = DirectionGather()
         super().__init__(params, defaults)
 
@@ -157,8 +159,8 @@ class MFAC(Optimizer):
         return torch.cat(pieces, out=self._reused_buffer("gradient", sum(piece.numel() for piece in pieces),
                                                          pieces[0].device))
 
-    def _reused_buffer(self, name: str, size: int, device: torch.device, dtype: torch.dtype = torch.float32
-                       ) -> Tensor:
+    def _reused_buffer(self, name: Union[str, tuple[str, int]], size: int, device: torch.device,
+                       dtype: torch.dtype = torch.float32) -> Tensor:
         """A vector of `size` kept from step to step. A fresh allocation of d floats costs page faults at every
         step on the CPU: at bert-mini's size, once a 6 GiB window is allocated, 60 ms for the direction."""
         buffer = self._buffers.get(name)
@@ -227,6 +229,7 @@ class MFAC(Optimizer):
         column = layout.dense_column(index)
         window = state["window"]
         state["window"] = torch.cat([window[:, :column], part.to_dense(), window[:, column:]], dim=1)
+        self._buffers.pop(("rows of", index), None)  # its scratch
         return layout
 
     def _gradient_window(self, layout: Layout) -> GradientWindow:
@@ -235,7 +238,7 @@ class MFAC(Optimizer):
         accumulate = accumulate_dtype(first["num_grads"], layout.total_size)
         sparse = {block.index: RowSparseRows(
             self.state[params[block.index]]["row_indices"], self.state[params[block.index]]["row_values"], block.rows,
-            accumulate, self._reused_buffer(f"rows of {block.index}", block.size, state["gram"].device,
+            accumulate, self._reused_buffer(("rows of", block.index), block.size, state["gram"].device,
                                             accumulate).view(block.rows, block.columns))
                   for block in layout.sparse_blocks}
         sum_shards = sum_over_processes if layout.world_size > 1 else None
