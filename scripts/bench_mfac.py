@@ -375,16 +375,19 @@ PHASES = {
 
 
 class TimedPhases:
-    """While active, records the seconds of each phase (PHASES) of every MFAC step, and of the whole step."""
+    """While active, records the seconds of the given phases (keys of PHASES; the others count as 0) of every MFAC
+    step, and of the whole step. Each timed phase adds its synchronisations to the step."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, phases: tuple[str, ...] = tuple(PHASES)) -> None:
         self.device = device
+        self.phases = {phase: PHASES[phase] for phase in phases}
         self.steps: list[dict[str, float]] = []  # per MFAC.step: phase -> seconds, and "step"
-        self.originals = [(owner, name, getattr(owner, name)) for methods in PHASES.values() for owner, name in methods]
+        self.originals = [(owner, name, getattr(owner, name)) for methods in self.phases.values()
+                          for owner, name in methods]
         self.originals.append((MFAC, "step", MFAC.step))
 
     def __enter__(self) -> "TimedPhases":
-        for phase, methods in PHASES.items():
+        for phase, methods in self.phases.items():
             for owner, name in methods:
                 setattr(owner, name, self._timed(getattr(owner, name), phase))
         MFAC.step = self._timed(MFAC.step, "step", starts_a_step=True)
@@ -440,7 +443,7 @@ def benchmark_algebra(args: argparse.Namespace, device: torch.device) -> None:
     steps = {}
     for size in args.algebra:
         mfac = MFAC([param], lr=1e-9, num_grads=size, damp=1e-6, grad_dtype=args.grad_dtype)
-        with TimedPhases(device) as phases:
+        with TimedPhases(device, phases=("m×m",)) as phases:  # the step synchronised only around its m × m part
             steps[size] = time_optimizer(mfac, param, args.steps, warmup=2)
         made = int(mfac.state[param]["refactorizations"])  # 1: only the first step's
         del mfac
