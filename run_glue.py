@@ -190,6 +190,11 @@ def expand_json_config(argv: list[str]) -> list[str]:
         raise UsageError(f"{argv[0]}: not valid JSON ({error.msg}, line {error.lineno})") from None
     if not isinstance(config, dict):
         raise UsageError(f"{argv[0]}: must hold a JSON object of arguments")
+    return config_flags(config) + argv[1:]
+
+
+def config_flags(config: dict[str, Any]) -> list[str]:
+    """A JSON config's entries as command-line flags."""
     flags = []
     for key, value in config.items():
         if isinstance(value, dict):  # --optim_args '{"num_grads": 512}'
@@ -199,7 +204,7 @@ def expand_json_config(argv: list[str]) -> list[str]:
         else:
             values = [str(value)]
         flags += [f"--{key}", *values]
-    return flags + argv[1:]
+    return flags
 
 
 def parse_and_check_inputs(argv: list[str]):
@@ -518,7 +523,8 @@ def optimizer_record(training_args) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: Optional[list[str]] = None, callbacks: Optional[list] = None) -> None:
+    """`argv`: the command line's arguments; `callbacks`: extra TrainerCallbacks (scripts/tune.py's reporter)."""
     model_args, data_args, training_args, local_datasets = parse_and_check_inputs(sys.argv[1:] if argv is None else argv)
 
     import datasets
@@ -627,6 +633,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         processing_class=tokenizer,
         data_collator=data_collator,
         optimizer_memory_bound=optimizer_bound,
+        callbacks=callbacks,
     )
     os.makedirs(training_args.output_dir, exist_ok=True)
     record = run_record(model_args, data_args, training_args)
@@ -638,6 +645,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         metrics = train_result.metrics
         metrics["train_samples"] = len(train_dataset)
+        metrics["optimizer_state_bytes"] = trainer.optimizer_state_bytes
         trainer.save_model()
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)

@@ -33,20 +33,28 @@ def mfac_is_sharded(training_args) -> bool:
 
 
 class OptimizerMemoryLogger(TrainerCallback):
-    """Logs the optimizer state's size once, after the first step (M-FAC allocates its window there), next to the
-    upper bound estimated before loading, if any."""
+    """Measures the optimizer state's size once, after the first step (M-FAC allocates its window there, AdamW its
+    moments), logs it next to the upper bound estimated before loading, if any, and keeps it in `measured_bytes`
+    so that scripts can record it with the run's metrics."""
 
     def __init__(self, bound: Optional[int]) -> None:
         self.bound = bound
-        self.logged = False
+        self.measured_bytes: Optional[int] = None
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.measured_bytes is not None or optimizer is None:
+            return
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
-        if not self.logged and hasattr(inner, "memory_bytes"):
-            estimate = "" if self.bound is None else \
-                f"; estimated before loading: at most {self.bound / 2**30:.3f} GiB with the step's buffers"
-            logger.info("Optimizer state: %.3f GiB (%s)%s", inner.memory_bytes() / 2**30, type(inner).__name__, estimate)
-            self.logged = True
+        self.measured_bytes = optimizer_state_bytes(inner)
+        estimate = "" if self.bound is None else \
+            f"; estimated before loading: at most {self.bound / 2**30:.3f} GiB with the step's buffers"
+        logger.info("Optimizer state: %.3f GiB (%s)%s", self.measured_bytes / 2**30, type(inner).__name__, estimate)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors an optimizer keeps in its state in this process (for MFAC, its `memory_bytes()`)."""
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values() for value in state.values()
+               if torch.is_tensor(value))
 
 
 class MFACTrainer(Trainer):
@@ -58,8 +66,14 @@ class MFACTrainer(Trainer):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if getattr(training_args, "optim", None) == MFAC_NAME and kwargs.get("optimizer_cls_and_kwargs") is None:
             kwargs["optimizer_cls_and_kwargs"] = (MFAC, training_args.mfac.kwargs())
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), OptimizerMemoryLogger(optimizer_memory_bound)]
+        self.memory_logger = OptimizerMemoryLogger(optimizer_memory_bound)
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.memory_logger]
         super().__init__(*args, **kwargs)
+
+    @property
+    def optimizer_state_bytes(self) -> Optional[int]:
+        """The optimizer state measured after the first training step (None before it)."""
+        return self.memory_logger.measured_bytes
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not mfac_is_sharded(self.args):

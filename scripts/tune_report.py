@@ -1,0 +1,143 @@
+"""`scripts/tune.py --report STUDY_DIR`: the studies of one folder (one per optimizer) side by side: budgets,
+finished / pruned / failed trials, the best validation score and its parameters; and STUDY_DIR/tuning.png: each
+optimizer's best-so-far validation score against trial number, beside the importance of each hyperparameter
+(Optuna's fANOVA, seeded)."""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import optuna
+from optuna.importance import FanovaImportanceEvaluator
+from optuna.trial import FrozenTrial, TrialState
+
+from run_glue import UsageError
+
+STORAGE_FILE = "study.db"
+DATA_FOLDER = "data"  # the carved training part and validation split
+
+
+@dataclass
+class StudySummary:
+    name: str
+    budget: int
+    metric: str
+    trials: list[FrozenTrial]  # finished (complete or pruned), in the order they ran
+    failed: int
+    importances: dict[str, float]
+
+    @property
+    def complete(self) -> list[FrozenTrial]:
+        return [trial for trial in self.trials if trial.state == TrialState.COMPLETE]
+
+    @property
+    def best(self) -> Optional[FrozenTrial]:
+        return max(self.complete, key=lambda trial: trial.value, default=None)
+
+    def best_so_far(self) -> list[Optional[float]]:
+        """After each finished trial, the best complete value up to it (None while there is none)."""
+        values, best = [], None
+        for trial in self.trials:
+            if trial.state == TrialState.COMPLETE and (best is None or trial.value > best):
+                best = trial.value
+            values.append(best)
+        return values
+
+    def median_wall_seconds(self) -> Optional[float]:
+        seconds = [trial.user_attrs["wall_seconds"] for trial in self.complete if "wall_seconds" in trial.user_attrs]
+        return statistics.median(seconds) if seconds else None
+
+
+def load_summaries(study_dir: Path) -> list[StudySummary]:
+    storage_file = study_dir / STORAGE_FILE
+    if not storage_file.is_file():
+        raise UsageError(f"--report: {study_dir} holds no study ({STORAGE_FILE} not found)")
+    storage = f"sqlite:///{storage_file.resolve()}"
+    summaries = []
+    for name in sorted(optuna.get_all_study_names(storage)):
+        study = optuna.load_study(study_name=name, storage=storage)
+        setting = study.user_attrs["setting"]
+        trials = sorted(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)),
+                        key=lambda trial: trial.datetime_complete)
+        complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
+        importances = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)) \
+            if len(complete) >= 2 else {}
+        summaries.append(StudySummary(name, setting["trials"], setting["metric"], trials,
+                                      len(study.get_trials(states=(TrialState.FAIL,))), importances))
+    return summaries
+
+
+def format_params(params: dict) -> str:
+    return " ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+                    for name, value in params.items())
+
+
+def report_lines(study_dir: Path, summaries: list[StudySummary]) -> list[str]:
+    split = json.loads((study_dir / DATA_FOLDER / "split.json").read_text())
+    lines = [f"{study_dir}: trials train on {split['train']} examples and are scored on a validation split of "
+             f"{split['validation']} carved from {split['source']} (seed {split['seed']}"
+             f"{', stratified by label' if split['stratified'] else ''}); the dev set is not read"]
+    budgets = {summary.budget for summary in summaries}
+    lines.append(f"equal budgets: {budgets.pop()} trials each" if len(budgets) == 1 else
+                 "UNEQUAL budgets: " + ", ".join(f"{s.name} {s.budget}" for s in summaries))
+    header = ["optimizer", "budget", "finished", "pruned", "failed", "metric", "best", "trial", "median s",
+              "best parameters"]
+    rows = []
+    for summary in summaries:
+        best = summary.best
+        median = summary.median_wall_seconds()
+        rows.append([summary.name, str(summary.budget), str(len(summary.trials)),
+                     str(len(summary.trials) - len(summary.complete)), str(summary.failed), summary.metric,
+                     f"{best.value:.4f}" if best else "-", str(best.number) if best else "-",
+                     f"{median:.0f}" if median is not None else "-", format_params(best.params) if best else "-"])
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header] + rows]
+    for summary in summaries:
+        if summary.importances:
+            lines.append(f"{summary.name} importance: " + ", ".join(f"{name} {value:.2f}"
+                                                                   for name, value in summary.importances.items()))
+    return lines
+
+
+def plot(summaries: list[StudySummary], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (progress, importance) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for summary in summaries:
+        values = summary.best_so_far()
+        numbers = [index + 1 for index, value in enumerate(values) if value is not None]
+        progress.step(numbers, [value for value in values if value is not None], where="post", marker="o",
+                      label=f"{summary.name} ({len(summary.trials)}/{summary.budget} trials)")
+    progress.set_xlabel("finished trial")
+    progress.set_ylabel(f"best validation {summaries[0].metric} so far" if summaries else "")
+    progress.set_title(f"{title}: search progress")
+    progress.grid(alpha=0.3)
+    progress.legend(fontsize=8)
+    names = sorted({name for summary in summaries for name in summary.importances})
+    height = 0.8 / max(1, len(summaries))
+    for index, summary in enumerate(summaries):
+        positions = [row + index * height for row in range(len(names))]
+        importance.barh(positions, [summary.importances.get(name, 0.0) for name in names], height=height,
+                        label=summary.name)
+    importance.set_yticks([row + 0.4 - height / 2 for row in range(len(names))], names)
+    importance.set_xlabel("importance (fANOVA, complete trials)")
+    importance.set_title(f"{title}: hyperparameter importance")
+    importance.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def report(study_dir: Path) -> int:
+    summaries = load_summaries(study_dir)
+    print("\n".join(report_lines(study_dir, summaries)))
+    path = study_dir / "tuning.png"
+    plot(summaries, study_dir.name, path)
+    print(f"plot written to {path}")
+    return 0
