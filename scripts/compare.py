@@ -6,13 +6,20 @@ Runs are grouped by what they recorded in run_info.json (task, model, data setti
 arguments; everything but the seed), never by folder names; a local model folder counts as one however it was
 spelled. A group's label names only what differs between the groups of its task; the table's title line lists
 what they share. Metrics are shown ×100, as GLUE results are quoted.
+Each group is set against a reference group of its task (`--reference FOLDER`: the group whose runs lie in that
+folder; else the task's first group): the difference of means with its 95% confidence interval and Welch's
+p-value (unequal variances, over seeds), and the verdict "separates" when the interval excludes zero, "does not
+separate" otherwise. The table also gives each group's mean training time and optimizer state.
 `--plot` draws the training loss and the main eval metric over steps per group: the mean over seeds, with a
 band of ± one standard deviation.
+
+    python scripts/compare.py runs/fair/stsb/seeds/*/seed* --reference runs/fair/stsb/seeds/stsb_adamw_tuned
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -142,6 +149,7 @@ def group_runs(runs: list[Run]) -> dict[str, TaskGroups]:
 
 @dataclass
 class Summary:
+    values: list[float]  # one per seed, in seed order
     mean: float
     std: Optional[float]  # sample standard deviation (n − 1); None for one run
     n: int
@@ -155,31 +163,114 @@ def summarize(runs: list[Run], metric: str) -> Optional[Summary]:
         return None
     values = [value for value, _ in scored]
     best, best_seed = max(scored)
-    return Summary(statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None,
+    return Summary(values, statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None,
                    len(values), best, best_seed)
 
 
-def table_rows(groups: dict[str, list[Run]]) -> list[tuple[str, str, Summary]]:
+@dataclass
+class Difference:
+    """mean(a) − mean(b) with its confidence interval and Welch's two-sided p-value."""
+    delta: float
+    low: float
+    high: float
+    p_value: float
+
+    @property
+    def separates(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def welch_difference(a: list[float], b: list[float], confidence: float = 0.95) -> Optional[Difference]:
+    """Welch's t interval for the difference of two means with unequal variances (Welch–Satterthwaite degrees of
+    freedom); None when either group has fewer than two values."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    delta = statistics.mean(a) - statistics.mean(b)
+    share_a, share_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if share_a + share_b == 0:  # both groups constant: the difference is exact
+        return Difference(delta, delta, delta, 1.0 if delta == 0 else 0.0)
+    degrees = (share_a + share_b) ** 2 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))
+    half_width = stats.t.ppf((1 + confidence) / 2, degrees) * math.sqrt(share_a + share_b)
+    p_value = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return Difference(delta, delta - half_width, delta + half_width, p_value)
+
+
+@dataclass
+class Row:
+    metric: str
+    label: str
+    summary: Summary
+    difference: Optional[Difference]  # against the reference group; None for the reference itself or too few runs
+    is_reference: bool
+    train_seconds: Optional[float]  # mean train_runtime over the group's runs
+    optimizer_bytes: Optional[float]  # mean optimizer state after the first step
+
+
+def mean_result(runs: list[Run], key: str) -> Optional[float]:
+    values = [run.results[key] for run in runs if run.results.get(key) is not None]
+    return statistics.mean(values) if values else None
+
+
+def table_rows(groups: dict[str, list[Run]], reference: str) -> list[Row]:
     metrics = sorted({metric for runs in groups.values() for run in runs for metric in run.metrics})
     rows = []
     for metric in metrics:
+        baseline = summarize(groups[reference], metric)
         for label, runs in groups.items():
             summary = summarize(runs, metric)
-            if summary is not None:
-                rows.append((metric.removeprefix("eval_"), label, summary))
+            if summary is None:
+                continue
+            difference = None if label == reference or baseline is None else \
+                welch_difference(summary.values, baseline.values)
+            rows.append(Row(metric.removeprefix("eval_"), label, summary, difference, label == reference,
+                            mean_result(runs, "train_runtime"), mean_result(runs, "optimizer_state_bytes")))
     return rows
 
 
-def format_table(task: str, rows: list[tuple[str, str, Summary]], shared: str, markdown: bool) -> str:
-    header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)"]
-    body = [[metric, label, f"{100 * s.mean:.2f} ± {100 * s.std:.2f}" if s.std is not None else f"{100 * s.mean:.2f}",
-             str(s.n), f"{100 * s.best:.2f} ({s.best_seed})"] for metric, label, s in rows]
+def difference_cells(row: Row) -> list[str]:
+    if row.is_reference:
+        return ["reference", "", ""]
+    if row.difference is None:
+        return ["n/a (needs 2+ runs in each group)", "", ""]
+    d = row.difference
+    return [f"{100 * d.delta:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]", f"{d.p_value:.3g}",
+            "separates" if d.separates else "does not separate"]
+
+
+def format_table(task: str, rows: list[Row], shared: str, reference: str, markdown: bool) -> str:
+    header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)", "Δ vs reference [95% CI]", "p (Welch)",
+              "verdict", "train s", "optimizer GiB"]
+    body = []
+    for row in rows:
+        s = row.summary
+        body.append([row.metric, row.label,
+                     f"{100 * s.mean:.2f} ± {100 * s.std:.2f}" if s.std is not None else f"{100 * s.mean:.2f}",
+                     str(s.n), f"{100 * s.best:.2f} ({s.best_seed})", *difference_cells(row),
+                     f"{row.train_seconds:.0f}" if row.train_seconds is not None else "-",
+                     f"{row.optimizer_bytes / 2**30:.2f}" if row.optimizer_bytes is not None else "-"])
+    title = f"{task} (all runs: {shared}; reference: {reference})"
     if markdown:
-        lines = [f"**{task}** (all runs: {shared})", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = [f"**{task}** (all runs: {shared}; reference: {reference})", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
-    lines = [f"{task} (all runs: {shared})", "  ".join(cell.ljust(width) for cell, width in zip(header, widths))]
-    return "\n".join(lines + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in body])
+    lines = [title, "  ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip()]
+    return "\n".join(lines + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                              for row in body])
+
+
+def reference_label(task_groups: TaskGroups, folder: Optional[Path]) -> str:
+    """The group whose runs lie in `folder`, else the task's first group."""
+    if folder is None:
+        return next(iter(task_groups.groups))
+    folder = folder.resolve()
+    matches = [label for label, runs in task_groups.groups.items()
+               if any(folder in run.path.resolve().parents for run in runs)]
+    if len(matches) != 1:
+        raise NotARunError(f"--reference {folder}: {'no' if not matches else 'more than one'} group of runs lies in it")
+    return matches[0]
 
 
 def series(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
@@ -229,13 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by run_glue.py")
     parser.add_argument("--plot", type=Path, help="write a PNG of loss and eval metric over steps")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    parser.add_argument("--reference", type=Path,
+                        help="folder holding the reference group's runs (default: each task's first group)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         runs = [load_run(path) for path in args.runs]
+        grouped = group_runs(runs)
+        references = {task: reference_label(task_groups, args.reference) for task, task_groups in grouped.items()}
     except NotARunError as error:
         parser.error(str(error))
-    grouped = group_runs(runs)
-    print("\n\n".join(format_table(task, table_rows(task_groups.groups), task_groups.shared, args.markdown)
+    print("\n\n".join(format_table(task, table_rows(task_groups.groups, references[task]), task_groups.shared,
+                                    references[task], args.markdown)
                        for task, task_groups in sorted(grouped.items())))
     if args.plot:
         plot(grouped, args.plot)

@@ -47,6 +47,7 @@ TRIAL_SCRIPT = Path(__file__).resolve().parent / "tune_trial.py"
 DEFAULT_TRIALS = 12
 STARTUP_TRIALS = 4  # random trials before TPE models the space, and before the pruner compares
 MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}  # else accuracy
+MINIMIZED = ("loss", "mse")  # metrics where lower is better; every other one is maximised
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -63,7 +64,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--study_dir", type=Path, help="folder of the study: its SQLite storage, data split, trials")
     parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
                         help=f"finished trials per optimizer (default {DEFAULT_TRIALS})")
-    parser.add_argument("--metric", help="eval metric to maximise (default: the task's main metric)")
+    parser.add_argument("--metric", help="eval metric to select by (default: the task's main metric; loss and mse "
+                        "are minimised, the others maximised)")
     parser.add_argument("--validation_size", type=float, default=0.1,
                         help="examples carved from the training file for selection: a fraction < 1, or a count")
     parser.add_argument("--sampler_seed", type=int, default=0, help="seed of the TPE sampler and the data split")
@@ -198,7 +200,8 @@ class Search:
         self.data = args.study_dir / DATA_FOLDER
         self.storage = f"sqlite:///{(args.study_dir / STORAGE_FILE).resolve()}"
         self.study = optuna.create_study(
-            study_name=space.name, storage=self.storage, direction="maximize", load_if_exists=True,
+            study_name=space.name, storage=self.storage, load_if_exists=True,
+            direction="minimize" if self.metric in MINIMIZED else "maximize",
             sampler=optuna.samplers.TPESampler(seed=args.sampler_seed, n_startup_trials=STARTUP_TRIALS),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS))
         self.check_same_setting()
@@ -206,18 +209,19 @@ class Search:
     def setting(self) -> dict[str, Any]:
         """What a study's trials share: a resumed study must be given the same."""
         return {"space": json.loads(self.args.space.read_text()), "metric": self.metric, "base": self.base,
-                "trials": self.args.trials, "validation_size": self.args.validation_size,
-                "sampler_seed": self.args.sampler_seed}
+                "validation_size": self.args.validation_size, "sampler_seed": self.args.sampler_seed}
 
     def check_same_setting(self) -> None:
+        """A resumed study must be given the same setting; its budget may grow (the report prints it)."""
         recorded = self.study.user_attrs.get("setting")
         if recorded is None:
             self.study.set_user_attr("setting", self.setting())
-            return
-        changed = [key for key, value in self.setting().items() if recorded.get(key) != value]
-        if changed:
-            raise UsageError(f"{self.args.study_dir}: study {self.space.name!r} was made with another "
-                             f"{', '.join(changed)}: use another --study_dir, or the same arguments to resume it")
+        else:
+            changed = [key for key, value in self.setting().items() if recorded.get(key) != value]
+            if changed:
+                raise UsageError(f"{self.args.study_dir}: study {self.space.name!r} was made with another "
+                                 f"{', '.join(changed)}: use another --study_dir, or the same arguments to resume it")
+        self.study.set_user_attr("trials", self.args.trials)
 
     def finished(self) -> list[optuna.trial.FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))

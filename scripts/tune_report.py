@@ -25,6 +25,7 @@ class StudySummary:
     name: str
     budget: int
     metric: str
+    maximize: bool
     trials: list[FrozenTrial]  # finished (complete or pruned), in the order they ran
     failed: int
     importances: dict[str, float]
@@ -33,15 +34,22 @@ class StudySummary:
     def complete(self) -> list[FrozenTrial]:
         return [trial for trial in self.trials if trial.state == TrialState.COMPLETE]
 
+    def better(self, value: float, than: Optional[float]) -> bool:
+        return than is None or (value > than if self.maximize else value < than)
+
     @property
     def best(self) -> Optional[FrozenTrial]:
-        return max(self.complete, key=lambda trial: trial.value, default=None)
+        best = None
+        for trial in self.complete:
+            if best is None or self.better(trial.value, best.value):
+                best = trial
+        return best
 
     def best_so_far(self) -> list[Optional[float]]:
         """After each finished trial, the best complete value up to it (None while there is none)."""
         values, best = [], None
         for trial in self.trials:
-            if trial.state == TrialState.COMPLETE and (best is None or trial.value > best):
+            if trial.state == TrialState.COMPLETE and self.better(trial.value, best):
                 best = trial.value
             values.append(best)
         return values
@@ -63,9 +71,11 @@ def load_summaries(study_dir: Path) -> list[StudySummary]:
         trials = sorted(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)),
                         key=lambda trial: trial.datetime_complete)
         complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
+        # fANOVA explains the variance of the scores: none to explain until two complete trials differ.
         importances = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)) \
-            if len(complete) >= 2 else {}
-        summaries.append(StudySummary(name, setting["trials"], setting["metric"], trials,
+            if len({trial.value for trial in complete}) >= 2 else {}
+        summaries.append(StudySummary(name, study.user_attrs["trials"], setting["metric"],
+                                      study.direction == optuna.study.StudyDirection.MAXIMIZE, trials,
                                       len(study.get_trials(states=(TrialState.FAIL,))), importances))
     return summaries
 

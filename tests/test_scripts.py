@@ -199,7 +199,51 @@ def test_compare_groups_by_recorded_settings_with_sample_std(hand_made_runs, cap
     assert "| accuracy | adamw_torch | 85.50 ± 0.71 | 2 | 86.00 (2) |" in out
     assert "| accuracy | MFAC num_grads=8 | 50.00 | 1 | 50.00 (1) |" in out
     assert ("**sst2** (all runs: models/minilm, max_train_samples=4000, max_seq_length=64, lr=0.0001, "
-            "weight_decay=0; MFAC: damp=1e-06; adamw_torch: adam_beta1=0.9 adam_beta2=0.999 adam_epsilon=1e-08)") in out
+            "weight_decay=0; MFAC: damp=1e-06; adamw_torch: adam_beta1=0.9 adam_beta2=0.999 adam_epsilon=1e-08; "
+            "reference: MFAC num_grads=64)") in out
+    assert "| accuracy | MFAC num_grads=64 | 83.00 ± 3.61 | 3 | 87.00 (3) | reference |  |  | - | - |" in out
+    assert "| accuracy | MFAC num_grads=8 | 50.00 | 1 | 50.00 (1) | n/a (needs 2+ runs in each group) |" in out
+
+
+def write_group(folder: Path, accuracies: list[float], optimizer: dict) -> list[Path]:
+    return [make_run(folder / f"seed{seed}", seed, accuracy, optimizer) for seed, accuracy in enumerate(accuracies)]
+
+
+def test_welch_interval_and_p_value_by_hand():
+    # a = 1, 2, 3 and b = 4, 5, 6: difference −3, each variance 1, standard error √(1/3 + 1/3) = 0.8164966, and
+    # Welch's degrees of freedom (2/3)² / ((1/3)²/2 + (1/3)²/2) = 4. t(0.975, 4) = 2.7764451 (t table).
+    difference = compare.welch_difference([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    half_width = 2.7764451 * 0.8164966
+    assert (difference.delta, difference.low, difference.high) == pytest.approx((-3, -3 - half_width, -3 + half_width))
+    # Two-sided p at t = −3 / 0.8164966 = −3.6742346 with 4 degrees of freedom, from the t distribution's closed
+    # form for ν = 4: P(|T| > |t|) = 1 − (3x/2)(1 − x²/3) with x = |t| / √(4 + t²).
+    x = 3.6742346 / (4 + 3.6742346 ** 2) ** 0.5
+    assert difference.p_value == pytest.approx(1 - 1.5 * x * (1 - x * x / 3), rel=1e-6)
+    assert difference.separates
+    assert compare.welch_difference([1.0], [2.0, 3.0]) is None
+    constant = compare.welch_difference([2.0, 2.0], [1.0, 1.0])
+    assert (constant.low, constant.high, constant.separates) == (1.0, 1.0, True)
+
+
+def test_compare_says_which_groups_separate_from_the_reference(tmp_path, capsys):
+    adam = write_group(tmp_path / "adam", [0.80, 0.81, 0.82, 0.81, 0.80], ADAM_RECORD)
+    clearly_better = write_group(tmp_path / "better", [0.90, 0.91, 0.89, 0.90, 0.92], MFAC_RECORD)
+    same = write_group(tmp_path / "same", [0.79, 0.83, 0.81, 0.80, 0.82], {
+        **MFAC_RECORD, "optim_args": {**MFAC_RECORD["optim_args"], "num_grads": 8}})
+    runs = [str(path) for path in clearly_better + same + adam]
+    assert compare.main(runs + ["--reference", str(tmp_path / "adam"), "--markdown"]) == 0
+    rows = {cells[2]: cells[6:9] for line in capsys.readouterr().out.splitlines()
+            if (cells := [cell.strip() for cell in line.split("|")])[1:2] == ["accuracy"]}
+    assert rows["adamw_torch"] == ["reference", "", ""]
+    # 90.40 − 80.80; Welch's p for these two groups is far below 0.05.
+    assert rows["MFAC num_grads=64"][0].startswith("+9.60 [") and rows["MFAC num_grads=64"][2] == "separates"
+    assert float(rows["MFAC num_grads=64"][1]) < 1e-4
+    assert rows["MFAC num_grads=8"][0].startswith("+0.20 [-") and rows["MFAC num_grads=8"][2] == "does not separate"
+    assert float(rows["MFAC num_grads=8"][1]) > 0.5
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(runs + ["--reference", str(tmp_path / "elsewhere")])
+    assert exit_info.value.code == 2
+    assert "--reference" in capsys.readouterr().err
 
 
 def test_compare_groups_one_model_folder_however_it_was_spelled(tmp_path, capsys):

@@ -1,0 +1,239 @@
+"""scripts/tune.py and its parts: search space files, the carved validation split, a small study end to end (resume,
+no dev set during search, a config that sweep.py runs), the pruning callback and the report."""
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import run_glue
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import search_space  # noqa: E402
+import sweep  # noqa: E402
+import tune  # noqa: E402
+import tune_trial  # noqa: E402
+
+
+# --- search space files ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "search").glob("*.json")), ids=lambda path: path.stem)
+def test_shipped_search_spaces_load(path):
+    space = search_space.load_search_space(path)
+    assert space.name == path.stem
+    lr = space.sampled.get("lr", space.sampled.get("learning_rate"))[1]
+    assert lr.log and lr.high / lr.low == pytest.approx(1e4)  # four decades
+    if space.optim == "MFAC":
+        assert space.sampled["damp"][1].log and space.fixed["grad_dtype"] == ("optim_args", "bfloat16")
+
+
+BAD_SPACES = [
+    ({"optim": "MFAC", "optim_args": {"lr": {"low": 1e-4, "high": 1e-2}}, "sampler": "tpe"},
+     "unknown key(s) sampler (allowed: optim, flags, optim_args, description)"),
+    ({"optim": "sgd-ish", "flags": {"learning_rate": {"low": 1e-4, "high": 1e-2}}}, "optim: 'sgd-ish' is not an optimizer"),
+    ({"optim": "adamw_torch", "flags": {"lerning_rate": {"low": 1e-4, "high": 1e-2}}},
+     "flags.lerning_rate: unknown run_glue.py flag"),
+    ({"optim": "adamw_torch", "flags": {"train_file": "x.tsv", "learning_rate": {"low": 1e-4, "high": 1e-2}}},
+     "flags.train_file: unknown run_glue.py flag (set by tune.py itself)"),
+    ({"optim": "MFAC", "optim_args": {"num_grad": {"choices": [64, 128]}}}, "optim_args.num_grad: unknown MFAC key"),
+    ({"optim": "adamw_torch", "optim_args": {"lr": {"low": 1e-4, "high": 1e-2}}}, "optim_args: only for \"optim\": \"MFAC\""),
+    ({"optim": "MFAC", "optim_args": {"lr": {"low": 1e-2, "high": 1e-4, "log": True}}},
+     "optim_args.lr: needs numbers low < high (got low 0.01, high 0.0001)"),
+    ({"optim": "MFAC", "optim_args": {"damp": {"low": 0, "high": 1e-2, "log": True}}},
+     "optim_args.damp: a log range needs low > 0 (got 0)"),
+    ({"optim": "MFAC", "optim_args": {"lr": {"low": 1e-4, "hi": 1e-2}}}, "optim_args.lr: a range has low and high"),
+    ({"optim": "MFAC", "optim_args": {"num_grads": {"choices": []}}}, "optim_args.num_grads: choices: must be a non-empty list"),
+    ({"optim": "MFAC", "optim_args": {"num_grads": 64}}, "nothing to search"),
+]
+
+
+@pytest.mark.parametrize("spec, message", BAD_SPACES, ids=[message[:30] for _, message in BAD_SPACES])
+def test_bad_search_space_is_one_error_line_and_exit_2(tmp_path, spec, message, capsys):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(spec))
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main([str(ROOT / "configs" / "bert-mini_sst2_adam.json"), "--space", str(space),
+                   "--study_dir", str(tmp_path / "study")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and str(space) in err
+    assert not (tmp_path / "study").exists()  # refused before anything was made
+
+
+def test_space_sections_and_integer_ranges(tmp_path):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"optim": "MFAC", "flags": {"warmup_steps": {"low": 0.0, "high": 0.2}},
+                                "optim_args": {"num_grads": {"low": 8, "high": 64, "log": True}, "damp": 1e-6}}))
+    space = search_space.load_search_space(path)
+    assert isinstance(space.sampled["num_grads"][1], optuna.distributions.IntDistribution)
+    assert isinstance(space.sampled["warmup_steps"][1], optuna.distributions.FloatDistribution)
+    assert space.arrange({"num_grads": 16, "warmup_steps": 0.1}) == {
+        "flags": {"warmup_steps": 0.1}, "optim_args": {"damp": 1e-6, "num_grads": 16}}
+
+
+def test_flags_round_trip_through_config_flags():
+    flags = ["--do_train", "--seed", "5", "--optim_args", '{"lr": 0.001}', "--report_to", "none", "wandb",
+             "--pad_to_max_length", "false", "--learning_rate", "1e-4", "--train_file", "a.tsv"]
+    config = tune.flags_config(flags)
+    assert config == {"do_train": True, "seed": 5, "optim_args": {"lr": 0.001}, "report_to": ["none", "wandb"],
+                      "pad_to_max_length": False, "learning_rate": 1e-4, "train_file": "a.tsv"}
+    assert tune.flags_config(run_glue.config_flags(config)) == config
+
+
+# --- the carved validation split ---------------------------------------------------------------------------------
+def test_validation_split_is_stratified_seeded_and_disjoint(tmp_path):
+    train = tmp_path / "train.tsv"
+    # 300 positive, 100 negative sentences, each unique.
+    train.write_text("sentence\tlabel\n" + "".join(f"sentence number {i}\t{int(i % 4 != 0)}\n" for i in range(400)))
+    config = {"task_name": "sst2", "train_file": str(train)}
+    record = tune.carve_validation(config, 40, seed=3, folder=tmp_path / "a")
+    assert record == {"source": str(train), "train": 360, "validation": 40, "stratified": True, "seed": 3}
+    rows = {name: [json.loads(line) for line in (tmp_path / "a" / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("train", "validation")}
+    assert sum(row["label"] for row in rows["validation"]) == 30  # 3 : 1, as in the file
+    sentences = [{row["sentence"] for row in rows[name]} for name in ("train", "validation")]
+    assert not sentences[0] & sentences[1] and len(sentences[0] | sentences[1]) == 400
+    numbers = [int(row["sentence"].split()[-1]) for row in rows["train"]]
+    assert numbers == sorted(numbers)  # file order kept: max_train_samples takes the file's first examples
+    tune.carve_validation(config, 40, seed=3, folder=tmp_path / "b")
+    assert (tmp_path / "a" / "validation.jsonl").read_text() == (tmp_path / "b" / "validation.jsonl").read_text()
+    tune.carve_validation(config, 0.1, seed=4, folder=tmp_path / "c")
+    assert (tmp_path / "a" / "validation.jsonl").read_text() != (tmp_path / "c" / "validation.jsonl").read_text()
+
+
+# --- a small study end to end ------------------------------------------------------------------------------------
+SMALL_SPACES = {
+    "adamw": {"optim": "adamw_torch", "flags": {"learning_rate": {"low": 1e-4, "high": 1e-1, "log": True}}},
+    "mfac": {"optim": "MFAC", "optim_args": {"lr": {"low": 1e-4, "high": 1e-1, "log": True},
+                                             "damp": {"low": 1e-6, "high": 1e-2, "log": True},
+                                             "num_grads": {"choices": [2, 4]}}},
+}
+
+
+@pytest.fixture
+def small_study(tmp_path, tiny_bert, glue_dir):
+    """A run_glue config on a tiny BERT, two small search spaces, and a dev file that no run could parse: a trial
+    that read it would fail."""
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("not\ta\tGLUE\tfile\n")
+    config = tmp_path / "tiny_sst2.json"
+    config.write_text(json.dumps({
+        "model_name_or_path": str(tiny_bert), "task_name": "sst2", "max_train_samples": 64, "max_seq_length": 32,
+        "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "max_steps": 8, "seed": 1234,
+        "report_to": "none", "disable_tqdm": True, "optim": "adamw_torch"}))
+    spaces = {}
+    for name, spec in SMALL_SPACES.items():
+        spaces[name] = tmp_path / f"{name}.json"
+        spaces[name].write_text(json.dumps(spec))
+    return SimpleNamespace(config=config, spaces=spaces, dev=dev, study_dir=tmp_path / "study", tmp=tmp_path,
+                           extra=["--", "--train_file", str(glue_dir / "SST-2" / "train.tsv"),
+                                  "--validation_file", str(dev)])
+
+
+def run_search(study, space: str, trials: int) -> None:
+    assert tune.main([str(study.config), "--space", str(study.spaces[space]), "--study_dir", str(study.study_dir),
+                      "--trials", str(trials), "--validation_size", "48", *study.extra]) == 0
+
+
+def load(study, space: str) -> optuna.Study:
+    return optuna.load_study(study_name=space, storage=f"sqlite:///{study.study_dir / 'study.db'}")
+
+
+def test_small_study_resumes_never_reads_dev_and_writes_a_config_sweep_runs(small_study, glue_dir, capsys):
+    run_search(small_study, "adamw", trials=2)
+    finished = {trial.number: trial.datetime_complete for trial in load(small_study, "adamw").trials}
+    assert len(finished) == 2
+
+    # A search killed during a trial leaves it running in the storage, with its parameters.
+    stopped = load(small_study, "adamw")
+    interrupted = stopped.ask()
+    search_space.load_search_space(small_study.spaces["adamw"]).suggest(interrupted)
+    lost_params = dict(interrupted.params)
+
+    run_search(small_study, "adamw", trials=3)
+    out = capsys.readouterr().out
+    assert f"adamw: trial {interrupted.number} was interrupted; it runs again" in out
+    trials = load(small_study, "adamw").trials
+    assert {trial.number: trial.datetime_complete for trial in trials[:2]} == finished  # not repeated
+    assert trials[interrupted.number].state == TrialState.FAIL
+    retry = trials[-1]
+    assert retry.params == lost_params and retry.user_attrs["retry_of"] == interrupted.number
+    assert sum(trial.state in (TrialState.COMPLETE, TrialState.PRUNED) for trial in trials) == 3
+
+    run_search(small_study, "mfac", trials=3)
+    mfac_trials = load(small_study, "mfac").trials
+    assert len(mfac_trials) == 3 and {trial.params["num_grads"] for trial in mfac_trials} <= {2, 4}
+
+    # Every trial trained on the carved part and was scored on the 48 carved examples, never on the dev file.
+    for trial_dir in (small_study.study_dir / "trials").glob("*/*"):
+        results = trial_dir / "all_results.json"
+        if results.is_file():
+            assert json.loads(results.read_text())["eval_samples"] == 48
+            assert json.loads(results.read_text())["train_samples"] == 64
+    split = json.loads((small_study.study_dir / "data" / "split.json").read_text())
+    assert split["validation"] == 48 and split["stratified"]
+
+    # The best config: the best trial's values, the carved training part, the dev file; sweep.py runs it as it is.
+    best_config = small_study.study_dir / "sst2_mfac_tuned.json"
+    config = json.loads(best_config.read_text())
+    best = load(small_study, "mfac").best_trial
+    assert config["optim"] == "MFAC" and config["optim_args"] == best.params
+    assert config["validation_file"] == str(small_study.dev)
+    assert config["train_file"] == str(small_study.study_dir / "data" / "train.jsonl")
+    shutil.copy(glue_dir / "SST-2" / "dev.tsv", small_study.dev)  # the seed runs read the dev set
+    assert sweep.main([str(best_config), "--seeds", "7", "--output_root", str(small_study.tmp / "runs"),
+                       "--", "--max_eval_samples", "40"]) == 0
+    run = small_study.tmp / "runs" / "sst2_mfac_tuned" / "seed7"
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["optimizer"]["optim_args"]["lr"] == pytest.approx(best.params["lr"]) and info["seed"] == 7
+    assert json.loads((run / "all_results.json").read_text())["eval_samples"] == 40
+
+    capsys.readouterr()
+    assert tune.main(["--report", str(small_study.study_dir)]) == 0
+    report = capsys.readouterr().out
+    assert "equal budgets: 3 trials each" in report
+    assert f"trials train on {split['train']} examples and are scored on a validation split of 48" in report
+    best_adamw = load(small_study, "adamw").best_trial
+    assert any(line.startswith("adamw ") and f"{best_adamw.value:.4f}" in line for line in report.splitlines())
+    assert (small_study.study_dir / "tuning.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resumed_study_with_other_settings_is_refused(small_study, capsys):
+    run_search(small_study, "adamw", trials=1)
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main([str(small_study.config), "--space", str(small_study.spaces["adamw"]), "--study_dir",
+                   str(small_study.study_dir), "--trials", "1", "--validation_size", "48", "--metric", "loss",
+                   *small_study.extra])
+    assert exit_info.value.code == 2
+    assert "study 'adamw' was made with another metric" in capsys.readouterr().err
+
+
+# --- pruning -----------------------------------------------------------------------------------------------------
+def test_trial_is_pruned_below_the_median_but_not_at_its_first_evaluation():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    for good in (0.8, 0.9):
+        trial = study.ask()
+        for step in (10, 20):
+            trial.report(good, step)
+        study.tell(trial, good)
+    weak = study.ask()
+    callback = tune_trial.ReportToTrial(weak, "accuracy")
+    state = SimpleNamespace(global_step=10, max_steps=40)
+    callback.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.5})  # first evaluation: reported only
+    assert weak.storage.get_trial(weak._trial_id).intermediate_values == {10: 0.5}
+    state.global_step = 20
+    with pytest.raises(optuna.TrialPruned, match="pruned at step 20"):
+        callback.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.5})
+    state.global_step = 40  # the evaluation after training is the trial's value, never a reason to prune
+    callback.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.1})
+
+
+def test_score_of_an_undefined_correlation_is_zero_and_a_missing_metric_is_named():
+    assert tune_trial.score({"eval_pearson": float("nan")}, "pearson") == 0.0
+    assert tune_trial.score({"eval_accuracy": 0.75}, "accuracy") == 0.75
+    with pytest.raises(ValueError, match=r"--metric f1: not among this run's eval metrics \(accuracy, loss\)"):
+        tune_trial.score({"eval_accuracy": 0.75, "eval_loss": 0.5}, "f1")
