@@ -495,6 +495,12 @@ def run_record(model_args: ModelArguments, data_args: DataTrainingArguments, tra
         "seed": training_args.seed,
         "max_train_samples": data_args.max_train_samples,
         "max_seq_length": data_args.max_seq_length,
+        # How long and on which schedule it trained: runs that differ here do not belong in one group.
+        "num_train_epochs": training_args.num_train_epochs,
+        "max_steps": training_args.max_steps,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+        "warmup_steps": training_args.warmup_steps,
         "optimizer": optimizer_record(training_args),
     }
 
