@@ -182,15 +182,20 @@ def expand_json_config(argv: list[str]) -> list[str]:
     """`run_glue.py config.json --seed 5` -> the config's entries as flags, then the flags that override them."""
     if not argv or not argv[0].endswith(".json"):
         return argv
+    return config_flags(read_json_object(argv[0], "config file", "arguments")) + argv[1:]
+
+
+def read_json_object(path: str | Path, kind: str, contents: str) -> dict[str, Any]:
+    """A JSON file that holds one object; a UsageError naming the file for anything else."""
     try:
-        config = json.loads(Path(argv[0]).read_text())
+        value = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise UsageError(f"config file not found: {argv[0]}") from None
+        raise UsageError(f"{kind} not found: {path}") from None
     except json.JSONDecodeError as error:
-        raise UsageError(f"{argv[0]}: not valid JSON ({error.msg}, line {error.lineno})") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{argv[0]}: must hold a JSON object of arguments")
-    return config_flags(config) + argv[1:]
+        raise UsageError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: must hold a JSON object of {contents}")
+    return value
 
 
 def config_flags(config: dict[str, Any]) -> list[str]:

@@ -12,7 +12,6 @@ whole "optim_args" object, sampled: nothing of a base config's `--optim_args` le
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,7 +21,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from mfac_optim.hf_arguments import HF_OPTIMIZERS, MFAC_NAME, MFACArguments, MFACTrainingArguments
-from run_glue import DataTrainingArguments, ModelArguments, UsageError
+from run_glue import DataTrainingArguments, ModelArguments, UsageError, read_json_object
 
 SECTIONS = ("optim", "flags", "optim_args", "description")
 RANGE_KEYS = {"low", "high", "log", "step"}
@@ -75,14 +74,7 @@ def suggest_value(trial: optuna.Trial, name: str, distribution: BaseDistribution
 
 def load_search_space(path: Path) -> SearchSpace:
     """The search space in `path`; a UsageError naming the file and key for anything it cannot use."""
-    try:
-        spec = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"search space file not found: {path}") from None
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
-    if not isinstance(spec, dict):
-        raise UsageError(f"{path}: must hold a JSON object with {', '.join(SECTIONS)}")
+    spec = read_json_object(path, "search space file", ", ".join(SECTIONS))
     unknown = sorted(set(spec) - set(SECTIONS))
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(SECTIONS)})")

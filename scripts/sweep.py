@@ -24,11 +24,16 @@ from run_glue import UsageError, expand_json_config  # noqa: E402
 DEFAULT_SEEDS = [1234, 1235, 1236, 1237, 1238]
 
 
+def split_at_double_dash(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The script's own arguments, and those after `--` (for every run_glue.py run)."""
+    if "--" not in argv:
+        return argv, []
+    split = argv.index("--")
+    return argv[:split], argv[split + 1:]
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    extra = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, extra = argv[:split], argv[split + 1:]
+    argv, extra = split_at_double_dash(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+", type=Path, help="run_glue.py JSON config files")
     parser.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="seeds (default: 1234 to 1238)")

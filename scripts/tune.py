@@ -37,9 +37,10 @@ from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from run_glue import (DataTrainingArguments, UsageError, config_flags, exit_with_usage_error,  # noqa: E402
-                      expand_json_config, load_local_datasets)
+                      load_local_datasets, read_json_object)
 from mfac_optim.hf_arguments import typed_value  # noqa: E402
 from search_space import SearchSpace, load_search_space  # noqa: E402
+from sweep import split_at_double_dash  # noqa: E402
 from tune_report import DATA_FOLDER, STORAGE_FILE, format_params, report  # noqa: E402
 from tune_trial import PRUNED_EXIT, score  # noqa: E402
 
@@ -54,10 +55,7 @@ MINIMIZED = ("loss", "mse")  # metrics where lower is better; every other one is
 # Arguments and the trials' base configuration
 # --------------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    extra = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, extra = argv[:split], argv[split + 1:]
+    argv, extra = split_at_double_dash(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", type=Path, help="run_glue.py JSON config: the setting to tune")
     parser.add_argument("--space", type=Path, help="search space JSON (configs/search/*.json)")
@@ -105,8 +103,7 @@ def flags_config(flags: list[str]) -> dict[str, Any]:
 
 def base_config(config_path: Path, extra: list[str]) -> dict[str, Any]:
     """The config file with the flags after `--` applied, as one dict."""
-    flags_config(expand_json_config([str(config_path)]))  # run_glue.py's own checks of the file
-    return {**json.loads(config_path.read_text()), **flags_config(extra)}
+    return {**read_json_object(config_path, "config file", "arguments"), **flags_config(extra)}
 
 
 def main_metric(task: Optional[str]) -> str:
