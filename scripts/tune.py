@@ -330,6 +330,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return search(args, extra)
     except UsageError as error:
         exit_with_usage_error(str(error))
+    except KeyboardInterrupt:
+        print("tune.py: interrupted; the same command resumes the search", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

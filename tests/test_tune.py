@@ -2,7 +2,10 @@
 no dev set during search, a config that sweep.py runs), the pruning callback and the report."""
 import json
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -200,6 +203,27 @@ def test_small_study_resumes_never_reads_dev_and_writes_a_config_sweep_runs(smal
     best_adamw = load(small_study, "adamw").best_trial
     assert any(line.startswith("adamw ") and f"{best_adamw.value:.4f}" in line for line in report.splitlines())
     assert (small_study.study_dir / "tuning.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_search_stopped_by_sigterm_resumes_with_the_interrupted_trial(small_study):
+    command = [sys.executable, str(ROOT / "scripts" / "tune.py"), str(small_study.config), "--space",
+               str(small_study.spaces["adamw"]), "--study_dir", str(small_study.study_dir), "--trials", "1",
+               "--validation_size", "48", *small_study.extra]
+    search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trial_log = small_study.study_dir / "trials" / "adamw" / "0" / "trial.log"
+    deadline = time.monotonic() + 120
+    while not (trial_log.is_file() and trial_log.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    search.send_signal(signal.SIGTERM)  # what a machine that shuts down sends first
+    _, err = search.communicate(timeout=60)
+    assert search.returncode == 130 and "interrupted; the same command resumes the search" in err
+    stopped = load(small_study, "adamw").trials
+    assert [trial.state for trial in stopped] == [TrialState.FAIL] and stopped[0].user_attrs["interrupted"]
+
+    run_search(small_study, "adamw", trials=1)
+    trials = load(small_study, "adamw").trials
+    assert len(trials) == 2 and trials[1].state == TrialState.COMPLETE
+    assert trials[1].params == stopped[0].params and trials[1].user_attrs["retry_of"] == 0
 
 
 def test_resumed_study_with_other_settings_is_refused(small_study, capsys):
