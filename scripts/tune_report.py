@@ -26,6 +26,8 @@ class StudySummary:
     budget: int
     metric: str
     maximize: bool
+    max_train_samples: Optional[int]  # the base config's limit on the training part, if any
+    task: Optional[str]
     trials: list[FrozenTrial]  # finished (complete or pruned), in the order they ran
     failed: int
     importances: dict[str, float]
@@ -74,8 +76,10 @@ def load_summaries(study_dir: Path) -> list[StudySummary]:
         # fANOVA explains the variance of the scores: none to explain until two complete trials differ.
         importances = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)) \
             if len({trial.value for trial in complete}) >= 2 else {}
+        base = setting["base"]
         summaries.append(StudySummary(name, study.user_attrs["trials"], setting["metric"],
-                                      study.direction == optuna.study.StudyDirection.MAXIMIZE, trials,
+                                      study.direction == optuna.study.StudyDirection.MAXIMIZE,
+                                      base.get("max_train_samples"), base.get("task_name"), trials,
                                       len(study.get_trials(states=(TrialState.FAIL,))), importances))
     return summaries
 
@@ -87,9 +91,11 @@ def format_params(params: dict) -> str:
 
 def report_lines(study_dir: Path, summaries: list[StudySummary]) -> list[str]:
     split = json.loads((study_dir / DATA_FOLDER / "split.json").read_text())
-    lines = [f"{study_dir}: trials train on {split['train']} examples and are scored on a validation split of "
-             f"{split['validation']} carved from {split['source']} (seed {split['seed']}"
-             f"{', stratified by label' if split['stratified'] else ''}); the dev set is not read"]
+    used = sorted({min(summary.max_train_samples or split["train"], split["train"]) for summary in summaries})
+    lines = [f"{study_dir}: trials train on {' or '.join(map(str, used))} of the {split['train']} examples of the "
+             f"training part and are scored on a validation split of {split['validation']} carved from "
+             f"{split['source']} (seed {split['seed']}{', stratified by label' if split['stratified'] else ''}); "
+             "the dev set is not read"]
     budgets = {summary.budget for summary in summaries}
     lines.append(f"equal budgets: {budgets.pop()} trials each" if len(budgets) == 1 else
                  "UNEQUAL budgets: " + ", ".join(f"{s.name} {s.budget}" for s in summaries))
@@ -109,7 +115,21 @@ def report_lines(study_dir: Path, summaries: list[StudySummary]) -> list[str]:
         if summary.importances:
             lines.append(f"{summary.name} importance: " + ", ".join(f"{name} {value:.2f}"
                                                                    for name, value in summary.importances.items()))
+    for summary in summaries:
+        lines += ["", f"{summary.name} trials, in the order they finished:"] + [trial_line(trial)
+                                                                                for trial in summary.trials]
     return lines
+
+
+def trial_line(trial: FrozenTrial) -> str:
+    """One finished trial: its value, or where it was pruned and its last reported value, its time and values."""
+    seconds = trial.user_attrs.get("wall_seconds")
+    if trial.state == TrialState.COMPLETE:
+        outcome = f"{trial.value:.4f}"
+    else:
+        step = max(trial.intermediate_values, default=None)
+        outcome = f"pruned at step {step} ({trial.intermediate_values[step]:.4f})" if step is not None else "pruned"
+    return f"  {trial.number:>3}  {outcome:<28}  {seconds or 0:>5.0f} s  {format_params(trial.params)}"
 
 
 def plot(summaries: list[StudySummary], title: str, path: Path) -> None:
@@ -125,6 +145,7 @@ def plot(summaries: list[StudySummary], title: str, path: Path) -> None:
         progress.step(numbers, [value for value in values if value is not None], where="post", marker="o",
                       label=f"{summary.name} ({len(summary.trials)}/{summary.budget} trials)")
     progress.set_xlabel("finished trial")
+    progress.xaxis.get_major_locator().set_params(integer=True)
     progress.set_ylabel(f"best validation {summaries[0].metric} so far" if summaries else "")
     progress.set_title(f"{title}: search progress")
     progress.grid(alpha=0.3)
@@ -148,6 +169,6 @@ def report(study_dir: Path) -> int:
     summaries = load_summaries(study_dir)
     print("\n".join(report_lines(study_dir, summaries)))
     path = study_dir / "tuning.png"
-    plot(summaries, study_dir.name, path)
+    plot(summaries, " / ".join(sorted({summary.task or study_dir.name for summary in summaries})), path)
     print(f"plot written to {path}")
     return 0

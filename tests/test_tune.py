@@ -37,19 +37,22 @@ def test_shipped_search_spaces_load(path):
 BAD_SPACES = [
     ({"optim": "MFAC", "optim_args": {"lr": {"low": 1e-4, "high": 1e-2}}, "sampler": "tpe"},
      "unknown key(s) sampler (allowed: optim, flags, optim_args, description)"),
-    ({"optim": "sgd-ish", "flags": {"learning_rate": {"low": 1e-4, "high": 1e-2}}}, "optim: 'sgd-ish' is not an optimizer"),
+    ({"optim": "sgd-ish", "flags": {"learning_rate": {"low": 1e-4, "high": 1e-2}}},
+     "optim: 'sgd-ish' is not an optimizer"),
     ({"optim": "adamw_torch", "flags": {"lerning_rate": {"low": 1e-4, "high": 1e-2}}},
      "flags.lerning_rate: unknown run_glue.py flag"),
     ({"optim": "adamw_torch", "flags": {"train_file": "x.tsv", "learning_rate": {"low": 1e-4, "high": 1e-2}}},
      "flags.train_file: unknown run_glue.py flag (set by tune.py itself)"),
     ({"optim": "MFAC", "optim_args": {"num_grad": {"choices": [64, 128]}}}, "optim_args.num_grad: unknown MFAC key"),
-    ({"optim": "adamw_torch", "optim_args": {"lr": {"low": 1e-4, "high": 1e-2}}}, "optim_args: only for \"optim\": \"MFAC\""),
+    ({"optim": "adamw_torch", "optim_args": {"lr": {"low": 1e-4, "high": 1e-2}}},
+     "optim_args: only for \"optim\": \"MFAC\""),
     ({"optim": "MFAC", "optim_args": {"lr": {"low": 1e-2, "high": 1e-4, "log": True}}},
      "optim_args.lr: needs numbers low < high (got low 0.01, high 0.0001)"),
     ({"optim": "MFAC", "optim_args": {"damp": {"low": 0, "high": 1e-2, "log": True}}},
      "optim_args.damp: a log range needs low > 0 (got 0)"),
     ({"optim": "MFAC", "optim_args": {"lr": {"low": 1e-4, "hi": 1e-2}}}, "optim_args.lr: a range has low and high"),
-    ({"optim": "MFAC", "optim_args": {"num_grads": {"choices": []}}}, "optim_args.num_grads: choices: must be a non-empty list"),
+    ({"optim": "MFAC", "optim_args": {"num_grads": {"choices": []}}},
+     "optim_args.num_grads: choices: must be a non-empty list"),
     ({"optim": "MFAC", "optim_args": {"num_grads": 64}}, "nothing to search"),
 ]
 
@@ -199,7 +202,9 @@ def test_small_study_resumes_never_reads_dev_and_writes_a_config_sweep_runs(smal
     assert tune.main(["--report", str(small_study.study_dir)]) == 0
     report = capsys.readouterr().out
     assert "equal budgets: 3 trials each" in report
-    assert f"trials train on {split['train']} examples and are scored on a validation split of 48" in report
+    assert (f"trials train on 64 of the {split['train']} examples of the training part and are scored on a "
+            "validation split of 48") in report
+    assert "adamw trials, in the order they finished:" in report
     best_adamw = load(small_study, "adamw").best_trial
     assert any(line.startswith("adamw ") and f"{best_adamw.value:.4f}" in line for line in report.splitlines())
     assert (small_study.study_dir / "tuning.png").read_bytes()[:4] == b"\x89PNG"
