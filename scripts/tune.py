@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import optuna
 from optuna.trial import TrialState
@@ -124,9 +124,31 @@ def training_examples(config: dict[str, Any]):
         return load_local_datasets(data_args, config.get("cache_dir"))["train"]
     if task is None:
         raise UsageError("--train_file: needed (or --task_name for GLUE from the Hub) to carve a validation split")
+    return glue_from_hub(config, "train")
+
+
+def glue_from_hub(config: dict[str, Any], split: str):
     from datasets import load_dataset
 
-    return load_dataset("nyu-mll/glue", task.lower(), split="train", cache_dir=config.get("cache_dir"))
+    return load_dataset("nyu-mll/glue", config["task_name"].lower(), split=split, cache_dir=config.get("cache_dir"))
+
+
+def write_jsonl(examples, rows: Iterable[int], path: Path) -> None:
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(examples[row]) + "\n")
+
+
+def dev_set_file(config: dict[str, Any], data: Path) -> str:
+    """The seed runs' evaluation data: the configuration's --validation_file, else GLUE's validation split from the
+    Hub, written to data/dev.jsonl once the search is over (trials never read it)."""
+    if "validation_file" in config:
+        return config["validation_file"]
+    path = data / "dev.jsonl"
+    if not path.is_file():
+        dev = glue_from_hub(config, "validation_matched" if config["task_name"].lower() == "mnli" else "validation")
+        write_jsonl(dev, range(len(dev)), path)
+    return str(path)
 
 
 def carve_validation(config: dict[str, Any], size: float, seed: int, folder: Path) -> dict[str, Any]:
@@ -148,9 +170,7 @@ def carve_validation(config: dict[str, Any], size: float, seed: int, folder: Pat
                                                    stratify=labels if stratified else None)
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train_rows), ("validation", validation_rows)):
-        with open(folder / f"{name}.jsonl", "w") as handle:
-            for row in sorted(rows):
-                handle.write(json.dumps(examples[row]) + "\n")
+        write_jsonl(examples, sorted(rows), folder / f"{name}.jsonl")
     record = {"source": config.get("train_file") or f"nyu-mll/glue {config.get('task_name')} train",
               "train": len(train_rows), "validation": len(validation_rows), "stratified": stratified, "seed": seed}
     record_file.write_text(json.dumps(record, indent=2) + "\n")
@@ -182,10 +202,9 @@ def search_run_config(config: dict[str, Any], data: Path, output_dir: Path) -> d
 
 
 def final_config(config: dict[str, Any], data: Path, name: str) -> dict[str, Any]:
-    """The selected setting for the seed runs: the same training part, evaluated on the configuration's own
-    validation file (the dev set)."""
+    """The selected setting for the seed runs: the same training part, evaluated on the dev set."""
     return {**config, "do_train": True, "do_eval": True, "train_file": str(data / "train.jsonl"),
-            "output_dir": f"runs/{name}"}
+            "validation_file": dev_set_file(config, data), "output_dir": f"runs/{name}"}
 
 
 class Search:
@@ -305,9 +324,9 @@ class StudyLock:
 def search(args: argparse.Namespace, extra: list[str]) -> int:
     space = load_search_space(args.space)
     base = base_config(args.config, extra)
-    if "validation_file" not in base:
-        raise UsageError("--validation_file: needed for the best config's seed runs (the dev set; the search never "
-                         "reads it)")
+    if "validation_file" not in base and (base.get("train_file") is not None or base.get("task_name") is None):
+        raise UsageError("--validation_file: needed with --train_file, for the best config's seed runs (the dev set; "
+                         "the search never reads it)")
     args.study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # A stop by SIGTERM (a session's end) goes through the same path as Ctrl-C: the running trial is marked.

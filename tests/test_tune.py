@@ -1,6 +1,7 @@
 """scripts/tune.py and its parts: search space files, the carved validation split, a small study end to end (resume,
 no dev set during search, a config that sweep.py runs), the pruning callback and the report."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -229,6 +230,31 @@ def test_search_stopped_by_sigterm_resumes_with_the_interrupted_trial(small_stud
     trials = load(small_study, "adamw").trials
     assert len(trials) == 2 and trials[1].state == TrialState.COMPLETE
     assert trials[1].params == stopped[0].params and trials[1].user_attrs["retry_of"] == 0
+
+
+def test_glue_from_the_hub_cache_is_carved_and_its_dev_split_written_only_for_the_seed_runs(tmp_path, hub_cache,
+                                                                                          glue_dir):
+    config = tmp_path / "hub_sst2.json"
+    config.write_text(json.dumps({
+        "model_name_or_path": "prajjwal1/bert-tiny", "task_name": "sst2", "max_train_samples": 32, "max_steps": 4,
+        "max_seq_length": 32, "per_device_train_batch_size": 8, "report_to": "none", "disable_tqdm": True}))
+    space = tmp_path / "adamw.json"
+    space.write_text(json.dumps(SMALL_SPACES["adamw"]))
+    study_dir = tmp_path / "study"
+    env = {**os.environ, "HF_HOME": str(hub_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune.py"), str(config), "--space", str(space),
+                             "--study_dir", str(study_dir), "--trials", "1", "--validation_size", "40"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    hub_rows = {split: len(run_glue.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")["label"])
+                for split, file in (("train", "train.tsv"), ("validation", "dev.tsv"))}
+    split = json.loads((study_dir / "data" / "split.json").read_text())
+    assert (split["source"], split["train"], split["validation"]) == (
+        "nyu-mll/glue sst2 train", hub_rows["train"] - 40, 40)
+    assert json.loads((study_dir / "trials" / "adamw" / "0" / "all_results.json").read_text())["eval_samples"] == 40
+    tuned = json.loads((study_dir / "sst2_adamw_tuned.json").read_text())
+    assert tuned["validation_file"] == str(study_dir / "data" / "dev.jsonl")
+    assert len((study_dir / "data" / "dev.jsonl").read_text().splitlines()) == hub_rows["validation"]
 
 
 def test_resumed_study_with_other_settings_is_refused(small_study, capsys):
