@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from run_glue import (DataTrainingArguments, UsageError, config_flags, exit_with_usage_error,  # noqa: E402
-                      load_local_datasets, read_json_object)
+                      load_local_datasets, parse_and_check_inputs, read_json_object)
 from mfac_optim.hf_arguments import typed_value  # noqa: E402
 from search_space import SearchSpace, load_search_space  # noqa: E402
 from sweep import split_at_double_dash  # noqa: E402
@@ -97,8 +97,15 @@ def flags_config(flags: list[str]) -> dict[str, Any]:
         elif key is None:
             raise UsageError(f"arguments after --: {token!r} does not follow a --flag")
         else:
-            values.append(json.loads(token) if token.lstrip().startswith("{") else typed_value(token))
+            values.append(json_object(token, key) if token.lstrip().startswith("{") else typed_value(token))
     return config
+
+
+def json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--{flag}: not valid JSON ({error.msg} at char {error.pos}): {text}") from None
 
 
 def base_config(config_path: Path, extra: list[str]) -> dict[str, Any]:
@@ -259,9 +266,18 @@ class Search:
 
     def run(self) -> None:
         carve_validation(self.base, self.args.validation_size, self.args.sampler_seed, self.data)
+        self.check_trial_arguments()
         self.requeue_interrupted()
         while len(self.finished()) < self.args.trials:
             self.study.optimize(self.objective, n_trials=1)
+
+    def check_trial_arguments(self) -> None:
+        """run_glue.py's own checks of a trial's arguments (flags, M-FAC's keys, data columns, the model's config),
+        with each range at its low end, before any trial runs: a mistake ends with one line, no model loaded."""
+        lowest = {name: lowest_value(distribution) for name, (_, distribution) in self.space.sampled.items()}
+        run = search_run_config(trial_config(self.base, self.space.arrange(lowest), self.space), self.data,
+                                self.args.study_dir / "trials" / self.space.name / "check")
+        parse_and_check_inputs(config_flags(run))
 
     def objective(self, trial: optuna.Trial) -> float:
         values = self.space.suggest(trial)
@@ -287,7 +303,7 @@ class Search:
             raise optuna.TrialPruned()
         results_file = output_dir / "all_results.json"
         if code != 0 or not results_file.is_file():
-            raise RuntimeError(f"{prefix}: run_glue.py failed (exit {code}); see {output_dir / 'trial.log'}")
+            raise TrialFailed(f"{prefix}: run_glue.py failed (exit {code}); see {output_dir / 'trial.log'}")
         results = json.loads(results_file.read_text())
         trial.set_user_attr("optimizer_state_bytes", results.get("optimizer_state_bytes"))
         value = score(results, self.metric)
@@ -301,6 +317,16 @@ class Search:
         path = self.args.study_dir / f"{name}.json"
         path.write_text(json.dumps(config, indent=2) + "\n")
         return path
+
+
+class TrialFailed(RuntimeError):
+    """A trial's run_glue.py ended with an error: the search stops (a rerun resumes it) rather than count it."""
+
+
+def lowest_value(distribution: optuna.distributions.BaseDistribution) -> Any:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return distribution.choices[0]
+    return distribution.low
 
 
 class StudyLock:
@@ -328,7 +354,7 @@ def search(args: argparse.Namespace, extra: list[str]) -> int:
         raise UsageError("--validation_file: needed with --train_file, for the best config's seed runs (the dev set; "
                          "the search never reads it)")
     args.study_dir.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported once, by main()
     # A stop by SIGTERM (a session's end) goes through the same path as Ctrl-C: the running trial is marked.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with StudyLock(args.study_dir / f"{space.name}.lock"):
@@ -349,6 +375,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return search(args, extra)
     except UsageError as error:
         exit_with_usage_error(str(error))
+    except TrialFailed as error:
+        print(f"tune.py: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("tune.py: interrupted; the same command resumes the search", file=sys.stderr)
         return 130

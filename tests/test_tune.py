@@ -257,6 +257,16 @@ def test_glue_from_the_hub_cache_is_carved_and_its_dev_split_written_only_for_th
     assert len((study_dir / "data" / "dev.jsonl").read_text().splitlines()) == hub_rows["validation"]
 
 
+def test_a_bad_run_glue_flag_is_one_error_line_before_any_trial(small_study, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main([str(small_study.config), "--space", str(small_study.spaces["mfac"]), "--study_dir",
+                   str(small_study.study_dir), "--validation_size", "48", *small_study.extra, "--max_seq_lenght", "64"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max_seq_lenght" in err
+    assert not (small_study.study_dir / "trials").exists()
+
+
 def test_resumed_study_with_other_settings_is_refused(small_study, capsys):
     run_search(small_study, "adamw", trials=1)
     with pytest.raises(SystemExit) as exit_info:
