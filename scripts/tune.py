@@ -193,6 +193,8 @@ def trial_config(base: dict[str, Any], values: dict[str, dict[str, Any]], space:
     config.update(values["flags"], optim=space.optim)
     if values["optim_args"]:
         config["optim_args"] = values["optim_args"]
+    if "lr" in values["optim_args"]:  # --learning_rate says the same (run_glue.py warns when they differ)
+        config["learning_rate"] = values["optim_args"]["lr"]
     return config
 
 

@@ -8,7 +8,7 @@ import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import optuna
 from optuna.importance import FanovaImportanceEvaluator
@@ -28,6 +28,7 @@ class StudySummary:
     maximize: bool
     max_train_samples: Optional[int]  # the base config's limit on the training part, if any
     task: Optional[str]
+    fixed: dict[str, Any]  # the search space's fixed values (flags and optim_args)
     trials: list[FrozenTrial]  # finished (complete or pruned), in the order they ran
     failed: int
     importances: dict[str, float]
@@ -35,6 +36,14 @@ class StudySummary:
     @property
     def complete(self) -> list[FrozenTrial]:
         return [trial for trial in self.trials if trial.state == TrialState.COMPLETE]
+
+    def value_of_any(self, name: str) -> bool:
+        """Whether the space samples or fixes `name`."""
+        return name in self.fixed or any(name in trial.params for trial in self.trials)
+
+    def value_of(self, trial: FrozenTrial, name: str) -> Any:
+        """A parameter of a trial, sampled or fixed (None where the space has neither)."""
+        return trial.params.get(name, self.fixed.get(name))
 
     def better(self, value: float, than: Optional[float]) -> bool:
         return than is None or (value > than if self.maximize else value < than)
@@ -76,10 +85,12 @@ def load_summaries(study_dir: Path) -> list[StudySummary]:
         # fANOVA explains the variance of the scores: none to explain until two complete trials differ.
         importances = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)) \
             if len({trial.value for trial in complete}) >= 2 else {}
-        base = setting["base"]
+        base, space = setting["base"], setting["space"]
+        fixed = {key: value for section in ("flags", "optim_args") for key, value in space.get(section, {}).items()
+                 if not isinstance(value, dict)}
         summaries.append(StudySummary(name, study.user_attrs["trials"], setting["metric"],
                                       study.direction == optuna.study.StudyDirection.MAXIMIZE,
-                                      base.get("max_train_samples"), base.get("task_name"), trials,
+                                      base.get("max_train_samples"), base.get("task_name"), fixed, trials,
                                       len(study.get_trials(states=(TrialState.FAIL,))), importances))
     return summaries
 
@@ -133,36 +144,78 @@ def trial_line(trial: FrozenTrial) -> str:
 
 
 def plot(summaries: list[StudySummary], title: str, path: Path) -> None:
+    """Search progress and hyperparameter importance side by side; with M-FAC studies, a third panel of each
+    M-FAC trial's score against lr × num_grads, the scale of M-FAC's step while its window fills."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (progress, importance) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colours = {summary.name: f"C{index}" for index, summary in enumerate(summaries)}  # one per study, all panels
+    mfac = [summary for summary in summaries if summary.value_of_any("lr") and summary.value_of_any("num_grads")]
+    figure, axes = plt.subplots(1, 3 if mfac else 2, figsize=(18 if mfac else 12, 4.5))
+    plot_progress(axes[0], summaries, colours, title)
+    plot_importance(axes[1], summaries, colours, title)
+    if mfac:
+        plot_step_scale(axes[2], mfac, colours, title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_progress(axis, summaries: list[StudySummary], colours: dict[str, str], title: str) -> None:
     for summary in summaries:
         values = summary.best_so_far()
         numbers = [index + 1 for index, value in enumerate(values) if value is not None]
-        progress.step(numbers, [value for value in values if value is not None], where="post", marker="o",
-                      label=f"{summary.name} ({len(summary.trials)}/{summary.budget} trials)")
-    progress.set_xlabel("finished trial")
-    progress.xaxis.get_major_locator().set_params(integer=True)
-    progress.set_ylabel(f"best validation {summaries[0].metric} so far" if summaries else "")
-    progress.set_title(f"{title}: search progress")
-    progress.grid(alpha=0.3)
-    progress.legend(fontsize=8)
+        axis.step(numbers, [value for value in values if value is not None], where="post", marker="o",
+                  color=colours[summary.name], label=f"{summary.name} ({len(summary.trials)}/{summary.budget} trials)")
+    axis.set_xlabel("finished trial")
+    axis.xaxis.get_major_locator().set_params(integer=True)
+    axis.set_ylabel(f"best validation {summaries[0].metric} so far" if summaries else "")
+    axis.set_title(f"{title}: search progress")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+
+
+def plot_importance(axis, summaries: list[StudySummary], colours: dict[str, str], title: str) -> None:
     names = sorted({name for summary in summaries for name in summary.importances})
     height = 0.8 / max(1, len(summaries))
     for index, summary in enumerate(summaries):
         positions = [row + index * height for row in range(len(names))]
-        importance.barh(positions, [summary.importances.get(name, 0.0) for name in names], height=height,
-                        label=summary.name)
-    importance.set_yticks([row + 0.4 - height / 2 for row in range(len(names))], names)
-    importance.set_xlabel("importance (fANOVA, complete trials)")
-    importance.set_title(f"{title}: hyperparameter importance")
-    importance.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+        axis.barh(positions, [summary.importances.get(name, 0.0) for name in names], height=height,
+                  color=colours[summary.name], label=summary.name)
+    axis.set_yticks([row + 0.4 - height / 2 for row in range(len(names))], names)
+    axis.set_xlabel("importance (fANOVA, complete trials)")
+    axis.set_title(f"{title}: hyperparameter importance")
+    axis.legend(fontsize=8)
+
+
+def plot_step_scale(axis, summaries: list[StudySummary], colours: dict[str, str], title: str) -> None:
+    """Complete trials filled, pruned ones hollow at their last reported value."""
+    for summary in summaries:
+        colour = colours[summary.name]
+        for complete in (True, False):
+            points = [(summary.value_of(trial, "lr") * summary.value_of(trial, "num_grads"), last_value(trial))
+                      for trial in summary.trials if (trial.state == TrialState.COMPLETE) == complete
+                      and last_value(trial) is not None]
+            if not points:
+                continue
+            x, y = zip(*points)
+            axis.scatter(x, y, edgecolors=colour, facecolors=colour if complete else "none",
+                         label=f"{summary.name}{'' if complete else ' (pruned)'}")
+    axis.set_xscale("log")
+    axis.set_xlabel("lr × num_grads")
+    axis.set_ylabel(f"validation {summaries[0].metric}")
+    axis.set_title(f"{title}: M-FAC trials by step scale")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+
+
+def last_value(trial: FrozenTrial) -> Optional[float]:
+    """A complete trial's value, or the last value a pruned one reported."""
+    if trial.state == TrialState.COMPLETE:
+        return trial.value
+    return trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None
 
 
 def report(study_dir: Path) -> int:
