@@ -14,9 +14,10 @@ gets --trials finished trials (complete or pruned; default 12, the same for ever
 Selection never sees the dev set: STUDY_DIR/data/ holds the training file split once (seeded; stratified by label
 for classification) into a training part and a validation part of --validation_size examples. Trials train on the
 first and are scored on the second, by the task's main metric at the end of training. Evaluations during training
-(--eval_strategy steps --eval_steps 0.25 unless the configuration sets its own) feed a median pruner that stops
-trials worse than the median of earlier ones at the same step. The best config, STUDY_DIR/<task>_<space>_tuned.json,
-trains on the same training part and evaluates on --validation_file (the dev set), for the seed runs.
+(--eval_strategy steps --eval_steps 0.25 unless the configuration sets its own) feed a median pruner: from a
+trial's second evaluation on, it stops the trial when its best score so far is below the median of the complete
+trials at that step. The best config, STUDY_DIR/<task>_<space>_tuned.json, trains on the same training part and
+evaluates on --validation_file (the dev set; for GLUE from the Hub, its validation split), for the seed runs.
 Arguments after `--` go to every trial, last, so they override the config.
 """
 from __future__ import annotations
