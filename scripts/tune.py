@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import datasets
 import optuna
 from optuna.trial import TrialState
 
@@ -43,12 +44,13 @@ from mfac_optim.hf_arguments import typed_value  # noqa: E402
 from search_space import SearchSpace, load_search_space  # noqa: E402
 from sweep import split_at_double_dash  # noqa: E402
 from tune_report import DATA_FOLDER, STORAGE_FILE, format_params, report  # noqa: E402
-from tune_trial import PRUNED_EXIT, score  # noqa: E402
+from tune_trial import PRUNED_EXIT, MetricError, score  # noqa: E402
 
 TRIAL_SCRIPT = Path(__file__).resolve().parent / "tune_trial.py"
 DEFAULT_TRIALS = 12
 STARTUP_TRIALS = 4  # random trials before TPE models the space, and before the pruner compares
 MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}  # else accuracy
+USAGE_EXIT = 2  # run_glue.py's status for a mistake in its arguments
 MINIMIZED = ("loss", "mse")  # metrics where lower is better; every other one is maximised
 
 
@@ -280,6 +282,7 @@ class Search:
         lowest = {name: lowest_value(distribution) for name, (_, distribution) in self.space.sampled.items()}
         run = search_run_config(trial_config(self.base, self.space.arrange(lowest), self.space), self.data,
                                 self.args.study_dir / "trials" / self.space.name / "check")
+        datasets.disable_progress_bars()  # the check reads the carved files: no bars between tune.py's lines
         parse_and_check_inputs(config_flags(run))
 
     def objective(self, trial: optuna.Trial) -> float:
@@ -304,12 +307,17 @@ class Search:
         if code == PRUNED_EXIT:
             print(f"{prefix}: pruned after {seconds:.0f} s {format_params(trial.params)}", flush=True)
             raise optuna.TrialPruned()
+        if code == USAGE_EXIT:  # a mistake in the arguments (run_glue.py's checks, or --metric): its one line
+            raise UsageError(f"{prefix}: {last_line(output_dir / 'trial.log')}")
         results_file = output_dir / "all_results.json"
         if code != 0 or not results_file.is_file():
             raise TrialFailed(f"{prefix}: run_glue.py failed (exit {code}); see {output_dir / 'trial.log'}")
         results = json.loads(results_file.read_text())
         trial.set_user_attr("optimizer_state_bytes", results.get("optimizer_state_bytes"))
-        value = score(results, self.metric)
+        try:
+            value = score(results, self.metric)
+        except MetricError as error:
+            raise UsageError(f"{prefix}: {error}") from None
         print(f"{prefix}: {self.metric} {value:.4f} in {seconds:.0f} s {format_params(trial.params)}", flush=True)
         return value
 
@@ -320,6 +328,11 @@ class Search:
         path = self.args.study_dir / f"{name}.json"
         path.write_text(json.dumps(config, indent=2) + "\n")
         return path
+
+
+def last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
 
 
 class TrialFailed(RuntimeError):

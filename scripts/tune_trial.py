@@ -4,8 +4,8 @@ back to the system when it ends, and a crash takes one trial down, not the study
     python scripts/tune_trial.py STORAGE STUDY TRIAL_ID METRIC RUN_GLUE_ARGUMENTS...
 
 run_glue.py runs with a callback that reports each evaluation made during training to the Optuna trial, and stops
-the run when the study's pruner says so (exit status PRUNED_EXIT). tune.py reads the final score from the run's
-all_results.json.
+the run when the study's pruner says so (exit status PRUNED_EXIT). A mistake in the arguments exits with status 2
+and one line, as run_glue.py does. tune.py reads the final score from the run's all_results.json.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import run_glue  # noqa: E402
+from compare import eval_metrics  # noqa: E402
 
 PRUNED_EXIT = 3
 # Evaluations reported before the pruner may stop a trial: M-FAC's first steps precondition with a nearly empty
@@ -28,16 +29,20 @@ UNPRUNED_EVALUATIONS = 1
 SCORE_OF_UNDEFINED = {"pearson": 0.0, "spearmanr": 0.0, "matthews_correlation": 0.0}
 
 
+class MetricError(ValueError):
+    """The metric to select by is not among a run's results, or is NaN where no score stands for NaN."""
+
+
 def score(metrics: dict, metric: str) -> float:
-    """The trial's score from an evaluation's metrics; a ValueError if the metric is missing or undefined."""
+    """The trial's score from an evaluation's metrics."""
     key = f"eval_{metric}"
     if key not in metrics:
-        available = sorted(name.removeprefix("eval_") for name in metrics if name.startswith("eval_"))
-        raise ValueError(f"--metric {metric}: not among this run's eval metrics ({', '.join(available)})")
+        available = sorted(name.removeprefix("eval_") for name in eval_metrics(metrics))
+        raise MetricError(f"--metric {metric}: not among this run's eval metrics ({', '.join(available)})")
     value = metrics[key]
     if math.isnan(value):
         if metric not in SCORE_OF_UNDEFINED:
-            raise ValueError(f"{key} is NaN")
+            raise MetricError(f"--metric {metric}: NaN in this run's evaluation")
         return SCORE_OF_UNDEFINED[metric]
     return value
 
@@ -69,6 +74,8 @@ def main(argv: list[str]) -> int:
     except optuna.TrialPruned as pruned:
         print(f"tune_trial.py: {pruned}", flush=True)
         return PRUNED_EXIT
+    except MetricError as error:
+        run_glue.exit_with_usage_error(str(error))
     return 0
 
 

@@ -267,6 +267,16 @@ def test_a_bad_run_glue_flag_is_one_error_line_before_any_trial(small_study, cap
     assert not (small_study.study_dir / "trials").exists()
 
 
+def test_a_metric_the_task_does_not_have_is_one_error_line(small_study, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main([str(small_study.config), "--space", str(small_study.spaces["adamw"]), "--study_dir",
+                   str(small_study.study_dir), "--trials", "1", "--validation_size", "48", "--metric", "f1",
+                   *small_study.extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--metric f1: not among this run's eval metrics (accuracy)" in err
+
+
 def test_resumed_study_with_other_settings_is_refused(small_study, capsys):
     run_search(small_study, "adamw", trials=1)
     with pytest.raises(SystemExit) as exit_info:
@@ -300,5 +310,5 @@ def test_trial_is_pruned_below_the_median_but_not_at_its_first_evaluation():
 def test_score_of_an_undefined_correlation_is_zero_and_a_missing_metric_is_named():
     assert tune_trial.score({"eval_pearson": float("nan")}, "pearson") == 0.0
     assert tune_trial.score({"eval_accuracy": 0.75}, "accuracy") == 0.75
-    with pytest.raises(ValueError, match=r"--metric f1: not among this run's eval metrics \(accuracy, loss\)"):
+    with pytest.raises(tune_trial.MetricError, match=r"--metric f1: not among this run's eval metrics \(accuracy\)"):
         tune_trial.score({"eval_accuracy": 0.75, "eval_loss": 0.5}, "f1")
