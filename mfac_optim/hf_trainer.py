@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from .hf_arguments import MFAC_NAME, MFACArgumentError, launched_processes
-from .memory import memory_bound_bytes
+from .memory import memory_bound_bytes, optimizer_state_bytes
 from .optimizer import MFAC
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,6 @@ class OptimizerMemoryLogger(TrainerCallback):
         estimate = "" if self.bound is None else \
             f"; estimated before loading: at most {self.bound / 2**30:.3f} GiB with the step's buffers"
         logger.info("Optimizer state: %.3f GiB (%s)%s", self.measured_bytes / 2**30, type(inner).__name__, estimate)
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors an optimizer keeps in its state in this process (for MFAC, its `memory_bytes()`)."""
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values() for value in state.values()
-               if torch.is_tensor(value))
 
 
 class MFACTrainer(Trainer):

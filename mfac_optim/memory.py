@@ -64,3 +64,10 @@ def dense_window_bytes(layout: Layout, max_rows: dict[int, int], num_grads: int,
                 else max(stored, sparse)
         window_bytes += stored
     return window_bytes
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors any torch optimizer keeps in its state in this process (MFAC's window, Gram matrix and
+    momentum; AdamW's moments)."""
+    return sum(value.numel() * value.element_size() for state in optimizer.state.values() for value in state.values()
+               if torch.is_tensor(value))

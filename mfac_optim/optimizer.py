@@ -16,6 +16,7 @@ from .algebra import FisherKernel, accumulate_dtype
 from .distributed import DirectionGather, shard_position, sum_over_processes
 from .hyperparameters import GRAD_DTYPES, check_group_hyperparameters, check_window_keys_agree, resolve_grad_dtype
 from .layout import Layout, nonzero_rows, row_sparse_pays
+from .memory import optimizer_state_bytes
 from .compressed import CompressedRows
 from .storage import DenseRows, RowSparseRows
 from .window import GradientWindow
@@ -90,8 +91,7 @@ class MFAC(Optimizer):
     def memory_bytes(self) -> int:
         """Bytes of state this optimizer holds in this process (its shard of the window, the Gram matrix, momentum,
         row-sparse parts)."""
-        return sum(value.numel() * value.element_size() for state in self.state.values() for value in state.values()
-                   if torch.is_tensor(value))
+        return optimizer_state_bytes(self)
 
     @torch.no_grad()
     def stored_gradients(self) -> Tensor:

@@ -150,11 +150,21 @@ def group_runs(runs: list[Run]) -> dict[str, TaskGroups]:
 @dataclass
 class Summary:
     values: list[float]  # one per seed, in seed order
-    mean: float
-    std: Optional[float]  # sample standard deviation (n − 1); None for one run
-    n: int
     best: float
     best_seed: int
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.values)
+
+    @property
+    def std(self) -> Optional[float]:
+        """Sample standard deviation (n − 1); None for one run."""
+        return statistics.stdev(self.values) if self.n > 1 else None
 
 
 def summarize(runs: list[Run], metric: str) -> Optional[Summary]:
@@ -163,8 +173,7 @@ def summarize(runs: list[Run], metric: str) -> Optional[Summary]:
         return None
     values = [value for value, _ in scored]
     best, best_seed = max(scored)
-    return Summary(values, statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None,
-                   len(values), best, best_seed)
+    return Summary(values, best, best_seed)
 
 
 @dataclass
@@ -250,13 +259,12 @@ def format_table(task: str, rows: list[Row], shared: str, reference: str, markdo
                      str(s.n), f"{100 * s.best:.2f} ({s.best_seed})", *difference_cells(row),
                      f"{row.train_seconds:.0f}" if row.train_seconds is not None else "-",
                      f"{row.optimizer_bytes / 2**30:.2f}" if row.optimizer_bytes is not None else "-"])
-    title = f"{task} (all runs: {shared}; reference: {reference})"
+    context = f"(all runs: {shared}; reference: {reference})"
     if markdown:
-        lines = [f"**{task}** (all runs: {shared}; reference: {reference})", "",
-                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines = [f"**{task}** {context}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
-    lines = [title, "  ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip()]
+    lines = [f"{task} {context}", "  ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip()]
     return "\n".join(lines + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                               for row in body])
 

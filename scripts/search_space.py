@@ -74,7 +74,11 @@ def suggest_value(trial: optuna.Trial, name: str, distribution: BaseDistribution
 
 def load_search_space(path: Path) -> SearchSpace:
     """The search space in `path`; a UsageError naming the file and key for anything it cannot use."""
-    spec = read_json_object(path, "search space file", ", ".join(SECTIONS))
+    return search_space_from(read_json_object(path, "search space file", ", ".join(SECTIONS)), path.stem, path)
+
+
+def search_space_from(spec: dict[str, Any], name: str, path: Union[Path, str]) -> SearchSpace:
+    """A search space from its JSON object (a file's, or the copy a study keeps); errors name `path`."""
     unknown = sorted(set(spec) - set(SECTIONS))
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(SECTIONS)})")
@@ -92,23 +96,23 @@ def load_search_space(path: Path) -> SearchSpace:
         entries = spec.get(section, {})
         if not isinstance(entries, dict):
             raise UsageError(f"{path}: {section}: must be a JSON object of name -> range, choices or value")
-        for name, entry in entries.items():
-            where = f"{path}: {section}.{name}"
-            if name not in allowed:
-                hint = " (set by tune.py itself)" if name in CONTROLLED_FLAGS else ""
+        for key, entry in entries.items():
+            where = f"{path}: {section}.{key}"
+            if key not in allowed:
+                hint = " (set by tune.py itself)" if key in CONTROLLED_FLAGS else ""
                 raise UsageError(f"{where}: unknown {'run_glue.py flag' if section == 'flags' else 'MFAC key'}{hint} "
                                  f"(allowed: {', '.join(allowed) if section == 'optim_args' else 'run_glue.py flags'})")
-            if name in sampled or name in fixed:
-                raise UsageError(f"{where}: {name} appears in both flags and optim_args")
+            if key in sampled or key in fixed:
+                raise UsageError(f"{where}: {key} appears in both flags and optim_args")
             if isinstance(entry, dict):
-                sampled[name] = (section, distribution_of(entry, where))
+                sampled[key] = (section, distribution_of(entry, where))
             elif isinstance(entry, (str, int, float, bool)):
-                fixed[name] = (section, entry)
+                fixed[key] = (section, entry)
             else:
                 raise UsageError(f"{where}: {entry!r} is neither a range, a choice list nor a value")
     if not sampled:
         raise UsageError(f"{path}: nothing to search: give at least one range or choice list")
-    return SearchSpace(path.stem, "MFAC" if is_mfac else optim, sampled, fixed)
+    return SearchSpace(name, "MFAC" if is_mfac else optim, sampled, fixed)
 
 
 def distribution_of(entry: dict, where: str) -> BaseDistribution:

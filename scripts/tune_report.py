@@ -15,6 +15,7 @@ from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
 from run_glue import UsageError
+from search_space import SearchSpace, search_space_from
 
 STORAGE_FILE = "study.db"
 DATA_FOLDER = "data"  # the carved training part and validation split
@@ -28,7 +29,7 @@ class StudySummary:
     maximize: bool
     max_train_samples: Optional[int]  # the base config's limit on the training part, if any
     task: Optional[str]
-    fixed: dict[str, Any]  # the search space's fixed values (flags and optim_args)
+    space: SearchSpace  # as the study recorded it
     trials: list[FrozenTrial]  # finished (complete or pruned), in the order they ran
     failed: int
     importances: dict[str, float]
@@ -37,13 +38,13 @@ class StudySummary:
     def complete(self) -> list[FrozenTrial]:
         return [trial for trial in self.trials if trial.state == TrialState.COMPLETE]
 
-    def value_of_any(self, name: str) -> bool:
+    def has(self, name: str) -> bool:
         """Whether the space samples or fixes `name`."""
-        return name in self.fixed or any(name in trial.params for trial in self.trials)
+        return name in self.space.sampled or name in self.space.fixed
 
     def value_of(self, trial: FrozenTrial, name: str) -> Any:
-        """A parameter of a trial, sampled or fixed (None where the space has neither)."""
-        return trial.params.get(name, self.fixed.get(name))
+        """A parameter of a trial, sampled or fixed."""
+        return trial.params[name] if name in self.space.sampled else self.space.fixed[name][1]
 
     def better(self, value: float, than: Optional[float]) -> bool:
         return than is None or (value > than if self.maximize else value < than)
@@ -85,12 +86,11 @@ def load_summaries(study_dir: Path) -> list[StudySummary]:
         # fANOVA explains the variance of the scores: none to explain until two complete trials differ.
         importances = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)) \
             if len({trial.value for trial in complete}) >= 2 else {}
-        base, space = setting["base"], setting["space"]
-        fixed = {key: value for section in ("flags", "optim_args") for key, value in space.get(section, {}).items()
-                 if not isinstance(value, dict)}
+        base = setting["base"]
+        space = search_space_from(setting["space"], name, f"{storage_file} (study {name})")
         summaries.append(StudySummary(name, study.user_attrs["trials"], setting["metric"],
                                       study.direction == optuna.study.StudyDirection.MAXIMIZE,
-                                      base.get("max_train_samples"), base.get("task_name"), fixed, trials,
+                                      base.get("max_train_samples"), base.get("task_name"), space, trials,
                                       len(study.get_trials(states=(TrialState.FAIL,))), importances))
     return summaries
 
@@ -152,7 +152,7 @@ def plot(summaries: list[StudySummary], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = {summary.name: f"C{index}" for index, summary in enumerate(summaries)}  # one per study, all panels
-    mfac = [summary for summary in summaries if summary.value_of_any("lr") and summary.value_of_any("num_grads")]
+    mfac = [summary for summary in summaries if summary.has("lr") and summary.has("num_grads")]
     figure, axes = plt.subplots(1, 3 if mfac else 2, figsize=(18 if mfac else 12, 4.5))
     plot_progress(axes[0], summaries, colours, title)
     plot_importance(axes[1], summaries, colours, title)
