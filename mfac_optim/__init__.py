@@ -3,7 +3,7 @@
     from mfac_optim import MFAC
     optimizer = MFAC(model.parameters(), lr=1e-4, num_grads=1024, damp=1e-6)
 
-Notation (as in ../shared/DESIGN.md): d parameters, a window G (m × d) of the last m gradients (empty slots are zero
+Notation (as in docs/design.md): d parameters, a window G (m × d) of the last m gradients (empty slots are zero
 rows), damp λ > 0, and the dampened empirical Fisher F = λI + (1/m) GᵀG. Each step stores the new gradient g as row
 i of G and moves the parameters along u = F⁻¹g = m · Gᵀ K⁻¹ eᵢ with K = mλI + GGᵀ (m × m), a form without the
 cancellation of g/λ − Gᵀ(…)/λ.

@@ -1,5 +1,5 @@
 """The m × m algebra of a step: the Gram matrix S = GGᵀ of the stored gradients (float64, in slot order) and the
-solve of K y = eᵢ with K = mλI + S, whose solution gives the direction u = m · Gᵀ y (see ../shared/DESIGN.md).
+solve of K y = eᵢ with K = mλI + S, whose solution gives the direction u = m · Gᵀ y (see docs/design.md).
 
 The solve keeps an upper Cholesky factor R, RᵀR = K, with the slots in chronological order (oldest first). The slot
 a step replaces is always the oldest, so the new factor is the old one without its first row and column (a positive

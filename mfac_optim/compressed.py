@@ -1,5 +1,5 @@
 """The compressed window: top-k with error feedback (Modoranu et al., "Error Feedback Can Accurately Compress
-Preconditioners", ICML 2024; see ../shared/DESIGN.md).
+Preconditioners", ICML 2024; see docs/design.md).
 
 Per step, over this process's local gradient g: a = e + g (e: the error, fp32, zero at first); c keeps, in every
 block of BLOCK coordinates, the `kept` entries of largest |a|, rounded to the window dtype; e ← a − c. So the stored

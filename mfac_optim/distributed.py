@@ -1,4 +1,4 @@
-"""Sharding the window across processes (see ../shared/DESIGN.md): each process keeps its rows of every parameter
+"""Sharding the window across processes (see docs/design.md): each process keeps its rows of every parameter
 (`Layout` says which), the dot products are summed over processes so that all solve the same m × m system, and the
 processes' directions are gathered into the full one. The math modules never call torch.distributed themselves.
 """

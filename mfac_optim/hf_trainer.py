@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 # One optimizer state file per process for a sharded M-FAC window (the name HF uses for per-rank optimizer state).
 SHARD_STATE = "rank{rank}-of-{world_size}-" + OPTIMIZER_NAME
+MODEL_CARD = "README.md"  # where Trainer.create_model_card writes
 
 
 def mfac_is_sharded(training_args) -> bool:
@@ -69,6 +70,14 @@ class MFACTrainer(Trainer):
         """The optimizer state measured after the first training step (None before it)."""
         return self.memory_logger.measured_bytes
 
+    def create_model_card(self, *args, **kwargs) -> None:
+        """HF's card (README.md in output_dir; `push_to_hub` writes it too), plus, for M-FAC, every optimizer
+        argument as the run used it: HF's card prints `--optim_args` as typed, without the defaults it left out."""
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero() and self.args.optim == MFAC_NAME:
+            with open(os.path.join(self.args.output_dir, MODEL_CARD), "a", encoding="utf-8") as card:
+                card.write(mfac_card_section(self.args.mfac.kwargs()))
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not mfac_is_sharded(self.args):
             return super()._save_optimizer_and_scheduler(output_dir)
@@ -86,6 +95,14 @@ class MFACTrainer(Trainer):
 
     def _shard_state_file(self, folder: str) -> str:
         return os.path.join(folder, SHARD_STATE.format(rank=self.args.process_index, world_size=self.args.world_size))
+
+
+def mfac_card_section(settings: dict) -> str:
+    """The model card's M-FAC section: the optimizer's paper and each of its arguments."""
+    rows = "".join(f"| {key} | {value} |\n" for key, value in settings.items())
+    return ("\n## Optimizer: M-FAC\n\nTrained with M-FAC (Frantar, Kurtic, Alistarh, \"M-FAC: Efficient Matrix-Free "
+            "Approximations of Second-Order Information\", NeurIPS 2021), package `mfac-optim`, with these "
+            f"arguments:\n\n| argument | value |\n|---|---|\n{rows}")
 
 
 def sharded_state_world_sizes(checkpoint: Path) -> list[int]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 # Prefixes of the eval entries that are not quality metrics (MNLI adds "_mm" copies of each).
+SEEDS_SECTION = "## Results over seeds"  # the model card section --model_card writes (and replaces)
 NOT_METRICS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_samples")
 
 
@@ -323,6 +324,20 @@ def plot(grouped: dict[str, TaskGroups], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def add_to_model_card(run: Run, table: str) -> None:
+    """Puts the seeds' table under the model card run_glue.py wrote for `run` (replacing an earlier one), as the
+    M-FAC authors' cards give mean ± std over seeds beside the best run."""
+    from mfac_optim.hf_trainer import MODEL_CARD
+
+    card = run.path / MODEL_CARD
+    if not card.is_file():
+        raise NotARunError(f"--model_card {run.path}: no model card ({MODEL_CARD}) in it; run_glue.py writes one")
+    text = card.read_text()
+    if SEEDS_SECTION in text:
+        text = text[:text.index(SEEDS_SECTION)].rstrip() + "\n"
+    card.write_text(f"{text}\n{SEEDS_SECTION}\n\n{table}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by run_glue.py")
@@ -330,16 +345,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--reference", type=Path,
                         help="folder holding the reference group's runs (default: each task's first group)")
+    parser.add_argument("--model_card", type=Path, metavar="RUN",
+                        help="add the run's task table (Markdown) to the model card in this run folder")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         runs = [load_run(path) for path in args.runs]
+        card_run = load_run(args.model_card) if args.model_card else None
         grouped = group_runs(runs)
         references = {task: reference_label(task_groups, args.reference) for task, task_groups in grouped.items()}
+        if card_run is not None and card_run.task not in grouped:
+            raise NotARunError(f"--model_card {args.model_card}: its task {card_run.task} is not among the runs")
     except NotARunError as error:
         parser.error(str(error))
-    print("\n\n".join(format_table(task, table_rows(task_groups.groups, references[task]), task_groups.shared,
-                                    references[task], args.markdown)
-                       for task, task_groups in sorted(grouped.items())))
+
+    def table(task: str, markdown: bool) -> str:
+        task_groups = grouped[task]
+        return format_table(task, table_rows(task_groups.groups, references[task]), task_groups.shared,
+                            references[task], markdown)
+
+    print("\n\n".join(table(task, args.markdown) for task in sorted(grouped)))
+    if card_run is not None:
+        try:
+            add_to_model_card(card_run, table(card_run.task, markdown=True))
+        except NotARunError as error:
+            parser.error(str(error))
+        print(f"\ntable added to the model card in {card_run.path}")
     if args.plot:
         plot(grouped, args.plot)
         print(f"\nplot written to {args.plot}")

@@ -20,7 +20,9 @@ from compare import eval_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from run_glue import UsageError, expand_json_config  # noqa: E402
+from mfac_optim.glue import UsageError  # noqa: E402
+from mfac_optim.glue.command_line import expand_json_config  # noqa: E402
+
 DEFAULT_SEEDS = [1234, 1235, 1236, 1237, 1238]
 
 

@@ -38,8 +38,10 @@ import optuna
 from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from run_glue import (DataTrainingArguments, UsageError, config_flags, exit_with_usage_error,  # noqa: E402
-                      load_local_datasets, parse_and_check_inputs, read_json_object)
+from mfac_optim.glue import UsageError  # noqa: E402
+from mfac_optim.glue.command_line import config_flags, exit_with_usage_error, read_json_object  # noqa: E402
+from mfac_optim.glue.data import load_local_datasets  # noqa: E402
+from run_glue import DataTrainingArguments, parse_arguments  # noqa: E402
 from mfac_optim.hf_arguments import typed_value  # noqa: E402
 from search_space import SearchSpace, load_search_space  # noqa: E402
 from sweep import split_at_double_dash  # noqa: E402
@@ -283,7 +285,7 @@ class Search:
         run = search_run_config(trial_config(self.base, self.space.arrange(lowest), self.space), self.data,
                                 self.args.study_dir / "trials" / self.space.name / "check")
         datasets.disable_progress_bars()  # the check reads the carved files: no bars between tune.py's lines
-        parse_and_check_inputs(config_flags(run))
+        parse_arguments(config_flags(run))
 
     def objective(self, trial: optuna.Trial) -> float:
         values = self.space.suggest(trial)

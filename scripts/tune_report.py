@@ -14,7 +14,7 @@ import optuna
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
-from run_glue import UsageError
+from mfac_optim.glue import UsageError
 from search_space import SearchSpace, search_space_from
 
 STORAGE_FILE = "study.db"

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import run_glue  # noqa: E402
+from mfac_optim.glue.command_line import exit_with_usage_error  # noqa: E402
 from compare import eval_metrics  # noqa: E402
 
 PRUNED_EXIT = 3
@@ -75,7 +76,7 @@ def main(argv: list[str]) -> int:
         print(f"tune_trial.py: {pruned}", flush=True)
         return PRUNED_EXIT
     except MetricError as error:
-        run_glue.exit_with_usage_error(str(error))
+        exit_with_usage_error(str(error))
     return 0
 
 

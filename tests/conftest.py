@@ -103,7 +103,7 @@ def hub_cache(tmp_path_factory, glue_dir) -> Path:
     import torch
     from transformers import BertConfig, BertForPreTraining
 
-    import run_glue
+    from mfac_optim.glue import data as glue_data
     from hub_cache import write_dataset_config, write_model_repo
 
     hf_home = tmp_path_factory.mktemp("hf_home")
@@ -123,7 +123,7 @@ def hub_cache(tmp_path_factory, glue_dir) -> Path:
                                   "idx": datasets.Value("int32")})
     splits = {}
     for split, file in (("train", "train.tsv"), ("validation", "dev.tsv")):
-        columns = run_glue.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")
+        columns = glue_data.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")
         splits[split] = {**columns, "idx": list(range(len(columns["label"])))}
     unlabelled = splits["validation"]["sentence"][:16]  # GLUE's test split has no labels: -1
     splits["test"] = {"sentence": unlabelled, "label": [-1] * len(unlabelled), "idx": list(range(len(unlabelled)))}

@@ -13,6 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import run_glue
+from mfac_optim.glue import model_types as glue_model_types
+from mfac_optim.glue import data as glue_data
+from mfac_optim.glue.metrics import GlueMetric
 from mfac_optim.hf_arguments import MFACArguments
 from conftest import SHARED_GLUE, write_generated_glue
 
@@ -53,7 +56,7 @@ def run(tmp_path, model, glue_dir, task, folder, *extra, train_samples=64, eval_
 # --- arguments ---------------------------------------------------------------------------------------------------
 def test_seed_command_parses_to_the_published_mfac_settings(hub_cache):
     argv = SEED_COMMAND + ["--cache_dir", str(hub_cache / "hub")]
-    model_args, data_args, training_args, local = run_glue.parse_and_check_inputs(argv)
+    model_args, data_args, training_args, local = run_glue.parse_arguments(argv)
     assert training_args.optim == "mfac"
     assert json.loads(training_args.optim_args) == {"lr": 1e-4, "weight_decay": 0.0, "num_grads": 1024, "damp": 1e-6}
     assert (training_args.seed, training_args.learning_rate, training_args.num_train_epochs) == (1234, 1e-4, 3)
@@ -67,14 +70,14 @@ def test_mfac_is_case_insensitive_and_json_lr_wins_over_learning_rate(caplog, hu
     argv = [a if a != "MFAC" else "mfac" for a in SEED_COMMAND] + ["--cache_dir", str(hub_cache / "hub")]
     argv[argv.index("--learning_rate") + 1] = "5e-5"
     argv += ["--weight_decay", "0.01"]
-    _, _, training_args, _ = run_glue.parse_and_check_inputs(argv)
+    _, _, training_args, _ = run_glue.parse_arguments(argv)
     assert training_args.learning_rate == 1e-4 and training_args.weight_decay == 0.01
     assert json.loads(training_args.optim_args)["lr"] == 1e-4
     assert "--optim_args lr=0.0001 overrides --learning_rate 5e-05" in caplog.text
 
 
 def test_other_optimizers_are_hf_unchanged(tiny_bert):
-    _, _, training_args, _ = run_glue.parse_and_check_inputs(
+    _, _, training_args, _ = run_glue.parse_arguments(
         ["--model_name_or_path", str(tiny_bert), "--task_name", "rte", "--output_dir", "o", "--optim", "sgd",
          "--optim_args", "momentum=0.9"])
     assert training_args.optim == "sgd" and training_args.optim_args == "momentum=0.9"
@@ -83,9 +86,9 @@ def test_other_optimizers_are_hf_unchanged(tiny_bert):
 
 def test_hf_key_value_optim_args_parse_like_the_json_form(tiny_bert):
     common = ["--model_name_or_path", str(tiny_bert), "--task_name", "sst2", "--output_dir", "o", "--optim", "MFAC"]
-    _, _, from_pairs, _ = run_glue.parse_and_check_inputs(
+    _, _, from_pairs, _ = run_glue.parse_arguments(
         common + ["--optim_args", "lr=2e-4, num_grads=64,grad_dtype=bfloat16,shard=false,momentum=0.5"])
-    _, _, from_json, _ = run_glue.parse_and_check_inputs(
+    _, _, from_json, _ = run_glue.parse_arguments(
         common + ["--optim_args", '{"lr": 2e-4, "num_grads": 64, "grad_dtype": "bfloat16", "shard": false, '
                                   '"momentum": 0.5}'])
     assert from_pairs.mfac == from_json.mfac == MFACArguments(lr=2e-4, num_grads=64, momentum=0.5,
@@ -99,7 +102,7 @@ def test_json_config_file_with_command_line_override(tmp_path, tiny_bert):
     config.write_text(json.dumps({"model_name_or_path": str(tiny_bert), "task_name": "mrpc", "output_dir": "o", "seed": 1,
                                   "do_train": True, "optim": "MFAC", "optim_args": {"num_grads": 512},
                                   "label_names": ["labels", "other"]}))
-    _, data_args, training_args, _ = run_glue.parse_and_check_inputs([str(config), "--seed", "7"])
+    _, data_args, training_args, _ = run_glue.parse_arguments([str(config), "--seed", "7"])
     assert training_args.seed == 7 and training_args.do_train and data_args.task_name == "mrpc"
     assert training_args.label_names == ["labels", "other"]
     assert json.loads(training_args.optim_args)["num_grads"] == 512
@@ -161,9 +164,8 @@ def test_tokenizer_folder_without_vocabulary_is_refused(tmp_path):
                intermediate_size=32).save_pretrained(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": true, "tokenizer_class": "BertTokenizer"}')
     model_args = run_glue.ModelArguments(config_name=str(tmp_path), tokenizer_name=str(tmp_path))
-    config = run_glue.model_config(model_args, 2, "sst2", ["negative", "positive"])
     with pytest.raises(RuntimeError, match="has only its 5 special tokens; the folder needs its vocab.txt"):
-        run_glue.load_model_and_tokenizer(model_args, config)
+        glue_model_types.load_tokenizer(model_args)
 
 
 # --- the published command from a Hub-shaped cache ---------------------------------------------------------------
@@ -174,7 +176,7 @@ def test_published_command_runs_offline_from_the_hub_cache(tmp_path, hub_cache, 
     output = result.stdout + result.stderr
     assert "prajjwal1/bert-mini: config.json has no \"model_type\"; inferred 'bert' from the name" in output
     results = json.loads((tmp_path / "out_dir" / "all_results.json").read_text())
-    cached = {split: len(run_glue.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")["label"])
+    cached = {split: len(glue_data.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")["label"])
               for split, file in (("train", "train.tsv"), ("validation", "dev.tsv"))}
     assert results["train_samples"] == cached["train"] and results["eval_samples"] == cached["validation"]
     assert json.loads((tmp_path / "out_dir" / "trainer_state.json").read_text())["global_step"] == 3
@@ -204,24 +206,27 @@ def bert_folder_without_model_type(parent: Path, name: str, vocab_from: Path) ->
     ("someone/xlm-roberta-large", "xlm-roberta"), ("someone/my-classifier", None),
 ])
 def test_model_type_from_a_hub_id_is_the_longest_known_type_in_it(source, expected):
-    assert run_glue.model_type_from_name(source) == expected
+    assert glue_model_types.model_type_from_name(source) == expected
 
 
 def test_model_type_from_a_folder_or_a_hub_cache_snapshot(tmp_path):
     snapshot = tmp_path / "hub" / "models--prajjwal1--bert-mini" / "snapshots" / "0123abc"
     snapshot.mkdir(parents=True)
     (tmp_path / "roberta-experiments" / "bert-small").mkdir(parents=True)
-    assert run_glue.model_type_from_name(str(snapshot)) == "bert"
-    assert run_glue.model_type_from_name(str(tmp_path / "roberta-experiments" / "bert-small")) == "bert"
+    assert glue_model_types.model_type_from_name(str(snapshot)) == "bert"
+    assert glue_model_types.model_type_from_name(str(tmp_path / "roberta-experiments" / "bert-small")) == "bert"
 
 
 def test_config_and_tokenizer_folders_without_model_type_load(tmp_path, tiny_bert, glue_dir, caplog):
+    from transformers import AutoModelForSequenceClassification
+
     folder = bert_folder_without_model_type(tmp_path, "bert-local", tiny_bert)
     argv = ["--config_name", str(folder), "--tokenizer_name", str(folder), "--task_name", "sst2",
             "--train_file", str(glue_dir / "SST-2" / "train.tsv"), "--do_train", "--output_dir", str(tmp_path / "o")]
-    model_args, *_ = run_glue.parse_and_check_inputs(argv)
-    config = run_glue.model_config(model_args, 2, "sst2", ["negative", "positive"])
-    model, tokenizer = run_glue.load_model_and_tokenizer(model_args, config)
+    model_args, *_ = run_glue.parse_arguments(argv)
+    config = glue_model_types.load_config(model_args, num_labels=2, finetuning_task="sst2")
+    tokenizer = glue_model_types.load_tokenizer(model_args)
+    model = AutoModelForSequenceClassification.from_config(config)
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.hidden_size == 16
     assert len(tokenizer) == len((tiny_bert / "vocab.txt").read_text().splitlines())
     assert tokenizer("good film")["input_ids"][1] == tokenizer.convert_tokens_to_ids("good")
@@ -266,21 +271,21 @@ def test_window_that_cannot_fit_is_refused_before_weights_load(tmp_path, tiny_be
 def test_glue_tsv_layouts(tmp_path):
     cola = tmp_path / "cola.tsv"
     cola.write_text("gj04\t1\t\tThe sailors rode the breeze.\ngj04\t0\t*\tThe more books I ask to whom.\n")
-    assert run_glue.read_glue_tsv(str(cola), "cola") == {
+    assert glue_data.read_glue_tsv(str(cola), "cola") == {
         "sentence": ["The sailors rode the breeze.", "The more books I ask to whom."], "label": [1, 0]}
     mrpc = tmp_path / "mrpc.tsv"
     mrpc.write_bytes("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said \" no .\tHe did .\n".encode())
-    assert run_glue.read_glue_tsv(str(mrpc), "mrpc") == {
+    assert glue_data.read_glue_tsv(str(mrpc), "mrpc") == {
         "sentence1": ['He said " no .'], "sentence2": ["He did ."], "label": [1]}
     mnli = tmp_path / "mnli.tsv"
     mnli.write_text("index\tsentence1\tsentence2\tgold_label\n0\tA\tB\tcontradiction\n1\tC\tD\tneutral\n")
-    assert run_glue.read_glue_tsv(str(mnli), "mnli")["label"] == [2, 1]
+    assert glue_data.read_glue_tsv(str(mnli), "mnli")["label"] == [2, 1]
     test = tmp_path / "test.tsv"
     test.write_text("index\tsentence\n0\tunlabelled .\n")
-    assert run_glue.read_glue_tsv(str(test), "sst2") == {"sentence": ["unlabelled ."], "label": [-1]}
+    assert glue_data.read_glue_tsv(str(test), "sst2") == {"sentence": ["unlabelled ."], "label": [-1]}
     stsb = tmp_path / "stsb.tsv"
     stsb.write_text("index\tsentence1\tsentence2\tscore\n0\ta\tb\t3.800\n")
-    assert run_glue.read_glue_tsv(str(stsb), "stsb")["label"] == [3.8]
+    assert glue_data.read_glue_tsv(str(stsb), "stsb")["label"] == [3.8]
 
 
 @pytest.mark.skipif(not SHARED_GLUE.exists(), reason="needs ../shared/data/glue")
@@ -289,34 +294,35 @@ def test_glue_tsv_layouts(tmp_path):
     ("rte", "RTE", 277, [146, 131]), ("qnli", "QNLI", 5463, [2702, 2761]),
 ])
 def test_real_glue_dev_files_match_hf_glue(task, folder, rows, label_counts):
-    columns = run_glue.read_glue_tsv(str(SHARED_GLUE / folder / "dev.tsv"), task)
+    columns = glue_data.read_glue_tsv(str(SHARED_GLUE / folder / "dev.tsv"), task)
     assert len(columns["label"]) == rows
     assert np.bincount(columns["label"]).tolist() == label_counts
-    assert all(isinstance(text, str) and text for key in run_glue.TASK_TO_KEYS[task] if key for text in columns[key])
+    assert all(isinstance(text, str) and text for key in glue_data.TASK_TO_KEYS[task] if key for text in columns[key])
 
 
 # --- metrics -----------------------------------------------------------------------------------------------------
 def test_metrics_against_hand_computation():
     predictions, labels = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 1])
     # TP=2, FP=1, FN=1, TN=1: MCC = (2·1 − 1·1)/√(3·3·2·2) = 1/6; F1 = 2·2/(2·2+1+1) = 2/3; accuracy 3/5.
-    assert run_glue.glue_metrics("cola", predictions, labels, False) == pytest.approx({"matthews_correlation": 1 / 6})
-    assert run_glue.glue_metrics("mrpc", predictions, labels, False) == pytest.approx(
-        {"accuracy": 0.6, "f1": 2 / 3, "combined_score": (0.6 + 2 / 3) / 2})
-    assert run_glue.glue_metrics("rte", predictions, labels, False) == {"accuracy": 0.6}
+    def metric(task, is_regression=False):
+        return GlueMetric(task, is_regression).compute
+
+    assert metric("cola")(predictions, labels) == pytest.approx({"matthews_correlation": 1 / 6})
+    assert metric("mrpc")(predictions, labels) == pytest.approx({"accuracy": 0.6, "f1": 2 / 3})
+    assert metric("rte")(predictions, labels) == {"accuracy": 0.6}
     scores, gold = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 5.0])
     # Pearson: deviations (−1.5,−.5,.5,1.5)·(−1.75,.25,−.75,2.25) = 5.5; √5 · √8.75 → r = 5.5/√43.75.
     # Spearman: ranks (1,2,3,4) vs (1,3,2,4): 1 − 6·2/(4·15) = 0.8.
     pearson = 5.5 / math.sqrt(43.75)
-    assert run_glue.glue_metrics("stsb", scores, gold, True) == pytest.approx(
-        {"pearson": pearson, "spearmanr": 0.8, "combined_score": (pearson + 0.8) / 2})
-    assert run_glue.glue_metrics(None, scores, gold, True) == pytest.approx({"mse": 0.75})
+    assert metric("stsb", True)(scores, gold) == pytest.approx({"pearson": pearson, "spearmanr": 0.8})
+    assert metric(None, True)(scores, gold) == pytest.approx({"mse": 0.75})
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
 def accuracy_by_hand(model_dir: Path, glue_dir: Path, count: int) -> float:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    columns = run_glue.read_glue_tsv(str(glue_dir / "SST-2" / "dev.tsv"), "sst2")
+    columns = glue_data.read_glue_tsv(str(glue_dir / "SST-2" / "dev.tsv"), "sst2")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     batch = tokenizer(columns["sentence"][:count], padding=True, truncation=True, max_length=32, return_tensors="pt")
@@ -369,7 +375,7 @@ def test_training_learns_a_task_that_a_broken_optimizer_does_not(tmp_path, learn
     model, glue = learnable_task
     output, results = run(tmp_path, model, glue, "sst2", "SST-2", *optimizer, "--num_train_epochs", "5",
                           "--logging_steps", "5", train_samples=400, eval_samples=120)
-    labels = run_glue.read_glue_tsv(str(glue / "SST-2" / "dev.tsv"), "sst2")["label"]
+    labels = glue_data.read_glue_tsv(str(glue / "SST-2" / "dev.tsv"), "sst2")["label"]
     majority = max(np.bincount(labels)) / len(labels)
     losses = [entry["loss"] for entry in json.loads((output / "trainer_state.json").read_text())["log_history"]
               if "loss" in entry]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import run_glue
+from mfac_optim.glue import records as glue_records
 from mfac_optim import MFAC
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +112,7 @@ def test_configs_cover_the_published_grid():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.stem)
 def test_config_parses_to_the_published_settings(path, hub_cache):
     argv = [str(path), "--cache_dir", str(hub_cache / "hub")]
-    model_args, data_args, training_args, _ = run_glue.parse_and_check_inputs(argv)
+    model_args, data_args, training_args, _ = run_glue.parse_arguments(argv)
     task = data_args.task_name
     assert model_args.model_name_or_path == f"prajjwal1/{path.stem.split('_')[0]}"
     assert (training_args.learning_rate, training_args.per_device_train_batch_size, data_args.max_seq_length) == (1e-4, 32, 128)
@@ -126,7 +127,7 @@ def test_config_parses_to_the_published_settings(path, hub_cache):
 
 def test_config_field_overridden_from_the_command_line(hub_cache):
     path = ROOT / "configs" / "bert-mini_sst2_mfac.json"
-    _, _, training_args, _ = run_glue.parse_and_check_inputs([str(path), "--num_train_epochs", "1", "--optim_args",
+    _, _, training_args, _ = run_glue.parse_arguments([str(path), "--num_train_epochs", "1", "--optim_args",
                                                               '{"num_grads": 64}', "--cache_dir", str(hub_cache / "hub")])
     assert training_args.num_train_epochs == 1 and json.loads(training_args.optim_args)["num_grads"] == 64
 
@@ -205,6 +206,22 @@ def test_compare_groups_by_recorded_settings_with_sample_std(hand_made_runs, cap
     assert "| accuracy | MFAC num_grads=8 | 50.00 | 1 | 50.00 (1) | n/a (needs 2+ runs in each group) |" in out
 
 
+def test_compare_adds_the_seeds_table_to_a_model_card(hand_made_runs, capsys):
+    best = hand_made_runs[2]
+    (best / "README.md").write_text("---\nlibrary_name: transformers\n---\n# best\n\n## Optimizer: M-FAC\n")
+    argv = [str(path) for path in hand_made_runs] + ["--model_card", str(best)]
+    for _ in range(2):  # a second call replaces the section instead of adding another
+        assert compare.main(argv) == 0
+    card = (best / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n---\n# best\n\n## Optimizer: M-FAC\n")
+    assert card.count("## Results over seeds") == 1
+    assert "| accuracy | MFAC num_grads=64 | 83.00 ± 3.61 | 3 | 87.00 (3) |" in card
+    assert "| accuracy | adamw_torch | 85.50 ± 0.71 | 2 | 86.00 (2) |" in card
+    with pytest.raises(SystemExit):
+        compare.main([str(hand_made_runs[0]), "--model_card", str(hand_made_runs[1])])
+    assert "no model card (README.md) in it; run_glue.py writes one" in capsys.readouterr().err
+
+
 def write_group(folder: Path, accuracies: list[float], optimizer: dict) -> list[Path]:
     return [make_run(folder / f"seed{seed}", seed, accuracy, optimizer) for seed, accuracy in enumerate(accuracies)]
 
@@ -264,8 +281,8 @@ def test_compare_groups_one_model_folder_however_it_was_spelled(tmp_path, capsys
     assert "lr=0.0001" in out and "81.00 ± 1.00  3" in out  # 0.80, 0.81, 0.82: one group, n = 3
     assert "lr=0.001 " in out and other.name not in out
     # run_glue.py records the folder as compare.py normalises it.
-    assert run_glue.model_source_record(spellings[1]) == str(model.resolve()) == compare.normalised_model(spellings[0])
-    assert run_glue.model_source_record("prajjwal1/bert-mini") == "prajjwal1/bert-mini"
+    assert glue_records.model_source_record(spellings[1]) == str(model.resolve()) == compare.normalised_model(spellings[0])
+    assert glue_records.model_source_record("prajjwal1/bert-mini") == "prajjwal1/bert-mini"
 
 
 def test_compare_plot_and_loss_series(hand_made_runs, tmp_path):

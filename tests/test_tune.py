@@ -15,6 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 import run_glue
+from mfac_optim.glue import command_line as glue_command_line
+from mfac_optim.glue import data as glue_data
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -88,7 +90,7 @@ def test_flags_round_trip_through_config_flags():
     config = tune.flags_config(flags)
     assert config == {"do_train": True, "seed": 5, "optim_args": {"lr": 0.001}, "report_to": ["none", "wandb"],
                       "pad_to_max_length": False, "learning_rate": 1e-4, "train_file": "a.tsv"}
-    assert tune.flags_config(run_glue.config_flags(config)) == config
+    assert tune.flags_config(glue_command_line.config_flags(config)) == config
 
 
 # --- the carved validation split ---------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def test_glue_from_the_hub_cache_is_carved_and_its_dev_split_written_only_for_th
                              "--study_dir", str(study_dir), "--trials", "1", "--validation_size", "40"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    hub_rows = {split: len(run_glue.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")["label"])
+    hub_rows = {split: len(glue_data.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")["label"])
                 for split, file in (("train", "train.tsv"), ("validation", "dev.tsv"))}
     split = json.loads((study_dir / "data" / "split.json").read_text())
     assert (split["source"], split["train"], split["validation"]) == (

@@ -1,0 +1,15 @@
+"""What `run_glue.py` adds to HF's GLUE script, kept out of the script so that the script reads as HF's with a few
+marked blocks, and so that the scripts beside it (tune, sweep) share the same checks:
+
+- command_line: a JSON file of arguments, and every check that can fail before a model loads (one error line);
+- data: GLUE's .tsv files as distributed, and local files checked for the task's columns;
+- model_types: configs without "model_type" (prajjwal1/bert-mini) read as transformers 4 read them;
+- metrics: GLUE's metrics computed locally (scikit-learn, scipy) under HF's keys;
+- records: the run's run_info.json.
+
+They import transformers and datasets, so `mfac_optim` itself never imports them.
+"""
+
+
+class UsageError(ValueError):
+    """A mistake in the command line or its files: reported as one line, without a traceback."""

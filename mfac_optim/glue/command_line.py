@@ -1,0 +1,87 @@
+"""The command line of run_glue.py (and of the scripts that start it): a JSON file of arguments that later flags
+override, and every check that can fail before a model loads (arguments, local data files, the checkpoint to
+resume, model configs), each reported as one error line with exit status 2 instead of a traceback."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..hf_trainer import check_optimizer_state_matches
+from . import UsageError
+from .data import check_columns, check_splits_given, load_local_datasets, local_data_files
+from .model_types import check_model_configs
+
+
+def expand_json_config(argv: list[str]) -> list[str]:
+    """`run_glue.py config.json --seed 5` -> the config's entries as flags, then the flags that override them."""
+    if not argv or not argv[0].endswith(".json"):
+        return argv
+    return config_flags(read_json_object(argv[0], "config file", "arguments")) + argv[1:]
+
+
+def read_json_object(path: str | Path, kind: str, contents: str) -> dict[str, Any]:
+    """A JSON file that holds one object; a UsageError naming the file for anything else."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{kind} not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path}: must hold a JSON object of {contents}")
+    return value
+
+
+def config_flags(config: dict[str, Any]) -> list[str]:
+    """A JSON config's entries as command-line flags."""
+    flags = []
+    for key, value in config.items():
+        if isinstance(value, dict):  # --optim_args '{"num_grads": 512}'
+            values = [json.dumps(value)]
+        elif isinstance(value, list):  # --report_to none tensorboard
+            values = [str(item) for item in value]
+        else:
+            values = [str(value)]
+        flags += [f"--{key}", *values]
+    return flags
+
+
+def parse_and_check_inputs(parser, argv: list[str]):
+    """`parser` (an HfArgumentParser of model, data and training arguments) over `argv`, with the local data files,
+    the checkpoint to resume and the model configs checked before any model is loaded: a mistake in them exits with
+    one line (status 2). Returns the three argument dataclasses and the local datasets (or None)."""
+    # argparse would print the usage of all ~150 flags before its one line of error.
+    parser.error = exit_with_usage_error
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=expand_json_config(argv))
+        local_datasets = None
+        if local_data_files(data_args):
+            check_splits_given(data_args, training_args)
+            local_datasets = load_local_datasets(data_args, model_args.cache_dir)
+            check_columns(local_datasets, data_args)
+        if training_args.do_train:
+            training_args.resume_from_checkpoint = checkpoint_to_resume(training_args)
+            if training_args.resume_from_checkpoint:
+                check_optimizer_state_matches(Path(training_args.resume_from_checkpoint), training_args)
+        check_model_configs(model_args)
+    except ValueError as error:  # UsageError, and TrainingArguments' own checks
+        exit_with_usage_error(str(error))
+    return model_args, data_args, training_args, local_datasets
+
+
+def exit_with_usage_error(message: str) -> NoReturn:
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+    sys.exit(2)
+
+
+def checkpoint_to_resume(training_args) -> Optional[str]:
+    """--resume_from_checkpoint, else the last checkpoint in an existing output_dir: HF's script did this until
+    transformers 4.5x, and scripts/sweep.py relies on it to resume an interrupted run."""
+    if training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
+        return get_last_checkpoint(training_args.output_dir)
+    return training_args.resume_from_checkpoint
