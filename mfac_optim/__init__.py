@@ -11,11 +11,24 @@ cancellation of g/λ − Gᵀ(…)/λ.
 Modules: optimizer (the torch.optim plumbing), layout (every offset), storage and compressed (the window's
 storage kinds: dense, row-sparse, top-k with error feedback), window (the ring buffer and the step's two passes),
 algebra (the m × m system), distributed (sharding across processes), memory (an upper bound before training),
-kernels (compiled passes), hf_arguments and hf_trainer (the HF Trainer's `--optim MFAC`; they import
-transformers, so they are not imported here).
+kernels (the compiled passes), glue (what run_glue.py adds to HF's script), hf_arguments and hf_trainer (the HF
+Trainer's `--optim MFAC`; they import transformers, so their names below load on first use).
 """
-from .hyperparameters import GRAD_DTYPES, resolve_grad_dtype
+from typing import Any
+
 from .memory import memory_bound_bytes
 from .optimizer import MFAC
 
-__all__ = ["GRAD_DTYPES", "MFAC", "memory_bound_bytes", "resolve_grad_dtype"]
+# The HF Trainer glue imports transformers, which the optimizer alone does not need: its names load on first use.
+_HF_NAMES = {"MFACArguments": "hf_arguments", "MFACArgumentError": "hf_arguments",
+             "MFACTrainingArguments": "hf_arguments", "MFACTrainer": "hf_trainer"}
+
+__all__ = ["MFAC", "MFACArgumentError", "MFACArguments", "MFACTrainer", "MFACTrainingArguments", "memory_bound_bytes"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HF_NAMES:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_HF_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

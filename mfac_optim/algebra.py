@@ -88,7 +88,7 @@ def _drop_oldest_append_newest_by_panels(factor: Tensor, column: Tensor, diagona
     factor[n - 1, n - 1] = torch.sqrt(diagonal - newest @ newest)
 
 
-class FisherKernel:
+class GramSystem:
     """K = mλI + S over the Gram matrix `gram` and its factor `factor`, with their bookkeeping: `factor_damp`, the
     λ the factor was made for (NaN: no factor yet), and `refactorizations`, how often it was made from S. All are
     state tensors, updated in place, so that a resumed run continues bit for bit."""
@@ -141,10 +141,10 @@ class FisherKernel:
         return bool(residual.abs().max() <= RESIDUAL_TOLERANCE * scale)
 
     def _refactor(self, newest: int) -> None:
-        kernel = chronological(self.gram, newest, dims=(0, 1))
-        kernel.diagonal().add_(self.shift)
+        system = chronological(self.gram, newest, dims=(0, 1))
+        system.diagonal().add_(self.shift)
         # On a GPU, cholesky's check that K is positive definite is a host synchronisation: a failed factor must
         # stop the run, not turn into a silently wrong step.
-        self.factor.copy_(torch.linalg.cholesky(kernel, upper=True))
+        self.factor.copy_(torch.linalg.cholesky(system, upper=True))
         self.factor_damp.fill_(self.damp)
         self.refactorizations += 1

@@ -2,7 +2,9 @@
 Preconditioners", ICML 2024; see docs/design.md).
 
 Per step, over this process's local gradient g: a = e + g (e: the error, fp32, zero at first); c keeps, in every
-block of BLOCK coordinates, the `kept` entries of largest |a|, rounded to the window dtype; e ← a − c. So the stored
+block of BLOCK coordinates, the max(1, ⌈density · n⌉) entries of largest |a|, n being the coordinates the block
+really holds (fewer in the last block, and in a window smaller than a block), rounded to the window dtype;
+e ← a − c. So the stored
 rows plus e add up to the sum of all gradients (the subtraction is exact in fp32). c is stored as slot i, and the
 step is F⁻¹c over the stored rows, u = m · Cᵀ K⁻¹ eᵢ, exactly as for the dense window.
 
@@ -25,12 +27,25 @@ from .kernels import fused_passes_for, triton_passes_for
 BLOCK = 1 << 15
 
 
-def kept_per_block(density: float) -> int:
-    return max(1, math.ceil(density * BLOCK))
-
-
 def num_blocks(size: int) -> int:
     return max(1, -(-size // BLOCK))
+
+
+def kept_of(density: float, coordinates: int) -> int:
+    """Entries a block of `coordinates` real coordinates keeps."""
+    return max(1, math.ceil(density * coordinates))
+
+
+def kept_per_block(density: float, size: int) -> int:
+    """The entries a slot stores per block of a window over `size` coordinates: a full block's share (a window
+    smaller than one block is its only block)."""
+    return kept_of(density, min(size, BLOCK))
+
+
+def kept_in_last_block(density: float, size: int) -> int:
+    """The last block's share of its real coordinates: its storage has room for a full block's, the rest of
+    which holds zeros at positions past the window's end."""
+    return kept_of(density, size - (num_blocks(size) - 1) * BLOCK)
 
 
 class CompressedRows:
@@ -40,12 +55,13 @@ class CompressedRows:
     # Slots per gather/scatter in the torch passes: bounds their temporaries (blocks × slots × kept).
     SLOTS_PER_CHUNK = 64
 
-    def __init__(self, values: Tensor, offsets: Tensor, error: Tensor, size: int,
+    def __init__(self, values: Tensor, offsets: Tensor, error: Tensor, size: int, density: float,
                  accumulate_dtype: torch.dtype) -> None:
         self.values = values  # (blocks, m, kept), window dtype
         self.offsets = offsets  # (blocks, m, kept) int16, ascending within a slot's block
         self.error = error  # (blocks · BLOCK,) fp32
         self.size = size
+        self.last_kept = kept_in_last_block(density, size)
         self.accumulate_dtype = accumulate_dtype
         self._fused = fused_passes_for(values, accumulate_dtype)
         # On a GPU the dots and the combine are Triton kernels: the torch combine (scatter_add_) would add with float
@@ -55,7 +71,7 @@ class CompressedRows:
 
     @staticmethod
     def allocate(num_grads: int, size: int, density: float, dtype: torch.dtype, device) -> dict[str, Tensor]:
-        blocks, kept = num_blocks(size), kept_per_block(density)
+        blocks, kept = num_blocks(size), kept_per_block(density, size)
         return {"compressed_values": torch.zeros(blocks, num_grads, kept, dtype=dtype, device=device),
                 # Empty slots point at distinct positions (their values are zero): had they all pointed at one,
                 # the combine pass would chain its read-modify-writes through that single address.
@@ -72,15 +88,26 @@ class CompressedRows:
     def store(self, slot: int, grad: Tensor) -> None:
         """a = e + g; slot `slot` keeps each block's largest |a|, rounded; e ← a − c. All in the error buffer."""
         if self._fused is not None:
-            return self._fused.compressed_store(self.error, grad.contiguous(), self.values, self.offsets, slot, BLOCK)
+            return self._fused.compressed_store(self.error, grad.contiguous(), self.values, self.offsets, slot, BLOCK,
+                                                self.last_kept)
         accumulated = self.error.view(-1, BLOCK)
         self.error[:self.size] += grad
-        kept = torch.topk(accumulated.abs(), self.values.shape[2], dim=1, sorted=False).indices.sort(dim=1).values
-        exact = accumulated.gather(1, kept)
+        kept = torch.topk(accumulated.abs(), self.values.shape[2], dim=1, sorted=False).indices
+        if self.size < accumulated.numel():  # a last block short of BLOCK: only its real coordinates compete
+            kept[-1] = self._last_block_positions(accumulated[-1])
+        kept = kept.sort(dim=1).values
+        exact = accumulated.gather(1, kept)  # zero at the padding positions: past the window's end, e stays 0
         rounded = exact.to(self.values.dtype)
         self.values[:, slot] = rounded
         self.offsets[:, slot] = kept.to(torch.int16)
         accumulated.scatter_(1, kept, exact - rounded.float())  # what rounding left behind stays in the error
+
+    def _last_block_positions(self, accumulated: Tensor) -> Tensor:
+        """The last block's largest |a| among its real coordinates, then distinct padding positions past them."""
+        real = self.size - (self.values.shape[0] - 1) * BLOCK
+        chosen = torch.topk(accumulated[:real].abs(), self.last_kept, sorted=False).indices
+        padding = torch.arange(real, real + self.values.shape[2] - self.last_kept, device=chosen.device)
+        return torch.cat([chosen, padding])
 
     def dots(self, slot: int) -> Tensor:
         """⟨c_j, c_slot⟩ for every slot j, accumulated in float64: the kept entries span the gradient's whole

@@ -20,6 +20,16 @@ def shard_position(shard: bool) -> tuple[int, int]:
     return 0, 1
 
 
+def check_shard_position(state: dict, layout: Layout) -> None:
+    """A window shard belongs to one rank of one world size: resuming it elsewhere would mix other columns in."""
+    saved = int(state["shard_rank"]), int(state["shard_world_size"])
+    rank, world_size = layout.rank, layout.world_size
+    if saved != (rank, world_size):
+        raise ValueError(
+            f"MFAC state holds the window shard of rank {saved[0]} of {saved[1]}, but this process is rank {rank} "
+            f"of {world_size}: resume a sharded run with the same number of processes, each loading its own state")
+
+
 def sum_over_processes(dots: Tensor) -> Tensor:
     dist.all_reduce(dots)
     return dots

@@ -7,6 +7,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .compressed import kept_per_block
+
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Hyperparameters that define the one shared window, so every param group must agree on them.
@@ -46,10 +48,30 @@ def check_group_hyperparameters(group: dict) -> None:
         raise ValueError(f"Invalid shard: {group['shard']!r} (must be true or false)")
 
 
-def check_window_keys_agree(groups: list[dict]) -> None:
-    """All param groups share one window, so its hyperparameters must be the first group's."""
-    first, group = groups[0], groups[-1]
-    for key in WINDOW_KEYS:
-        if group[key] != first[key]:
-            raise ValueError(f"Invalid {key} in param group {len(groups) - 1}: {group[key]!r} "
-                             f"(all groups share one window, so it must equal {first[key]!r})")
+def check_window_settings(groups: list[dict]) -> None:
+    """All param groups share one window, so its settings must agree: the first group that differs names the key.
+    Checked when a group is added and at every step, since a group's dict may be edited at any time."""
+    first = groups[0]
+    for index, group in enumerate(groups[1:], start=1):
+        for key in WINDOW_KEYS:
+            if group[key] != first[key]:
+                raise ValueError(f"Invalid {key} in param group {index}: {group[key]!r} (all groups share one window, "
+                                 f"so it must equal param group 0's {first[key]!r})")
+
+
+def check_window_unchanged(state: dict, group: dict, size: int) -> None:
+    """Once the window exists its storage fixes num_grads, grad_dtype and density (damp may change: the factor is
+    remade for it). A later change would be ignored, so it is an error naming the key. `size`: the local
+    coordinates the dense or compressed storage covers."""
+    storage = state["window"] if "window" in state else state["compressed_values"]
+    compressed = "compressed_values" in state
+    changed = [(key, made) for key, made, same in (
+        ("num_grads", state["gram"].shape[0], group["num_grads"] == state["gram"].shape[0]),
+        ("grad_dtype", resolve_grad_dtype(storage.dtype), group["grad_dtype"] == resolve_grad_dtype(storage.dtype)),
+        ("density", "another density", compressed == (group["density"] < 1) and not (
+            compressed and storage.shape[2] != kept_per_block(group["density"], size))),
+    ) if not same]
+    if changed:
+        key, made = changed[0]
+        raise ValueError(f"Invalid {key}: {group[key]!r} (the window was made with {made}; num_grads, grad_dtype and "
+                         "density cannot change once it exists, damp can)")

@@ -23,7 +23,7 @@ class Block:
     local: slice
     rows: int
     columns: int
-    matrix: bool  # the parameter is 2-D, so its block may be stored row-sparse
+    is_matrix: bool  # the parameter is 2-D, so its block may be stored row-sparse
 
     @property
     def size(self) -> int:
@@ -101,7 +101,7 @@ class Layout:
     def with_row_sparse_where_it_pays(self, grad: Tensor, element_size: int) -> Layout:
         """Row-sparse storage for each matrix block whose first gradient has few non-zero rows: where rows plus
         their indices take at most half the dense size (word embeddings; not under weight decay)."""
-        chosen = {block.index for block in self.blocks if block.matrix and row_sparse_pays(
+        chosen = {block.index for block in self.blocks if block.is_matrix and row_sparse_pays(
             len(nonzero_rows(self.matrix(grad, block))), block.rows, block.columns, element_size, margin=0.5)}
         return replace(self, row_sparse=frozenset(chosen))
 

@@ -30,7 +30,7 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
     total, local = layout.total_size, layout.largest_local_size
     if density < 1:
         padded = num_blocks(local) * BLOCK
-        window_bytes = num_blocks(local) * num_grads * kept_per_block(density) * (element_size + 2) + 4 * padded
+        window_bytes = num_blocks(local) * num_grads * kept_per_block(density, local) * (element_size + 2) + 4 * padded
         local = padded  # the passes' buffers span whole blocks
     else:
         window_bytes = dense_window_bytes(layout, max_rows, num_grads, element_size)
@@ -55,7 +55,7 @@ def dense_window_bytes(layout: Layout, max_rows: dict[int, int], num_grads: int,
     for index, shard_of_each_rank in enumerate(zip(*(layout.blocks_of(rank) for rank in range(layout.world_size)))):
         largest = max(shard_of_each_rank, key=lambda block: block.size)
         stored = num_grads * largest.size * element_size
-        if index in max_rows and largest.matrix:
+        if index in max_rows and largest.is_matrix:
             growth = RowSparseRows.GROWTH_NUMERATOR / RowSparseRows.GROWTH_DENOMINATOR
             capacity = min(largest.rows, math.ceil(max_rows[index] * growth))
             sparse = num_grads * capacity * (largest.columns * element_size + 8)

@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .algebra import FisherKernel, accumulate_dtype
-from .distributed import DirectionGather, shard_position, sum_over_processes
-from .hyperparameters import GRAD_DTYPES, check_group_hyperparameters, check_window_keys_agree, resolve_grad_dtype
+from .algebra import GramSystem, accumulate_dtype
+from .distributed import DirectionGather, check_shard_position, shard_position, sum_over_processes
+from .hyperparameters import (GRAD_DTYPES, check_group_hyperparameters, check_window_settings, check_window_unchanged,
+                              resolve_grad_dtype)
 from .layout import Layout, nonzero_rows, row_sparse_pays
 from .memory import optimizer_state_bytes
 from .compressed import CompressedRows
@@ -31,7 +32,7 @@ class MFAC(Optimizer):
 
     Args:
         params: tensors or param-group dicts. `lr`, `weight_decay` and `momentum` may differ per group;
-            `num_grads`, `damp` and `grad_dtype` describe the one shared window and must not.
+            `num_grads`, `damp`, `grad_dtype`, `density` and `shard` describe the one shared window and must not.
         lr: learning rate, read from the group at every step (LR schedulers work).
         num_grads: m, the number of gradients in the window. Besides the window, m costs 16·m² bytes of float64
             state (the Gram matrix and its Cholesky factor) and O(m²) work per step (algebra.py).
@@ -40,7 +41,7 @@ class MFAC(Optimizer):
         weight_decay: coupled L2: g ← g + weight_decay · p before g enters the window.
         grad_dtype: storage dtype of the window ("float32", "bfloat16", "float16" or the torch dtype). With a
             low-precision window the rounded gradient is the one preconditioned, so window and direction agree.
-        density: the fraction of each error-fed gradient's entries the window keeps (top-k per block of 32,768
+        density: the fraction of each error-fed gradient's entries the window keeps (top-k in each block of 32,768
             coordinates, with error feedback; compressed.py). 1.0 keeps the whole gradient (dense and row-sparse
             storage, no error buffer).
         shard: with an initialised default process group (torchrun, accelerate), each rank keeps 1/world_size of
@@ -49,7 +50,7 @@ class MFAC(Optimizer):
             under DDP). Without a process group this changes nothing. State dicts are per rank.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-4, num_grads: int = 1024, damp: float = 1e-6,
+    def __init__(self, params: Iterable, *, lr: float = 1e-4, num_grads: int = 1024, damp: float = 1e-6,
                  momentum: float = 0.0, weight_decay: float = 0.0,
                  grad_dtype: Union[str, torch.dtype] = torch.float32, shard: bool = False,
                  density: float = 1.0) -> None:
@@ -70,7 +71,7 @@ class MFAC(Optimizer):
             param_group["grad_dtype"] = resolve_grad_dtype(param_group["grad_dtype"])
         super().add_param_group(param_group)
         check_group_hyperparameters(self.param_groups[-1])
-        check_window_keys_agree(self.param_groups)
+        check_window_settings(self.param_groups)
         devices = {p.device for g in self.param_groups for p in g["params"]}
         if len(devices) > 1:
             raise ValueError(f"MFAC needs all parameters on one device, got {sorted(map(str, devices))}")
@@ -86,7 +87,22 @@ class MFAC(Optimizer):
                                      for key, value in state_dict["state"][index].items()}
         self._dense_storage = None
         if self._params() and "gram" in self._shared_state():
-            self._check_shard_position(self._shared_state(), self._stored_layout())
+            if "factor" not in self._shared_state():  # saved before the Cholesky factor was kept
+                self._add_empty_factor(self._shared_state())
+            check_shard_position(self._shared_state(), self._stored_layout())
+
+    def __setstate__(self, state: dict) -> None:
+        """Param groups saved before a setting existed get its default (torch.optim's place for upgrades)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("shard", False)
+            group.setdefault("density", 1.0)
+
+    @staticmethod
+    def _add_empty_factor(state: dict) -> None:
+        """A factor made for no damp (NaN): the next step makes it from the Gram matrix, as when damp changes."""
+        state.update(factor=torch.zeros_like(state["gram"]), factor_damp=torch.tensor(float("nan"), dtype=torch.float64),
+                     refactorizations=torch.tensor(0, dtype=torch.int64))
 
     def memory_bytes(self) -> int:
         """Bytes of state this optimizer holds in this process (its shard of the window, the Gram matrix, momentum,
@@ -117,11 +133,13 @@ class MFAC(Optimizer):
         if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
             self._skip_nonfinite()
             return loss
+        check_window_settings(self.param_groups)
         layout = self._stored_layout()
         state = self._shared_state()
         if "gram" not in state:
             layout = self._make_state(layout, grad)
-        self._check_shard_position(state, layout)
+        check_window_unchanged(state, self.param_groups[0], layout.dense_size)
+        check_shard_position(state, layout)
         sparse_grads, layout = self._row_sparse_gradients(layout, grad)
         window = self._gradient_window(layout)
         slot = int(state["step"]) % window.num_grads
@@ -197,15 +215,8 @@ class MFAC(Optimizer):
             shard_world_size=torch.tensor(layout.world_size, dtype=torch.int64),
             gram=torch.zeros(m, m, dtype=torch.float64, device=grad.device),
         )
+        self._add_empty_factor(state)
         return layout
-
-    def _check_shard_position(self, state: dict, layout: Layout) -> None:
-        saved = int(state["shard_rank"]), int(state["shard_world_size"])
-        rank, world_size = layout.rank, layout.world_size
-        if saved != (rank, world_size):
-            raise ValueError(
-                f"MFAC state holds the window shard of rank {saved[0]} of {saved[1]}, but this process is rank {rank} "
-                f"of {world_size}: resume a sharded run with the same number of processes, each loading its own state")
 
     def _row_sparse_gradients(self, layout: Layout, grad: Tensor) -> tuple[dict[int, tuple[Tensor, Tensor]], Layout]:
         """Parameter index -> (gradient block, its non-zero rows) for the row-sparse blocks. One whose rows would
@@ -242,13 +253,9 @@ class MFAC(Optimizer):
                                             accumulate).view(block.rows, block.columns))
                   for block in layout.sparse_blocks}
         sum_shards = sum_over_processes if layout.world_size > 1 else None
-        if "factor" not in state:  # made by the first step from S, as after a checkpoint that predates the factor
-            state.update(factor=torch.zeros_like(state["gram"]),
-                         factor_damp=torch.tensor(float("nan"), dtype=torch.float64),
-                         refactorizations=torch.tensor(0, dtype=torch.int64))
-        kernel = FisherKernel(state["gram"], state["factor"], state["factor_damp"], state["refactorizations"],
+        system = GramSystem(state["gram"], state["factor"], state["factor_damp"], state["refactorizations"],
                               first["damp"])
-        return GradientWindow(self._dense_columns(layout, accumulate), sparse, kernel, sum_shards)
+        return GradientWindow(self._dense_columns(layout, accumulate), sparse, system, sum_shards)
 
     def _dense_columns(self, layout: Layout, accumulate: torch.dtype) -> Union[DenseRows, CompressedRows]:
         """The storage of the window's dense columns: the dense rows, or the compressed window. Reused (with its
@@ -257,7 +264,8 @@ class MFAC(Optimizer):
         stored = state.get("window", state.get("compressed_values"))
         if self._dense_storage is None or self._dense_storage[0] is not stored:
             storage = DenseRows(stored, accumulate) if "window" in state else CompressedRows(
-                stored, state["compressed_offsets"], state["error"], layout.dense_size, accumulate)
+                stored, state["compressed_offsets"], state["error"], layout.dense_size, self.param_groups[0]["density"],
+                accumulate)
             self._dense_storage = (stored, storage)
         return self._dense_storage[1]
 

@@ -33,7 +33,7 @@ class DenseRows:
         self.accumulate_dtype = accumulate_dtype
         self._block_buffer: Optional[Tensor] = None
         self._direction_buffer: Optional[Tensor] = None
-        self._kernels = fused_passes_for(window, accumulate_dtype) or triton_passes_for(window, accumulate_dtype)
+        self._compiled = fused_passes_for(window, accumulate_dtype) or triton_passes_for(window, accumulate_dtype)
 
     def state(self) -> dict[str, Tensor]:
         return {"window": self.window}
@@ -46,8 +46,8 @@ class DenseRows:
 
     def dots(self, slot: int) -> Tensor:
         """G ĝ in float64 over these columns, ĝ = the stored row `slot` (first pass over the window)."""
-        if self._kernels is not None:
-            return self._kernels.window_dots(self.window, slot)
+        if self._compiled is not None:
+            return self._compiled.window_dots(self.window, slot)
         stored = self.window[slot]
         dots = torch.zeros(self.window.shape[0], dtype=torch.float64, device=self.window.device)
         for columns, block in self._column_blocks():
@@ -56,11 +56,11 @@ class DenseRows:
 
     def combine(self, coefficients: Tensor) -> Tensor:
         """Gᵀ c in fp32 over these columns (second pass over the window)."""
-        if self._kernels is not None:
+        if self._compiled is not None:
             if self._direction_buffer is None:
                 self._direction_buffer = torch.empty(self.window.shape[1], dtype=torch.float32,
                                                      device=self.window.device)
-            self._kernels.window_combine(self.window, coefficients.float(), self._direction_buffer)
+            self._compiled.window_combine(self.window, coefficients.float(), self._direction_buffer)
             return self._direction_buffer
         result = torch.empty(self.window.shape[1], dtype=torch.float32, device=self.window.device)
         coefficients = coefficients.to(self.accumulate_dtype)
@@ -105,7 +105,7 @@ class RowSparseRows:
         # costs page faults at every step on the CPU): the new slot made dense for the dots, then the combine's
         # result, which is only valid until the next dots.
         self._scratch = scratch
-        self._kernels = fused_passes_for(values, accumulate_dtype) or triton_passes_for(values, accumulate_dtype)
+        self._compiled = fused_passes_for(values, accumulate_dtype) or triton_passes_for(values, accumulate_dtype)
 
     @classmethod
     def allocate(cls, num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
@@ -133,8 +133,8 @@ class RowSparseRows:
         """s_j = Σ over the rows of slot j of ⟨stored row, new gradient's row⟩, in float64."""
         new = self._scratch_matrix().zero_()
         new.index_add_(0, self.indices[slot], self.values[slot].to(self.accumulate_dtype))  # padding adds zeros
-        if self._kernels is not None:
-            return self._kernels.sparse_dots(self.indices, self.values, new)
+        if self._compiled is not None:
+            return self._compiled.sparse_dots(self.indices, self.values, new)
         dots = torch.empty(self.indices.shape[0], dtype=torch.float64, device=self.values.device)
         for chunk in self._slot_chunks():
             products = new[self.indices[chunk]] * self.values[chunk].to(self.accumulate_dtype)
@@ -143,9 +143,9 @@ class RowSparseRows:
 
     def combine(self, coefficients: Tensor) -> Tensor:
         """Σ_j c_j · (slot j scattered into a rows × columns matrix), accumulated in fp32 or better."""
-        if self._kernels is not None:  # they write every entry, in fp32 (their accumulation dtype)
+        if self._compiled is not None:  # they write every entry, in fp32 (their accumulation dtype)
             result = self._scratch_matrix()
-            self._kernels.sparse_combine(self.indices, self.values, coefficients.float(), result)
+            self._compiled.sparse_combine(self.indices, self.values, coefficients.float(), result)
             return result
         result = self._scratch_matrix().zero_()
         coefficients = coefficients.to(self.accumulate_dtype)

@@ -59,7 +59,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mfac_optim import GRAD_DTYPES, MFAC, algebra  # noqa: E402
+from mfac_optim import MFAC, algebra  # noqa: E402
+from mfac_optim.hyperparameters import GRAD_DTYPES  # noqa: E402
 from mfac_optim.compressed import CompressedRows, kept_per_block, num_blocks  # noqa: E402
 from mfac_optim.layout import Layout  # noqa: E402
 from mfac_optim.storage import DenseRows, RowSparseRows  # noqa: E402
@@ -368,7 +369,7 @@ PHASES = {
     "sparse rows": [(MFAC, "_row_sparse_gradients")],
     "store": [(DenseRows, "store"), (RowSparseRows, "store"), (CompressedRows, "store")],
     "dots": [(DenseRows, "dots"), (RowSparseRows, "dots"), (CompressedRows, "dots")],
-    "m×m": [(algebra.FisherKernel, "insert")],
+    "m×m": [(algebra.GramSystem, "insert")],
     "combine": [(DenseRows, "combine"), (RowSparseRows, "combine"), (CompressedRows, "combine")],
     "update": [(Layout, "assemble"), (MFAC, "_with_momentum"), (MFAC, "_update_params")],
 }
@@ -477,7 +478,7 @@ def main(argv=None) -> None:
     element_bytes = torch.tensor([], dtype=GRAD_DTYPES[args.grad_dtype]).element_size()
     density = args.density[0]
     if density < 1:  # values and int16 offsets of the kept entries
-        window_bytes = num_blocks(args.params) * args.num_grads * kept_per_block(density) * (element_bytes + 2)
+        window_bytes = num_blocks(args.params) * args.num_grads * kept_per_block(density, args.params) * (element_bytes + 2)
     else:
         window_bytes = args.num_grads * args.params * element_bytes
     pass_bytes = 2 * window_bytes

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mfac_optim import algebra
-from mfac_optim.algebra import PANEL_COLUMNS, FisherKernel, chronological
+from mfac_optim.algebra import PANEL_COLUMNS, GramSystem, chronological
 from mfac_optim.kernels import cpu_passes
 
 
@@ -47,10 +47,10 @@ def test_one_update_gives_the_factor_of_the_next_window(form, size):
     assert (factor - expected).abs().max() <= 1e-9 * expected.abs().max()  # and the factor itself (cond ≈ 1e5)
 
 
-def new_kernel(num_grads: int, damp: float) -> FisherKernel:
+def new_kernel(num_grads: int, damp: float) -> GramSystem:
     """A kernel as the optimizer makes it: Gram matrix zero, no factor yet (λ NaN)."""
     gram = torch.zeros(num_grads, num_grads, dtype=torch.float64)
-    return FisherKernel(gram, torch.zeros_like(gram), torch.tensor(float("nan"), dtype=torch.float64),
+    return GramSystem(gram, torch.zeros_like(gram), torch.tensor(float("nan"), dtype=torch.float64),
                         torch.tensor(0), damp)
 
 
@@ -74,7 +74,7 @@ SCALES = {  # each step's gradient norm: 100× apart across the run, within a wr
 }
 
 
-def solves_over_eight_wraps(scales: str, dim: int) -> FisherKernel:
+def solves_over_eight_wraps(scales: str, dim: int) -> GramSystem:
     """Inserts 8 wraps of gradients (m = 16, λ = 1e-6) with norms 100× apart, each solve against a dense one."""
     m, damp, steps = 16, 1e-6, 8 * 16 + 5
     generator = torch.Generator().manual_seed(3)

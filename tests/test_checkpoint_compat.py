@@ -52,3 +52,16 @@ def test_state_from_the_single_file_optimizer_resumes_where_it_left_off():
     train(model, optimizer, 3, seed=2)
     for name, expected in fixture["after_three_more_steps"].items():
         torch.testing.assert_close(model.state_dict()[name], expected, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_an_old_checkpoint_is_upgraded_when_loaded_not_at_the_next_step():
+    fixture = torch.load(FIXTURE, weights_only=True)
+    saved_group = fixture["optimizer"]["param_groups"][0]
+    assert "density" not in saved_group and "factor" not in fixture["optimizer"]["state"][0]  # written before both
+    model = BagOfWords(vocabulary=300, width=8, hidden=6)
+    optimizer = make_optimizer(model)
+    optimizer.load_state_dict(fixture["optimizer"])
+    assert all(group["density"] == 1.0 and group["shard"] is False for group in optimizer.param_groups)
+    shared = optimizer.state[optimizer.param_groups[0]["params"][0]]  # the window's state
+    assert shared["factor"].shape == shared["gram"].shape and torch.isnan(shared["factor_damp"])
+    assert int(shared["refactorizations"]) == 0  # the first step makes the factor from the Gram matrix

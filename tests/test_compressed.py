@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mfac_optim import MFAC, memory_bound_bytes
-from mfac_optim.compressed import BLOCK, CompressedRows, kept_per_block
+from mfac_optim.compressed import BLOCK, CompressedRows, kept_of, kept_per_block
+from mfac_optim.layout import Layout
 
 TOLERANCE = 1e-4
 
@@ -69,7 +70,7 @@ def test_stored_rows_are_the_kept_error_fed_entries_and_the_error_loses_nothing(
         mask[:row.numel()] = kept
         for block in range(4):
             values, chosen = padded[block * BLOCK:(block + 1) * BLOCK].abs(), mask[block * BLOCK:(block + 1) * BLOCK]
-            assert chosen.sum() <= kept_per_block(0.01)
+            assert chosen.sum() <= kept_of(0.01, min(BLOCK, row.numel() - block * BLOCK))  # last block: 450 real
             assert values[chosen].min() >= values[~chosen].max()
     state = optimizer.state[model.vector]
     error = state["error"][:row.numel()].double()
@@ -162,7 +163,8 @@ def test_fused_passes_equal_the_torch_passes_and_float64(dtype):
                            for _ in range(blocks * m)]).view(blocks, m, kept)
     offsets[0, 0, -1] = BLOCK - 1  # the largest offset an int16 holds
     values = torch.randn(blocks, m, kept, generator=generator).to(dtype)
-    part = CompressedRows(values, offsets.to(torch.int16), torch.zeros(blocks * BLOCK), size, torch.float32)
+    part = CompressedRows(values, offsets.to(torch.int16), torch.zeros(blocks * BLOCK), size, kept / BLOCK,
+                          torch.float32)
     assert part._fused is not None, "the fused CPU kernels must build on the CI machine"
     dense = part.to_dense().double()
     assert dense[0, BLOCK - 1] == values[0, 0, -1].double()
@@ -183,9 +185,9 @@ def test_fused_store_selects_and_feeds_back_as_the_torch_store(dtype):
     fused_state = CompressedRows.allocate(4, size, 0.01, dtype, "cpu")
     torch_state = {key: value.clone() for key, value in fused_state.items()}
     fused = CompressedRows(fused_state["compressed_values"], fused_state["compressed_offsets"], fused_state["error"],
-                           size, torch.float32)
+                           size, 0.01, torch.float32)
     unfused = CompressedRows(torch_state["compressed_values"], torch_state["compressed_offsets"],
-                             torch_state["error"], size, torch.float32)
+                             torch_state["error"], size, 0.01, torch.float32)
     assert fused._fused is not None
     unfused._fused = None
     for slot in range(6):  # wraps once
@@ -200,7 +202,7 @@ def test_memory_of_the_compressed_window_by_hand():
     model, optimizer = make(num_grads=4, grad_dtype="bfloat16")
     set_gradients(model, torch.Generator().manual_seed(7))
     optimizer.step()
-    blocks, kept, m = 4, kept_per_block(0.01), 4  # 98,754 coordinates in 4 blocks of 32,768; 328 kept per block
+    blocks, kept, m = 4, kept_per_block(0.01, 3 * BLOCK + 450), 4  # 98,754 coordinates in 4 blocks of 32,768; 328 kept per block
     # values, offsets, error, Gram matrix and factor, five counters and the factor's λ
     state = blocks * m * kept * (2 + 2) + 4 * blocks * BLOCK + 2 * 8 * m * m + 6 * 8
     assert optimizer.memory_bytes() == state
@@ -209,3 +211,37 @@ def test_memory_of_the_compressed_window_by_hand():
     # State without counters, plus the step's buffers: flat gradient and pieces, the direction over whole blocks,
     # the unfused passes' block, and K and its factor when refactoring.
     assert bound == state - 6 * 8 + 8 * d + 4 * blocks * BLOCK + m * 65536 * 4 + 2 * 8 * m * m
+
+
+def kept_entries(size: int, density: float, fused: bool) -> int:
+    """Entries one store keeps of a gradient without zeros over `size` coordinates."""
+    state = CompressedRows.allocate(2, size, density, torch.float32, "cpu")
+    rows = CompressedRows(*state.values(), size, density, torch.float32)
+    if not fused:
+        rows._fused = None
+    rows.store(0, torch.randn(size, generator=torch.Generator().manual_seed(size)) + 3.0)  # no zero entry
+    return int((rows.to_dense()[0] != 0).sum())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("size", [1, 100, 2247, 32767, 32769, 3 * BLOCK + 450])
+def test_density_is_the_fraction_kept_in_every_block_whatever_its_size(size, fused):
+    density = 0.05
+    full, last = divmod(size, BLOCK)
+    expected = full * kept_of(density, BLOCK) + (kept_of(density, last) if last else 0)
+    assert kept_entries(size, density, fused) == expected  # by hand: 1 → 1, 100 → 5, 2247 → 113, 32769 → 1639 + 1
+    if density * size >= 1:
+        assert 0.5 <= expected / (density * size) <= 2
+
+
+def test_density_holds_for_each_shard_of_a_split_window():
+    density, shapes = 0.05, (torch.Size([2247]),)
+    for rank in range(3):  # 749 coordinates each
+        local = Layout(shapes, rank=rank, world_size=3).local_size
+        assert local == 749 and kept_entries(local, density, fused=True) == kept_of(density, 749) == 38
+
+
+def test_memory_bound_follows_the_kept_entries_of_a_small_window():
+    # 100 coordinates: 5 entries a slot at density 0.05 and 1 at 0.01 (a full block's share: 1,639 and 328).
+    bounds = [memory_bound_bytes([torch.Size([100])], {}, 4, "bfloat16", density=density) for density in (0.05, 0.01)]
+    assert bounds[0] - bounds[1] == 4 * (5 - 1) * (2 + 2)  # m slots × the extra entries × (bf16 value + int16 offset)

@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from mfac_optim import GRAD_DTYPES, MFAC, algebra, memory_bound_bytes
+from mfac_optim import MFAC, algebra, memory_bound_bytes
+from mfac_optim.hyperparameters import GRAD_DTYPES
 from mfac_optim.kernels import _remove_stale_build_lock, cpu_passes
 from mfac_optim.storage import DenseRows
 
@@ -224,7 +225,7 @@ def test_fused_cpu_passes_against_float64(dtype):
     generator = torch.Generator().manual_seed(0)
     window = torch.randn(7, 3 * 8192 + 13, generator=generator).to(dtype)
     rows = DenseRows(window, torch.float32)
-    assert rows._kernels is kernels
+    assert rows._compiled is kernels
     exact = window.double()
     # Off-diagonal dots of random rows are far smaller than their terms: bound the error by the terms' scale (n).
     torch.testing.assert_close(rows.dots(2), exact @ exact[2], rtol=1e-5, atol=1e-7 * window.shape[1])
@@ -456,6 +457,42 @@ def test_groups_must_share_the_window_settings():
         MFAC([{"params": [a]}, {"params": [b], "num_grads": 8}], num_grads=4)
     with pytest.raises(ValueError, match="Invalid momentum: 2"):
         MFAC([{"params": [a]}, {"params": [b], "momentum": 2}])
+
+
+@pytest.mark.parametrize("key,value", [("damp", 1e-3), ("num_grads", 8), ("grad_dtype", "bfloat16"), ("density", 0.5),
+                                       ("shard", True)])
+def test_a_window_setting_changed_in_one_group_later_is_an_error_naming_it(key, value):
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    optimizer = MFAC([{"params": [a]}, {"params": [b]}], num_grads=4)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    optimizer.step()
+    optimizer.param_groups[1][key] = value
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match=f"Invalid {key} in param group 1: {value!r}"):
+        optimizer.step()
+    assert torch.equal(a, before)  # refused before anything moved
+
+
+@pytest.mark.parametrize("key,value,made", [("num_grads", 8, "4"), ("grad_dtype", "bfloat16", "float32"),
+                                            ("density", 0.5, "another density")])
+def test_a_window_setting_changed_in_every_group_after_the_window_exists_is_an_error(key, value, made):
+    a = torch.ones(3, requires_grad=True)
+    optimizer = MFAC([a], num_grads=4)
+    a.grad = torch.ones(3)
+    optimizer.step()
+    optimizer.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=f"Invalid {key}: {value!r} \\(the window was made with {made}"):
+        optimizer.step()
+
+
+def test_damp_may_change_in_every_group_and_remakes_the_factor():
+    a = torch.ones(3, requires_grad=True)
+    optimizer = MFAC([a], num_grads=4, damp=1e-6)
+    for step in range(3):
+        a.grad = torch.tensor([1.0, 2.0, 3.0]) * (step + 1)
+        optimizer.step()
+        optimizer.param_groups[0]["damp"] = 1e-3
+    assert int(optimizer.state[a]["refactorizations"]) == 2  # made for 1e-6, remade for 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

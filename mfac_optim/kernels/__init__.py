@@ -1,10 +1,17 @@
 """The window passes' kernels. On the CPU: compiled from the C++ sources beside this file on first use (about a
 minute, then cached by torch) and found relative to the installed package. On a GPU: the Triton kernels of
 triton_passes.py, which cover the dots and the combine of every storage kind. Where neither applies, the callers'
-torch passes serve instead."""
+torch passes serve instead.
+
+The CPU build targets a fixed instruction set, never the building machine's own (-march=native): torch caches
+builds per user, Python and torch version, not per CPU, so on a cluster with a shared home a build made on a newer
+login node would die with an illegal instruction on older compute nodes. An x86-64 CPU with AVX2 and its
+companions (x86-64-v3) gets the AVX2 kernels; any other CPU a portable build. Each instruction set is a module of
+its own name, so one cache holds both and a CPU only ever loads the one it can run."""
 from __future__ import annotations
 
 import os
+import platform
 import time
 import warnings
 from pathlib import Path
@@ -16,19 +23,59 @@ SOURCES = Path(__file__).resolve().parent
 CPP_SOURCES = ("cpu_passes.cpp", "factor_update.cpp", "bindings.cpp")  # and kernels.h, which they include
 _cpu_passes = None  # the compiled module, False once a build failed
 
+# What -march=x86-64-v3 lets the compiler use beyond x86-64, as Linux's /proc/cpuinfo names them (abm: lzcnt).
+X86_64_V3_FLAGS = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})
+
+
+def cpu_flags() -> Optional[frozenset[str]]:
+    """The CPU's feature flags as Linux reports them, or None where there is no /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def instruction_set() -> str:
+    """The instruction set the CPU kernels are built for on this CPU: "x86_64_v3" where every feature of that level
+    is present, else "portable"."""
+    if not is_x86_64():
+        return "portable"
+    flags = cpu_flags()
+    if flags is None:  # no /proc/cpuinfo (macOS, Windows): torch's own dispatch check
+        return "x86_64_v3" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else "portable"
+    return "x86_64_v3" if X86_64_V3_FLAGS <= flags else "portable"
+
+
+def architecture_flags(target: str) -> list[str]:
+    """-march pins what the build may use: x86-64 alone is the baseline every x86-64 CPU runs; other architectures
+    get their compiler's default, which targets the architecture's baseline."""
+    if target == "x86_64_v3":
+        return ["-march=x86-64-v3"]
+    return ["-march=x86-64"] if is_x86_64() else []
+
 
 def cpu_passes():
-    """The compiled CPU kernels (the fused AVX2 window passes of cpu_passes.cpp, the factor update of
-    factor_update.cpp), or None if they cannot be built here."""
+    """The compiled CPU kernels (the fused window passes of cpu_passes.cpp, the factor update of factor_update.cpp)
+    for this CPU's instruction set, or None if they cannot be built here."""
     global _cpu_passes
     if _cpu_passes is None:
         try:
             from torch.utils.cpp_extension import _get_build_directory, load
 
+            target = instruction_set()
+            name = f"mfac_cpu_kernels_{target}"
             # The folder torch builds in (per Python and torch flavour); private, but stable since torch 1.x.
-            _remove_stale_build_lock(os.path.join(_get_build_directory("mfac_cpu_kernels", False), "lock"))
-            _cpu_passes = load(name="mfac_cpu_kernels", sources=[str(SOURCES / name) for name in CPP_SOURCES],
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+            _remove_stale_build_lock(os.path.join(_get_build_directory(name, False), "lock"))
+            _cpu_passes = load(name=name, sources=[str(SOURCES / source) for source in CPP_SOURCES],
+                               extra_cflags=["-O3", *architecture_flags(target), "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as error:  # no compiler, no ninja, unsupported platform
             warnings.warn(f"MFAC: fused CPU kernels unavailable ({type(error).__name__}: {error}); using torch passes")
             _cpu_passes = False

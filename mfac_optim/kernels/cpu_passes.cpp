@@ -273,7 +273,7 @@ static inline void round_to(float x, uint16_t* out) { *out = round_to_bf16(x); }
 // a sample of the block (a full selection only when the sample misjudged), so a block costs about one pass.
 template <typename T>
 static void compressed_store_impl(torch::Tensor& error, const torch::Tensor& grad, torch::Tensor& values,
-                                  torch::Tensor& offsets, int64_t slot, int64_t block) {
+                                  torch::Tensor& offsets, int64_t slot, int64_t block, int64_t last_kept) {
   const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2), size = grad.numel();
   float* e = error.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
@@ -285,31 +285,33 @@ static void compressed_store_impl(torch::Tensor& error, const torch::Tensor& gra
     std::vector<int32_t> positions;
     for (int64_t b = first; b < last; ++b) {
       float* a = e + b * block;
-      const int64_t real = std::max<int64_t>(0, std::min(block, size - b * block));
+      // The coordinates this block really holds, and its share of them (the last block may hold fewer).
+      const int64_t real = std::max<int64_t>(1, std::min(block, size - b * block));
+      const int64_t take = b == blocks - 1 ? last_kept : kept;
       for (int64_t i = 0; i < real; ++i) a[i] += g[b * block + i];
-      // Threshold: the sample's magnitude at twice the expected rank of the k-th largest, so that the candidates
-      // above it number about 2k and include the k largest unless the sample misjudged (checked below).
+      // Threshold: the sample's magnitude at twice the expected rank of the take-th largest, so that the candidates
+      // above it number about 2·take and include the largest unless the sample misjudged (checked below).
       sample.clear();
-      for (int64_t i = 0; i < block; i += kStride) sample.push_back(std::fabs(a[i]));
-      const int64_t rank = std::min<int64_t>(sample.size() - 1, 2 * kept / kStride + 2);
+      for (int64_t i = 0; i < real; i += kStride) sample.push_back(std::fabs(a[i]));
+      const int64_t rank = std::min<int64_t>(sample.size() - 1, 2 * take / kStride + 2);
       std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
       float threshold = sample[rank];
       candidates.clear(); positions.clear();
-      for (int64_t i = 0; i < block; ++i)
+      for (int64_t i = 0; i < real; ++i)
         if (std::fabs(a[i]) >= threshold) { candidates.push_back(std::fabs(a[i])); positions.push_back(int32_t(i)); }
-      if (static_cast<int64_t>(candidates.size()) < kept) {  // misjudged: every coordinate is a candidate
+      if (static_cast<int64_t>(candidates.size()) < take) {  // misjudged: every coordinate is a candidate
         candidates.clear(); positions.clear();
-        for (int64_t i = 0; i < block; ++i) { candidates.push_back(std::fabs(a[i])); positions.push_back(int32_t(i)); }
+        for (int64_t i = 0; i < real; ++i) { candidates.push_back(std::fabs(a[i])); positions.push_back(int32_t(i)); }
       }
       std::vector<float> order(candidates);
-      std::nth_element(order.begin(), order.begin() + (kept - 1), order.end(), std::greater<float>());
-      const float kth = order[kept - 1];
+      std::nth_element(order.begin(), order.begin() + (take - 1), order.end(), std::greater<float>());
+      const float kth = order[take - 1];
       int64_t above = 0;
       for (float x : candidates) above += x > kth;
-      int64_t ties = kept - above, n = 0;
+      int64_t ties = take - above, n = 0;
       T* vs = v + (b * m + slot) * kept;
       int16_t* os = o + (b * m + slot) * kept;
-      for (size_t c = 0; c < candidates.size() && n < kept; ++c) {
+      for (size_t c = 0; c < candidates.size() && n < take; ++c) {
         if (candidates[c] > kth || (candidates[c] == kth && ties-- > 0)) {
           const int32_t i = positions[c];
           round_to(a[i], vs + n);
@@ -317,14 +319,17 @@ static void compressed_store_impl(torch::Tensor& error, const torch::Tensor& gra
           a[i] -= widen(vs[n - 1]);  // exact: a minus its own rounding
         }
       }
+      // The rest of a short last block's storage: zeros at distinct positions past the window's end.
+      for (int64_t p = real; n < kept; ++p) { round_to(0.0f, vs + n); os[n++] = static_cast<int16_t>(p); }
     }
   });
 }
 
 void compressed_store(torch::Tensor error, torch::Tensor grad, torch::Tensor values, torch::Tensor offsets,
-                      int64_t slot, int64_t block) {
-  if (values.scalar_type() == torch::kBFloat16) compressed_store_impl<uint16_t>(error, grad, values, offsets, slot, block);
-  else compressed_store_impl<float>(error, grad, values, offsets, slot, block);
+                      int64_t slot, int64_t block, int64_t last_kept) {
+  if (values.scalar_type() == torch::kBFloat16)
+    compressed_store_impl<uint16_t>(error, grad, values, offsets, slot, block, last_kept);
+  else compressed_store_impl<float>(error, grad, values, offsets, slot, block, last_kept);
 }
 
 torch::Tensor compressed_dots(torch::Tensor values, torch::Tensor offsets, int64_t slot, int64_t block) {

@@ -8,7 +8,7 @@ void window_combine(torch::Tensor window, torch::Tensor coefficients, torch::Ten
 torch::Tensor sparse_dots(torch::Tensor indices, torch::Tensor values, torch::Tensor dense);
 void sparse_combine(torch::Tensor indices, torch::Tensor values, torch::Tensor coefficients, torch::Tensor result);
 void compressed_store(torch::Tensor error, torch::Tensor grad, torch::Tensor values, torch::Tensor offsets,
-                      int64_t slot, int64_t block);
+                      int64_t slot, int64_t block, int64_t last_kept);
 torch::Tensor compressed_dots(torch::Tensor values, torch::Tensor offsets, int64_t slot, int64_t block);
 void compressed_combine(torch::Tensor values, torch::Tensor offsets, torch::Tensor coefficients, torch::Tensor result,
                         int64_t block);
