@@ -101,6 +101,27 @@ class GramSystem:
         self.refactorizations = refactorizations
         self.damp = damp
 
+    @classmethod
+    def allocate(cls, num_grads: int, damp: float, device: torch.device) -> GramSystem:
+        """The system of an empty window (S = 0), without a factor yet."""
+        gram = torch.zeros(num_grads, num_grads, dtype=torch.float64, device=device)
+        return cls(gram, **cls.empty_factor(gram), damp=damp)
+
+    @staticmethod
+    def empty_factor(gram: Tensor) -> dict[str, Tensor]:
+        """A factor made for no λ (NaN): the next insert makes it from S, as when λ changes."""
+        return {"factor": torch.zeros_like(gram), "factor_damp": torch.tensor(float("nan"), dtype=torch.float64),
+                "refactorizations": torch.tensor(0, dtype=torch.int64)}
+
+    def state(self) -> dict[str, Tensor]:
+        return {"gram": self.gram, "factor": self.factor, "factor_damp": self.factor_damp,
+                "refactorizations": self.refactorizations}
+
+    @staticmethod
+    def bound_bytes(num_grads: int) -> int:
+        """S and its factor (float64), and a refactorisation's K in chronological order and new factor."""
+        return 4 * 8 * num_grads * num_grads
+
     @property
     def num_grads(self) -> int:
         return self.gram.shape[0]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .kernels import fused_passes_for, triton_passes_for
+from .storage import tensor_bytes
 
 # Coordinates per block: int16 offsets address 0 … 32767, so every position of a block fits.
 BLOCK = 1 << 15
@@ -85,11 +86,22 @@ class CompressedRows:
     def num_grads(self) -> int:
         return self.values.shape[1]
 
-    def store(self, slot: int, grad: Tensor) -> None:
+    @staticmethod
+    def bound_bytes(num_grads: int, size: int, density: float, element_size: int) -> int:
+        """Values and int16 offsets of the kept entries, the fp32 error buffer and the combine's result, both over
+        whole blocks."""
+        blocks = num_blocks(size)
+        return blocks * num_grads * kept_per_block(density, size) * (element_size + 2) + 2 * 4 * blocks * BLOCK
+
+    def memory_bytes(self) -> int:
+        return tensor_bytes(self.values, self.offsets, self.error, self._result)
+
+    def store(self, slot: int, grad: Tensor) -> bool:
         """a = e + g; slot `slot` keeps each block's largest |a|, rounded; e ← a − c. All in the error buffer."""
         if self._fused is not None:
-            return self._fused.compressed_store(self.error, grad.contiguous(), self.values, self.offsets, slot, BLOCK,
-                                                self.last_kept)
+            self._fused.compressed_store(self.error, grad.contiguous(), self.values, self.offsets, slot, BLOCK,
+                                         self.last_kept)
+            return True
         accumulated = self.error.view(-1, BLOCK)
         self.error[:self.size] += grad
         kept = torch.topk(accumulated.abs(), self.values.shape[2], dim=1, sorted=False).indices
@@ -101,6 +113,7 @@ class CompressedRows:
         self.values[:, slot] = rounded
         self.offsets[:, slot] = kept.to(torch.int16)
         accumulated.scatter_(1, kept, exact - rounded.float())  # what rounding left behind stays in the error
+        return True
 
     def _last_block_positions(self, accumulated: Tensor) -> Tensor:
         """The last block's largest |a| among its real coordinates, then distinct padding positions past them."""

@@ -7,7 +7,6 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from .compressed import kept_per_block
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,21 +56,3 @@ def check_window_settings(groups: list[dict]) -> None:
             if group[key] != first[key]:
                 raise ValueError(f"Invalid {key} in param group {index}: {group[key]!r} (all groups share one window, "
                                  f"so it must equal param group 0's {first[key]!r})")
-
-
-def check_window_unchanged(state: dict, group: dict, size: int) -> None:
-    """Once the window exists its storage fixes num_grads, grad_dtype and density (damp may change: the factor is
-    remade for it). A later change would be ignored, so it is an error naming the key. `size`: the local
-    coordinates the dense or compressed storage covers."""
-    storage = state["window"] if "window" in state else state["compressed_values"]
-    compressed = "compressed_values" in state
-    changed = [(key, made) for key, made, same in (
-        ("num_grads", state["gram"].shape[0], group["num_grads"] == state["gram"].shape[0]),
-        ("grad_dtype", resolve_grad_dtype(storage.dtype), group["grad_dtype"] == resolve_grad_dtype(storage.dtype)),
-        ("density", "another density", compressed == (group["density"] < 1) and not (
-            compressed and storage.shape[2] != kept_per_block(group["density"], size))),
-    ) if not same]
-    if changed:
-        key, made = changed[0]
-        raise ValueError(f"Invalid {key}: {group[key]!r} (the window was made with {made}; num_grads, grad_dtype and "
-                         "density cannot change once it exists, damp can)")

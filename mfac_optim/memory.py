@@ -1,17 +1,17 @@
 """An upper bound of MFAC's memory before any gradient exists, so that a window that cannot fit is refused before
-a model loads (run_glue.py, and the Trainer glue in hf_trainer.py)."""
+a model loads (run_glue.py, and the Trainer glue in hf_trainer.py). Each part of the window bounds its own bytes
+(storage.py, compressed.py, algebra.py); this adds them up with the optimizer's own buffers."""
 from __future__ import annotations
 
-import math
 from typing import Union
 
 import torch
 
-from .algebra import accumulate_dtype
-from .compressed import BLOCK, kept_per_block, num_blocks
+from .algebra import GramSystem, accumulate_dtype
+from .compressed import CompressedRows
 from .hyperparameters import GRAD_DTYPES, resolve_grad_dtype
-from .layout import Layout, row_sparse_pays
-from .storage import BLOCK_COLUMNS, RowSparseRows
+from .layout import Block, Layout, row_sparse_pays
+from .storage import DenseRows, RowSparseRows
 
 
 def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_grads: int,
@@ -23,47 +23,41 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
     `shapes` are the parameters' shapes in order. `max_rows[i]` bounds how many rows of matrix parameter i one
     gradient can touch (an embedding: the tokens in a batch), so that its row-sparse storage is bounded with its
     capacity's growth; every other parameter is counted as dense. With density < 1 the compressed window replaces
-    both (values, int16 offsets and the fp32 error buffer, over whole blocks).
+    both.
     """
     element_size = torch.tensor([], dtype=GRAD_DTYPES[resolve_grad_dtype(grad_dtype)]).element_size()
     layout = Layout(tuple(shapes), world_size=world_size)
     total, local = layout.total_size, layout.largest_local_size
-    if density < 1:
-        padded = num_blocks(local) * BLOCK
-        window_bytes = num_blocks(local) * num_grads * kept_per_block(density, local) * (element_size + 2) + 4 * padded
-        local = padded  # the passes' buffers span whole blocks
-    else:
-        window_bytes = dense_window_bytes(layout, max_rows, num_grads, element_size)
     accumulate_size = accumulate_dtype(num_grads, total).itemsize
-    row_sparse = density >= 1 and bool(max_rows)
+    if density < 1:
+        window, row_sparse = CompressedRows.bound_bytes(num_grads, local, density, element_size), False
+    else:
+        window, row_sparse = dense_window_bound(layout, max_rows, num_grads, element_size, accumulate_size)
     buffers = (8 * total  # the flat gradient and its fp32 pieces
-               + 4 * local * (2 if momentum else 1)  # the direction, and the momentum
-               # With row-sparse parts, also kept between steps: the direction put together from them and the
-               # dense part (4 bytes a coordinate), and their scratch matrices, whose share beyond fp32 the term
-               # above leaves out (accumulate_size − 4). Together at most accumulate_size a local coordinate.
-               + accumulate_size * local * row_sparse
-               + num_grads * min(BLOCK_COLUMNS, local) * accumulate_size  # the unfused passes' conversion block
-               + 16 * num_grads * num_grads)  # a refactorisation: K in chronological order and its new factor
+               + 4 * local * momentum  # the momentum
+               + 4 * local * row_sparse)  # the direction put together from the dense and row-sparse parts
     if world_size > 1:
         buffers += 4 * ((world_size + 1) * local + total)  # all-gather pieces and the full direction
-    return window_bytes + 2 * 8 * num_grads * num_grads + buffers  # + the Gram matrix and its factor (float64)
+    return window + GramSystem.bound_bytes(num_grads) + buffers
 
 
-def dense_window_bytes(layout: Layout, max_rows: dict[int, int], num_grads: int, element_size: int) -> int:
-    """The dense and row-sparse window of the process with the largest shard of each parameter."""
-    window_bytes = 0
-    for index, shard_of_each_rank in enumerate(zip(*(layout.blocks_of(rank) for rank in range(layout.world_size)))):
-        largest = max(shard_of_each_rank, key=lambda block: block.size)
-        stored = num_grads * largest.size * element_size
+def dense_window_bound(layout: Layout, max_rows: dict[int, int], num_grads: int, element_size: int,
+                       accumulate_size: int) -> tuple[int, bool]:
+    """(bytes, whether any part is row-sparse) of the dense and row-sparse window of the process with the largest
+    shard of each parameter."""
+    dense_columns, sparse_bytes, row_sparse = 0, 0, False
+    for index, shards in enumerate(zip(*(layout.blocks_of(rank) for rank in range(layout.world_size)))):
+        largest: Block = max(shards, key=lambda block: block.size)
         if index in max_rows and largest.is_matrix:
-            growth = RowSparseRows.GROWTH_NUMERATOR / RowSparseRows.GROWTH_DENOMINATOR
-            capacity = min(largest.rows, math.ceil(max_rows[index] * growth))
-            sparse = num_grads * capacity * (largest.columns * element_size + 8)
-            # Rows that pay stay row-sparse; others move to dense storage once their slots no longer pay.
-            stored = sparse if row_sparse_pays(capacity, largest.rows, largest.columns, element_size) \
-                else max(stored, sparse)
-        window_bytes += stored
-    return window_bytes
+            sparse = RowSparseRows.bound_bytes(num_grads, max_rows[index], largest.rows, largest.columns,
+                                               element_size, accumulate_size)
+            capacity = RowSparseRows.capacity_bound(max_rows[index], largest.rows)
+            if row_sparse_pays(capacity, largest.rows, largest.columns, element_size):
+                sparse_bytes, row_sparse = sparse_bytes + sparse, True
+                continue
+            sparse_bytes += sparse  # it may start row-sparse and move to dense storage later
+        dense_columns += largest.size
+    return DenseRows.bound_bytes(num_grads, dense_columns, element_size, accumulate_size) + sparse_bytes, row_sparse
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -6,10 +6,9 @@ of a step: the dot products of every slot with the newly stored one, and the com
 - `RowSparseRows`: one matrix parameter whose gradients are zero outside a few rows (a word embedding), stored as
   (row indices, row values) per slot.
 
-A kind exposes `store(slot, …)` (a row-sparse one also takes the rows to keep), `dots(slot)` (float64, one per
-slot), `combine(coefficients)` (fp32), `to_dense()` (the stored rows as dense rows) and `state()` (the tensors it
-owns, which the optimizer keeps in its state). Sums of one block are accumulated in fp32 and the blocks summed in
-float64, which bounds the rounding error by the block length rather than by d.
+Every kind has the methods of `window.StorageKind`, and reports its memory: `bound_bytes(...)` before any gradient
+exists (memory.py adds them up), `memory_bytes()` of what it holds. Sums of one block are accumulated in fp32 and
+the blocks summed in float64, which bounds the rounding error by the block length rather than by d.
 """
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .kernels import fused_passes_for, triton_passes_for
+from .layout import nonzero_rows, row_sparse_pays
 
 # Columns per block in the torch (unfused) passes.
 BLOCK_COLUMNS = 1 << 16
@@ -41,8 +41,17 @@ class DenseRows:
     def to_dense(self) -> Tensor:
         return self.window
 
-    def store(self, slot: int, grad: Tensor) -> None:
+    @staticmethod
+    def bound_bytes(num_grads: int, columns: int, element_size: int, accumulate_size: int) -> int:
+        """The rows, the fused combine's fp32 result, and the unfused passes' block in the accumulation dtype."""
+        return num_grads * columns * element_size + 4 * columns + num_grads * min(BLOCK_COLUMNS, columns) * accumulate_size
+
+    def memory_bytes(self) -> int:
+        return tensor_bytes(self.window, self._block_buffer, self._direction_buffer)
+
+    def store(self, slot: int, grad: Tensor) -> bool:
         self.window[slot].copy_(grad)
+        return True
 
     def dots(self, slot: int) -> Tensor:
         """G ĝ in float64 over these columns, ĝ = the stored row `slot` (first pass over the window)."""
@@ -95,16 +104,15 @@ class RowSparseRows:
     # row count does not reallocate the window at every step.
     GROWTH_NUMERATOR, GROWTH_DENOMINATOR = 5, 4
 
-    def __init__(self, indices: Tensor, values: Tensor, num_rows: int, accumulate_dtype: torch.dtype,
-                 scratch: Optional[Tensor] = None) -> None:
+    def __init__(self, indices: Tensor, values: Tensor, num_rows: int, accumulate_dtype: torch.dtype) -> None:
         self.indices = indices  # (m, capacity) int64
         self.values = values  # (m, capacity, columns), storage dtype
         self.num_rows = num_rows
         self.accumulate_dtype = accumulate_dtype
-        # A rows × columns matrix in the accumulation dtype that the caller may keep from step to step (a fresh one
-        # costs page faults at every step on the CPU): the new slot made dense for the dots, then the combine's
-        # result, which is only valid until the next dots.
-        self._scratch = scratch
+        # A rows × columns matrix in the accumulation dtype kept from step to step (a fresh one costs page faults at
+        # every step on the CPU): the new slot made dense for the dots, then the combine's result, which is only
+        # valid until the next dots.
+        self._scratch: Optional[Tensor] = None
         self._compiled = fused_passes_for(values, accumulate_dtype) or triton_passes_for(values, accumulate_dtype)
 
     @classmethod
@@ -112,14 +120,34 @@ class RowSparseRows:
         return (torch.zeros(num_grads, capacity, dtype=torch.int64, device=device),
                 torch.zeros(num_grads, capacity, columns, dtype=dtype, device=device))
 
-    def store(self, slot: int, grad: Tensor, rows: Tensor) -> None:
-        """Stores `rows` of `grad` (rows × columns; the others are zero), growing the capacity if needed."""
+    @classmethod
+    def bound_bytes(cls, num_grads: int, max_rows: int, rows: int, columns: int, element_size: int,
+                    accumulate_size: int) -> int:
+        """Slots of at most `max_rows` rows (the capacity grows by 5/4 past them, up to all rows), their int64
+        indices, and the scratch matrix."""
+        return num_grads * cls.capacity_bound(max_rows, rows) * (columns * element_size + 8) + \
+            rows * columns * accumulate_size
+
+    @classmethod
+    def capacity_bound(cls, max_rows: int, rows: int) -> int:
+        return min(rows, -(-max_rows * cls.GROWTH_NUMERATOR // cls.GROWTH_DENOMINATOR))
+
+    def memory_bytes(self) -> int:
+        return tensor_bytes(self.indices, self.values, self._scratch)
+
+    def store(self, slot: int, grad: Tensor) -> bool:
+        """Stores the non-zero rows of `grad` (rows × columns), growing the capacity if needed; False, storing
+        nothing, when they are so many that dense storage would take less room."""
+        rows = nonzero_rows(grad)  # on a GPU, a host synchronisation: the row count sizes the storage
+        if not row_sparse_pays(len(rows), self.num_rows, grad.shape[1], self.values.element_size()):
+            return False
         if len(rows) > self.indices.shape[1]:
             self._grow(len(rows))
         self.indices[slot].zero_()
         self.values[slot].zero_()
         self.indices[slot, :len(rows)] = rows
         self.values[slot, :len(rows)] = grad[rows]
+        return True
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, self.indices.shape[1] * self.GROWTH_NUMERATOR // self.GROWTH_DENOMINATOR)
@@ -174,6 +202,10 @@ class RowSparseRows:
     def _slot_chunks(self) -> Iterator[slice]:
         for start in range(0, self.indices.shape[0], self.SLOTS_PER_CHUNK):
             yield slice(start, start + self.SLOTS_PER_CHUNK)
+
+
+def tensor_bytes(*tensors: Optional[Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
 
 
 @contextmanager

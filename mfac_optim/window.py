@@ -1,44 +1,216 @@
-"""The gradient window: a ring buffer of m gradients in its storage kinds (a dense part and row-sparse parts), with
-the m × m system over them. `insert_and_precondition` stores the new gradient ĝ as slot i and returns F⁻¹ĝ =
-m · Gᵀ K⁻¹ eᵢ for the columns this process keeps. It works on the tensors it is handed: the optimizer keeps
-them in its state.
+"""The gradient window and its life cycle: a ring buffer of m gradients held in storage parts of the kinds in
+storage.py and compressed.py, with the m × m system over them (algebra.py). It is made once, from the first
+gradient (`GradientWindow.allocate`) or from saved state (`GradientWindow.from_state`), and then owns its parts:
+it picks which matrices are stored row-sparse, moves a part to dense storage when its rows stop paying, keeps its
+scratch buffers, and gives back the tensors the optimizer saves (`state`). `insert_and_precondition` stores the new
+gradient ĝ as slot i and returns F⁻¹ĝ = m · Gᵀ K⁻¹ eᵢ for the columns this process keeps.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Union
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
-from .algebra import GramSystem
+from .algebra import GramSystem, accumulate_dtype
+from .compressed import CompressedRows, kept_per_block
+from .hyperparameters import GRAD_DTYPES, WINDOW_KEYS, resolve_grad_dtype
+from .layout import Layout, nonzero_rows, row_sparse_pays
 from .storage import DenseRows, RowSparseRows
+
+# The names under which a step's phases appear in torch.profiler (scripts/bench_mfac.py reads them).
+PHASE_PREFIX = "mfac::"
+PHASES = ("gradient", "store", "dots", "m×m", "combine", "update")
+
+
+def phase(name: str) -> record_function:
+    """A step phase as a torch.profiler range: free when no profiler runs."""
+    return record_function(PHASE_PREFIX + name)
+
+
+class StorageKind(Protocol):
+    """What the window asks of each storage part. Every part covers some of the window's columns in every slot."""
+
+    def store(self, slot: int, gradient: Tensor) -> bool:
+        """Stores the part's columns of a gradient in slot `slot`; False (nothing stored) where the part cannot hold
+        it well: a row-sparse part whose gradient has too many rows to pay."""
+
+    def dots(self, slot: int) -> Tensor:
+        """⟨slot j, slot `slot`⟩ over the part's columns for every slot j, in float64."""
+
+    def combine(self, coefficients: Tensor) -> Tensor:
+        """Σⱼ cⱼ · slot j over the part's columns, in fp32 (a buffer the next call may overwrite)."""
+
+    def to_dense(self) -> Tensor:
+        """The stored slots as dense rows over the part's columns."""
+
+    def state(self) -> dict[str, Tensor]:
+        """The tensors the part owns, under the names the optimizer saves them by."""
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """What defines the one window shared by all param groups."""
+
+    num_grads: int
+    damp: float
+    grad_dtype: str
+    density: float
+    shard: bool
+
+    @classmethod
+    def of(cls, group: dict) -> WindowSettings:
+        return cls(**{key: group[key] for key in WINDOW_KEYS})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return GRAD_DTYPES[self.grad_dtype]
+
+    @property
+    def element_size(self) -> int:
+        return torch.tensor([], dtype=self.dtype).element_size()
 
 
 class GradientWindow:
-    def __init__(self, dense: DenseRows, sparse: dict[int, RowSparseRows], system: GramSystem,
+    def __init__(self, layout: Layout, settings: WindowSettings, dense: Union[DenseRows, CompressedRows],
+                 sparse: dict[int, RowSparseRows], system: GramSystem,
                  sum_shards: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        self.layout = layout  # which blocks are row-sparse changes when a part moves to dense storage
+        self.settings = settings
         self.dense = dense
         self.sparse = sparse  # parameter index -> its row-sparse part
         self.system = system
         # When the columns are sharded across processes: adds up each process's partial dot products, so that
         # every process holds the same Gram matrix and coefficients.
         self.sum_shards = sum_shards
+        self._direction: Optional[Tensor] = None  # the assembled direction, kept from step to step
 
+    # ---------------------------------------------------------------------------------------------- making it
+    @classmethod
+    def allocate(cls, layout: Layout, settings: WindowSettings, first_gradient: Tensor,
+                 sum_shards: Optional[Callable[[Tensor], Tensor]] = None) -> GradientWindow:
+        """An empty window for gradients like `first_gradient`: row-sparse parts for the matrices whose gradient
+        has few non-zero rows (where that pays), unless the window is compressed (it covers every coordinate)."""
+        m, dtype, device = settings.num_grads, settings.dtype, first_gradient.device
+        accumulate = accumulate_dtype(m, layout.total_size)
+        if settings.density < 1:
+            state = CompressedRows.allocate(m, layout.local_size, settings.density, dtype, device)
+            dense = CompressedRows(*state.values(), layout.local_size, settings.density, accumulate)
+        else:
+            layout = layout.with_row_sparse_where_it_pays(first_gradient, settings.element_size)
+            dense = DenseRows(torch.zeros(m, layout.dense_size, dtype=dtype, device=device), accumulate)
+        sparse = {}
+        for block in layout.sparse_blocks:
+            rows = len(nonzero_rows(layout.matrix(first_gradient, block)))
+            indices, values = RowSparseRows.allocate(m, max(rows, 1), block.columns, dtype, device)
+            sparse[block.index] = RowSparseRows(indices, values, block.rows, accumulate)
+        system = GramSystem.allocate(m, settings.damp, device)
+        return cls(layout, settings, dense, sparse, system, sum_shards)
+
+    @classmethod
+    def from_state(cls, layout: Layout, settings: WindowSettings, shared: dict[str, Tensor],
+                   parts: dict[int, dict[str, Tensor]],
+                   sum_shards: Optional[Callable[[Tensor], Tensor]] = None) -> GradientWindow:
+        """The window over saved tensors (used as they are, not copied). `layout` names the row-sparse blocks,
+        `parts` their tensors by parameter index; `shared` holds the rest."""
+        check_saved_window_matches(shared, settings, layout.dense_size)
+        accumulate = accumulate_dtype(settings.num_grads, layout.total_size)
+        if "window" in shared:
+            dense = DenseRows(shared["window"], accumulate)
+        else:
+            dense = CompressedRows(shared["compressed_values"], shared["compressed_offsets"], shared["error"],
+                                   layout.local_size, settings.density, accumulate)
+        sparse = {block.index: RowSparseRows(parts[block.index]["row_indices"], parts[block.index]["row_values"],
+                                             block.rows, accumulate)
+                  for block in layout.sparse_blocks}
+        system = GramSystem(shared["gram"], shared["factor"], shared["factor_damp"], shared["refactorizations"],
+                            settings.damp)
+        return cls(layout, settings, dense, sparse, system, sum_shards)
+
+    def state(self) -> tuple[dict[str, Tensor], dict[int, dict[str, Tensor]]]:
+        """(the window's own tensors, each row-sparse part's tensors by parameter index): what the optimizer
+        saves, the first under its first parameter, the others under their parameters."""
+        return {**self.dense.state(), **self.system.state()}, {index: part.state() for index, part in self.sparse.items()}
+
+    # ---------------------------------------------------------------------------------------------- using it
     @property
     def num_grads(self) -> int:
         return self.system.num_grads
 
-    def insert_and_precondition(self, dense_grad: Tensor, sparse_grads: dict[int, tuple[Tensor, Tensor]], slot: int
-                                ) -> tuple[Tensor, dict[int, Tensor]]:
-        """Stores the gradient in slot `slot` and returns F⁻¹ĝ in fp32 (dense part, and each row-sparse matrix),
-        where ĝ is the stored (possibly rounded) gradient. `sparse_grads` maps a parameter index to its gradient
-        matrix and the indices of its non-zero rows."""
-        self.dense.store(slot, dense_grad)
-        for index, (grad, rows) in sparse_grads.items():
-            self.sparse[index].store(slot, grad, rows)
-        dots = self.dense.dots(slot) + sum((part.dots(slot) for part in self.sparse.values()),
-                                           torch.zeros_like(self.system.gram[0]))
-        if self.sum_shards is not None:
-            dots = self.sum_shards(dots)
-        coefficients = self.num_grads * self.system.insert(slot, dots)
-        return self.dense.combine(coefficients), {index: part.combine(coefficients) for index, part in self.sparse.items()}
+    def follow(self, settings: WindowSettings) -> None:
+        """The param groups' settings at this step: λ may change (the factor is remade for it), num_grads,
+        grad_dtype and density may not (shard moves the process's position, which the optimizer checks)."""
+        for key in ("num_grads", "grad_dtype", "density"):
+            if getattr(settings, key) != getattr(self.settings, key):
+                refuse_change(key, getattr(settings, key), getattr(self.settings, key))
+        self.settings = settings
+        self.system.damp = settings.damp
+
+    def insert_and_precondition(self, grad: Tensor, slot: int) -> Tensor:
+        """Stores the flat local gradient in slot `slot` and returns F⁻¹ĝ in fp32 over this process's columns, in
+        local order, where ĝ is the stored (possibly rounded or compressed) gradient."""
+        with phase("store"):
+            self._store(grad, slot)
+        with phase("dots"):
+            dots = self.dense.dots(slot) + sum((part.dots(slot) for part in self.sparse.values()),
+                                               torch.zeros_like(self.system.gram[0]))
+            if self.sum_shards is not None:
+                dots = self.sum_shards(dots)
+        with phase("m×m"):
+            coefficients = self.num_grads * self.system.insert(slot, dots)
+        with phase("combine"):
+            dense_direction = self.dense.combine(coefficients)
+            if not self.sparse:
+                return dense_direction
+            sparse_directions = {index: part.combine(coefficients) for index, part in self.sparse.items()}
+            if self._direction is None or self._direction.numel() != self.layout.local_size:
+                self._direction = torch.empty(self.layout.local_size, device=grad.device)
+            return self.layout.assemble(dense_direction, sparse_directions, self._direction)
+
+    def _store(self, grad: Tensor, slot: int) -> None:
+        for block in self.layout.sparse_blocks:
+            if not self.sparse[block.index].store(slot, self.layout.matrix(grad, block)):
+                self._move_to_dense(block.index)
+        self.dense.store(slot, self.layout.dense_part(grad))
+
+    def _move_to_dense(self, index: int) -> None:
+        """A row-sparse part whose rows stopped paying (e.g. weight decay was turned on) goes into the dense
+        storage, at its block's place among the dense columns."""
+        part = self.sparse.pop(index)
+        self.layout = self.layout.without_row_sparse(index)
+        column = self.layout.dense_column(index)
+        window = self.dense.window
+        self.dense = DenseRows(torch.cat([window[:, :column], part.to_dense(), window[:, column:]], dim=1),
+                               self.dense.accumulate_dtype)
+
+    def buffer_bytes(self) -> int:
+        """The scratch buffers the window keeps between steps, beyond the state it saves."""
+        parts = [self.dense, *self.sparse.values()]
+        saved = sum(tensor.numel() * tensor.element_size() for part in parts for tensor in part.state().values())
+        direction = 0 if self._direction is None else self._direction.numel() * 4
+        return sum(part.memory_bytes() for part in parts) - saved + direction
+
+    def stored_rows(self) -> Tensor:
+        """The window as float32 rows over all parameters in flat order (other processes' columns zero)."""
+        return self.layout.to_flat(self.dense.to_dense(), {index: part.to_dense() for index, part in self.sparse.items()})
+
+
+def check_saved_window_matches(shared: dict[str, Tensor], settings: WindowSettings, size: int) -> None:
+    """A saved window fixes num_grads, grad_dtype and density (damp may change: the factor is remade for it). A
+    different setting would be ignored, so it is an error naming the key. `size`: the local coordinates the dense
+    or compressed storage covers."""
+    storage = shared["window"] if "window" in shared else shared["compressed_values"]
+    compressed = "compressed_values" in shared
+    made = {"num_grads": shared["gram"].shape[0], "grad_dtype": resolve_grad_dtype(storage.dtype)}
+    for key, value in made.items():
+        if getattr(settings, key) != value:
+            refuse_change(key, getattr(settings, key), value)
+    if compressed != (settings.density < 1) or compressed and storage.shape[2] != kept_per_block(settings.density, size):
+        refuse_change("density", settings.density, "another density")
+
+
+def refuse_change(key: str, value, made) -> None:
+    raise ValueError(f"Invalid {key}: {value!r} (the window was made with {made}; num_grads, grad_dtype and density "
+                     "cannot change once it exists, damp can)")

@@ -36,9 +36,9 @@ their hinv_cuda built in that folder, as the README says, their code uses its CU
 
 prints the optimizer step and the whole training step of AdamW (fused), our M-FAC dense bf16 and fp32, compressed
 (density 0.01) and the authors' M-FAC, each whole step against AdamW's, and each window's bandwidth (two passes
-per step) against a device-to-device copy measured in the same run. Then, from further steps with the device
-synchronised around each phase, where each M-FAC step goes: flattening the gradient, finding the word-embedding
-rows, storing into the window, the dots, the m × m algebra, the combine, the update, and the rest.
+per step) against a device-to-device copy measured in the same run. Then, from further steps under torch.profiler,
+where each M-FAC step goes, by the ranges the optimizer marks: flattening the gradient, storing into the window
+(finding the word embedding's rows included), the dots, the m × m algebra, the combine, the update, and the rest.
 
 With `--ranks N` (and --model_config), N processes (gloo on CPU, NCCL on GPUs) share one window with
 shard=True, each on the same batches (as DDP's averaged gradients are the same everywhere), and each prints its
@@ -61,9 +61,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mfac_optim import MFAC, algebra  # noqa: E402
 from mfac_optim.hyperparameters import GRAD_DTYPES  # noqa: E402
-from mfac_optim.compressed import CompressedRows, kept_per_block, num_blocks  # noqa: E402
-from mfac_optim.layout import Layout  # noqa: E402
-from mfac_optim.storage import DenseRows, RowSparseRows  # noqa: E402
+from mfac_optim.window import PHASE_PREFIX, PHASES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -260,13 +258,12 @@ def copy_bandwidth(num_bytes: int, device: torch.device) -> float:
     return 2 * num_bytes / fastest_seconds(lambda: target.copy_(source), 7, device)
 
 
-WINDOW_ENTRIES = ("window", "row_indices", "row_values", "compressed_values", "compressed_offsets")
-
-
 def mfac_window_bytes(optimizer: MFAC) -> int:
-    """The bytes of the window that each of a step's two passes reads."""
-    return sum(value.numel() * value.element_size() for state in optimizer.state.values()
-               for key, value in state.items() if key in WINDOW_ENTRIES)
+    """The bytes of the window that each of a step's two passes reads: its parts' stored slots."""
+    window = optimizer._window
+    parts = [window.dense, *window.sparse.values()]
+    return sum(tensor.numel() * tensor.element_size() for part in parts for name, tensor in part.state().items()
+               if name != "error")
 
 
 def authors_mfac(folder: Path, model: torch.nn.Module, num_grads: int, device: torch.device):
@@ -298,7 +295,7 @@ def benchmark_all(args: argparse.Namespace, device: torch.device) -> None:
         mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, **options)
         step, total = time_training(model, mfac, batches, device)
         rows.append((name, step, total, mfac_window_bytes(mfac)))
-        with TimedPhases(device) as phases:  # further steps, apart from the timing above
+        with ProfiledPhases(device) as phases:  # further steps, apart from the timing above
             time_training(model, mfac, batches, device)
         phase_rows.append((name, phases.medians()))
         embedding = mfac.state[model.get_input_embeddings().weight]
@@ -361,64 +358,61 @@ def cholesky_seconds(size: int, device: torch.device) -> float:
     return median_seconds(lambda: torch.linalg.cholesky(matrix), 3, device)
 
 
-# Where a step's time goes: each phase is the methods that do it, timed with the device synchronised around each
-# call (so a phase's time includes its launches and host waits; the phases of one step add up to a little more than
-# an unsynchronised step). "other" is the rest of MFAC.step: the finiteness check, the state's bookkeeping.
-PHASES = {
-    "gradient": [(MFAC, "_flat_gradient")],
-    "sparse rows": [(MFAC, "_row_sparse_gradients")],
-    "store": [(DenseRows, "store"), (RowSparseRows, "store"), (CompressedRows, "store")],
-    "dots": [(DenseRows, "dots"), (RowSparseRows, "dots"), (CompressedRows, "dots")],
-    "m×m": [(algebra.GramSystem, "insert")],
-    "combine": [(DenseRows, "combine"), (RowSparseRows, "combine"), (CompressedRows, "combine")],
-    "update": [(Layout, "assemble"), (MFAC, "_with_momentum"), (MFAC, "_update_params")],
-}
+# The whole step, as torch.optim marks it for the profiler.
+STEP_RANGE = f"Optimizer.step#{MFAC.__name__}.step"
 
 
-class TimedPhases:
-    """While active, records the seconds of the given phases (keys of PHASES; the others count as 0) of every MFAC
-    step, and of the whole step. Each timed phase adds its synchronisations to the step."""
+class ProfiledPhases:
+    """While active, torch.profiler records the ranges the optimizer marks: each phase of a step (window.PHASES)
+    and the whole step. On a GPU a phase's time is its span on the device (the profiler's annotation of the range
+    there), on the CPU its wall time. "other" is the rest of the step: the finiteness check, the bookkeeping."""
 
-    def __init__(self, device: torch.device, phases: tuple[str, ...] = tuple(PHASES)) -> None:
+    def __init__(self, device: torch.device) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         self.device = device
-        self.phases = {phase: PHASES[phase] for phase in phases}
-        self.steps: list[dict[str, float]] = []  # per MFAC.step: phase -> seconds, and "step"
-        self.originals = [(owner, name, getattr(owner, name)) for methods in self.phases.values()
-                          for owner, name in methods]
-        self.originals.append((MFAC, "step", MFAC.step))
+        self.profiler = profile(activities=activities)
 
-    def __enter__(self) -> "TimedPhases":
-        for phase, methods in self.phases.items():
-            for owner, name in methods:
-                setattr(owner, name, self._timed(getattr(owner, name), phase))
-        MFAC.step = self._timed(MFAC.step, "step", starts_a_step=True)
+    def __enter__(self) -> "ProfiledPhases":
+        self.profiler.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for owner, name, method in self.originals:
-            setattr(owner, name, method)
+        synchronize(self.device)
+        self.profiler.__exit__(*exc)
 
-    def _timed(self, method, phase: str, starts_a_step: bool = False):
-        def timed(*args, **kwargs):
-            if starts_a_step:
-                self.steps.append(dict.fromkeys(PHASES, 0.0))
-            synchronize(self.device)
-            start = time.perf_counter()
-            result = method(*args, **kwargs)
-            synchronize(self.device)
-            self.steps[-1][phase] = self.steps[-1].get(phase, 0.0) + time.perf_counter() - start
-            return result
-        return timed
+    def steps(self) -> list[dict[str, float]]:
+        """Per optimizer step: seconds of each phase, "other" and the whole "step"."""
+        from torch.autograd import DeviceType
+
+        events = self.profiler.events()
+        on_device = self.device.type == "cuda" and any(event.device_type == DeviceType.CUDA and
+                                                        event.name.startswith(PHASE_PREFIX) for event in events)
+        wanted = DeviceType.CUDA if on_device else DeviceType.CPU
+        ranges = sorted(((event.time_range.start, event.time_range.end, event.name) for event in events
+                         if event.name == STEP_RANGE and event.device_type == wanted
+                         or event.name.startswith(PHASE_PREFIX) and event.device_type == wanted))
+        steps = []
+        for start, end, name in ranges:
+            if name == STEP_RANGE:
+                steps.append({**dict.fromkeys(PHASES, 0.0), "step": (end - start) / 1e6, "_end": end})
+            elif steps and start < steps[-1]["_end"]:
+                steps[-1][name.removeprefix(PHASE_PREFIX)] += (end - start) / 1e6
+        for step in steps:
+            del step["_end"]
+            step["other"] = step["step"] - sum(step[phase] for phase in PHASES)
+        return steps
 
     def medians(self, skip: int = 1) -> dict[str, float]:
-        """Each phase's median seconds per step, and "other" (the step less its phases), over the steps after the
-        first `skip` (the first step allocates the state)."""
-        steps = [{**step, "other": step["step"] - sum(step[phase] for phase in PHASES)} for step in self.steps[skip:]]
+        """Each phase's median seconds per step over the steps after the first `skip` (the first step allocates the
+        window)."""
+        steps = self.steps()[skip:]
         return {phase: statistics.median(step[phase] for step in steps) for phase in [*PHASES, "other", "step"]}
 
 
 def print_phases(rows: list[tuple[str, dict[str, float]]]) -> None:
-    print("where an M-FAC step goes, ms (median per step; device synchronised around each phase)")
+    print("where an M-FAC step goes, ms (median per step, from torch.profiler)")
     print(f"{'optimizer':<40} " + " ".join(f"{phase:>11}" for phase in [*PHASES, "other", "step"]))
     for name, phases in rows:
         print(f"{name:<40} " + " ".join(f"{seconds * 1e3:>11.2f}" for seconds in phases.values()))
@@ -444,7 +438,7 @@ def benchmark_algebra(args: argparse.Namespace, device: torch.device) -> None:
     steps = {}
     for size in args.algebra:
         mfac = MFAC([param], lr=1e-9, num_grads=size, damp=1e-6, grad_dtype=args.grad_dtype)
-        with TimedPhases(device, phases=("m×m",)) as phases:  # the step synchronised only around its m × m part
+        with ProfiledPhases(device) as phases:
             steps[size] = time_optimizer(mfac, param, args.steps, warmup=2)
         made = int(mfac.state[param]["refactorizations"])  # 1: only the first step's
         del mfac
@@ -475,19 +469,14 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(args.params, device=device) * 0.02)
 
-    element_bytes = torch.tensor([], dtype=GRAD_DTYPES[args.grad_dtype]).element_size()
     density = args.density[0]
-    if density < 1:  # values and int16 offsets of the kept entries
-        window_bytes = num_blocks(args.params) * args.num_grads * kept_per_block(density, args.params) * (element_bytes + 2)
-    else:
-        window_bytes = args.num_grads * args.params * element_bytes
-    pass_bytes = 2 * window_bytes
-    bandwidth = read_bandwidth(min(window_bytes, 4 << 30), device)
-
     mfac = MFAC([param], lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
                 density=density)
     mfac_seconds = time_optimizer(mfac, param, args.steps, warmup=2)
+    window_bytes = mfac_window_bytes(mfac)
     del mfac
+    pass_bytes = 2 * window_bytes
+    bandwidth = read_bandwidth(min(window_bytes, 4 << 30), device)
     adamw_seconds = time_optimizer(torch.optim.AdamW([param], lr=1e-9), param, args.steps, warmup=2)
 
     achieved = pass_bytes / mfac_seconds

@@ -198,21 +198,6 @@ def test_fused_store_selects_and_feeds_back_as_the_torch_store(dtype):
         assert torch.equal(fused.to_dense(), unfused.to_dense()) and torch.equal(fused.error, unfused.error)
 
 
-def test_memory_of_the_compressed_window_by_hand():
-    model, optimizer = make(num_grads=4, grad_dtype="bfloat16")
-    set_gradients(model, torch.Generator().manual_seed(7))
-    optimizer.step()
-    blocks, kept, m = 4, kept_per_block(0.01, 3 * BLOCK + 450), 4  # 98,754 coordinates in 4 blocks of 32,768; 328 kept per block
-    # values, offsets, error, Gram matrix and factor, five counters and the factor's λ
-    state = blocks * m * kept * (2 + 2) + 4 * blocks * BLOCK + 2 * 8 * m * m + 6 * 8
-    assert optimizer.memory_bytes() == state
-    d = model.vector.numel() + model.matrix.numel()
-    bound = memory_bound_bytes([p.shape for p in model.parameters()], {}, m, "bfloat16", density=0.01)
-    # State without counters, plus the step's buffers: flat gradient and pieces, the direction over whole blocks,
-    # the unfused passes' block, and K and its factor when refactoring.
-    assert bound == state - 6 * 8 + 8 * d + 4 * blocks * BLOCK + m * 65536 * 4 + 2 * 8 * m * m
-
-
 def kept_entries(size: int, density: float, fused: bool) -> int:
     """Entries one store keeps of a gradient without zeros over `size` coordinates."""
     state = CompressedRows.allocate(2, size, density, torch.float32, "cpu")
