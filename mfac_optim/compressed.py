@@ -70,14 +70,16 @@ class CompressedRows:
         self._triton = triton_passes_for(values, accumulate_dtype)
         self._result: Optional[Tensor] = None  # the fused combine's output, reused (page faults otherwise)
 
-    @staticmethod
-    def allocate(num_grads: int, size: int, density: float, dtype: torch.dtype, device) -> dict[str, Tensor]:
+    @classmethod
+    def allocate(cls, num_grads: int, size: int, density: float, dtype: torch.dtype, accumulate_dtype: torch.dtype,
+                 device: torch.device) -> CompressedRows:
         blocks, kept = num_blocks(size), kept_per_block(density, size)
-        return {"compressed_values": torch.zeros(blocks, num_grads, kept, dtype=dtype, device=device),
-                # Empty slots point at distinct positions (their values are zero): had they all pointed at one,
-                # the combine pass would chain its read-modify-writes through that single address.
-                "compressed_offsets": torch.arange(kept, dtype=torch.int16, device=device).repeat(blocks, num_grads, 1),
-                "error": torch.zeros(blocks * BLOCK, dtype=torch.float32, device=device)}
+        values = torch.zeros(blocks, num_grads, kept, dtype=dtype, device=device)
+        # Empty slots point at distinct positions (their values are zero): had they all pointed at one, the combine
+        # pass would chain its read-modify-writes through that single address.
+        offsets = torch.arange(kept, dtype=torch.int16, device=device).repeat(blocks, num_grads, 1)
+        error = torch.zeros(blocks * BLOCK, dtype=torch.float32, device=device)
+        return cls(values, offsets, error, size, density, accumulate_dtype)
 
     def state(self) -> dict[str, Tensor]:
         return {"compressed_values": self.values, "compressed_offsets": self.offsets, "error": self.error}

@@ -35,6 +35,11 @@ class DenseRows:
         self._direction_buffer: Optional[Tensor] = None
         self._compiled = fused_passes_for(window, accumulate_dtype) or triton_passes_for(window, accumulate_dtype)
 
+    @classmethod
+    def allocate(cls, num_grads: int, columns: int, dtype: torch.dtype, accumulate_dtype: torch.dtype,
+                 device: torch.device) -> DenseRows:
+        return cls(torch.zeros(num_grads, columns, dtype=dtype, device=device), accumulate_dtype)
+
     def state(self) -> dict[str, Tensor]:
         return {"window": self.window}
 
@@ -116,7 +121,13 @@ class RowSparseRows:
         self._compiled = fused_passes_for(values, accumulate_dtype) or triton_passes_for(values, accumulate_dtype)
 
     @classmethod
-    def allocate(cls, num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    def allocate(cls, num_grads: int, capacity: int, num_rows: int, columns: int, dtype: torch.dtype,
+                 accumulate_dtype: torch.dtype, device: torch.device) -> RowSparseRows:
+        """Empty slots of `capacity` rows each, of a num_rows × columns matrix."""
+        return cls(*cls._slots(num_grads, capacity, columns, dtype, device), num_rows, accumulate_dtype)
+
+    @staticmethod
+    def _slots(num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
         return (torch.zeros(num_grads, capacity, dtype=torch.int64, device=device),
                 torch.zeros(num_grads, capacity, columns, dtype=dtype, device=device))
 
@@ -151,8 +162,8 @@ class RowSparseRows:
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, self.indices.shape[1] * self.GROWTH_NUMERATOR // self.GROWTH_DENOMINATOR)
-        indices, values = self.allocate(self.indices.shape[0], capacity, self.values.shape[2], self.values.dtype,
-                                        self.values.device)
+        indices, values = self._slots(self.indices.shape[0], capacity, self.values.shape[2], self.values.dtype,
+                                      self.values.device)
         indices[:, :self.indices.shape[1]] = self.indices
         values[:, :self.values.shape[1]] = self.values
         self.indices, self.values = indices, values

@@ -17,7 +17,7 @@ from torch.profiler import record_function
 from .algebra import GramSystem, accumulate_dtype
 from .compressed import CompressedRows, kept_per_block
 from .hyperparameters import GRAD_DTYPES, WINDOW_KEYS, resolve_grad_dtype
-from .layout import Layout, nonzero_rows, row_sparse_pays
+from .layout import Layout, nonzero_rows
 from .storage import DenseRows, RowSparseRows
 
 # The names under which a step's phases appear in torch.profiler (scripts/bench_mfac.py reads them).
@@ -96,16 +96,13 @@ class GradientWindow:
         m, dtype, device = settings.num_grads, settings.dtype, first_gradient.device
         accumulate = accumulate_dtype(m, layout.total_size)
         if settings.density < 1:
-            state = CompressedRows.allocate(m, layout.local_size, settings.density, dtype, device)
-            dense = CompressedRows(*state.values(), layout.local_size, settings.density, accumulate)
+            dense = CompressedRows.allocate(m, layout.local_size, settings.density, dtype, accumulate, device)
         else:
             layout = layout.with_row_sparse_where_it_pays(first_gradient, settings.element_size)
-            dense = DenseRows(torch.zeros(m, layout.dense_size, dtype=dtype, device=device), accumulate)
-        sparse = {}
-        for block in layout.sparse_blocks:
-            rows = len(nonzero_rows(layout.matrix(first_gradient, block)))
-            indices, values = RowSparseRows.allocate(m, max(rows, 1), block.columns, dtype, device)
-            sparse[block.index] = RowSparseRows(indices, values, block.rows, accumulate)
+            dense = DenseRows.allocate(m, layout.dense_size, dtype, accumulate, device)
+        sparse = {block.index: RowSparseRows.allocate(
+            m, max(len(nonzero_rows(layout.matrix(first_gradient, block))), 1), block.rows, block.columns, dtype,
+            accumulate, device) for block in layout.sparse_blocks}
         system = GramSystem.allocate(m, settings.damp, device)
         return cls(layout, settings, dense, sparse, system, sum_shards)
 

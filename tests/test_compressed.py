@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mfac_optim import MFAC, memory_bound_bytes
-from mfac_optim.compressed import BLOCK, CompressedRows, kept_of, kept_per_block
+from mfac_optim.compressed import BLOCK, CompressedRows, kept_of
 from mfac_optim.layout import Layout
 
 TOLERANCE = 1e-4
@@ -182,12 +182,8 @@ def test_fused_passes_equal_the_torch_passes_and_float64(dtype):
 def test_fused_store_selects_and_feeds_back_as_the_torch_store(dtype):
     size = 3 * BLOCK + 1000
     generator = torch.Generator().manual_seed(6)
-    fused_state = CompressedRows.allocate(4, size, 0.01, dtype, "cpu")
-    torch_state = {key: value.clone() for key, value in fused_state.items()}
-    fused = CompressedRows(fused_state["compressed_values"], fused_state["compressed_offsets"], fused_state["error"],
-                           size, 0.01, torch.float32)
-    unfused = CompressedRows(torch_state["compressed_values"], torch_state["compressed_offsets"],
-                             torch_state["error"], size, 0.01, torch.float32)
+    fused = CompressedRows.allocate(4, size, 0.01, dtype, torch.float32, "cpu")
+    unfused = CompressedRows.allocate(4, size, 0.01, dtype, torch.float32, "cpu")
     assert fused._fused is not None
     unfused._fused = None
     for slot in range(6):  # wraps once
@@ -200,8 +196,7 @@ def test_fused_store_selects_and_feeds_back_as_the_torch_store(dtype):
 
 def kept_entries(size: int, density: float, fused: bool) -> int:
     """Entries one store keeps of a gradient without zeros over `size` coordinates."""
-    state = CompressedRows.allocate(2, size, density, torch.float32, "cpu")
-    rows = CompressedRows(*state.values(), size, density, torch.float32)
+    rows = CompressedRows.allocate(2, size, density, torch.float32, torch.float32, "cpu")
     if not fused:
         rows._fused = None
     rows.store(0, torch.randn(size, generator=torch.Generator().manual_seed(size)) + 3.0)  # no zero entry

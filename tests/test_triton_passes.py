@@ -52,7 +52,7 @@ def test_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch, g
 def test_compressed_passes_equal_float64_and_the_combine_repeats_bit_for_bit(monkeypatch, dtype, runs):
     monkeypatch.setattr(triton_passes, "PARTIAL_BYTES", 4 * 4 * BLOCK * runs)
     size, generator = 3 * BLOCK + 100, torch.Generator().manual_seed(1)
-    rows = CompressedRows(*CompressedRows.allocate(6, size, 0.01, dtype, "cpu").values(), size, 0.01, torch.float32)
+    rows = CompressedRows.allocate(6, size, 0.01, dtype, torch.float32, "cpu")
     for slot in range(5):  # slot 5 stays empty: its offsets are the initial distinct ones, its values zero
         rows.store(slot, torch.randn(size, generator=generator) * torch.exp(2 * torch.randn(size, generator=generator)))
     values, offsets = rows.values.to(DEVICE), rows.offsets.to(DEVICE)

@@ -14,7 +14,6 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import run_glue
 from mfac_optim.glue import command_line as glue_command_line
 from mfac_optim.glue import data as glue_data
 
