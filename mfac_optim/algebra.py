@@ -107,6 +107,10 @@ class GramSystem:
         gram = torch.zeros(num_grads, num_grads, dtype=torch.float64, device=device)
         return cls(gram, **cls.empty_factor(gram), damp=damp)
 
+    @classmethod
+    def from_state(cls, saved: dict[str, Tensor], damp: float) -> GramSystem:
+        return cls(saved["gram"], saved["factor"], saved["factor_damp"], saved["refactorizations"], damp)
+
     @staticmethod
     def empty_factor(gram: Tensor) -> dict[str, Tensor]:
         """A factor made for no λ (NaN): the next insert makes it from S, as when λ changes."""

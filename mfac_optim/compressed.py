@@ -81,8 +81,23 @@ class CompressedRows:
         error = torch.zeros(blocks * BLOCK, dtype=torch.float32, device=device)
         return cls(values, offsets, error, size, density, accumulate_dtype)
 
+    @classmethod
+    def from_state(cls, saved: dict[str, Tensor], size: int, density: float,
+                   accumulate_dtype: torch.dtype) -> CompressedRows:
+        return cls(saved["compressed_values"], saved["compressed_offsets"], saved["error"], size, density,
+                   accumulate_dtype)
+
     def state(self) -> dict[str, Tensor]:
         return {"compressed_values": self.values, "compressed_offsets": self.offsets, "error": self.error}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def kept(self) -> int:
+        """Entries a slot stores per block."""
+        return self.values.shape[2]
 
     @property
     def num_grads(self) -> int:

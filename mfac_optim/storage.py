@@ -40,6 +40,14 @@ class DenseRows:
                  device: torch.device) -> DenseRows:
         return cls(torch.zeros(num_grads, columns, dtype=dtype, device=device), accumulate_dtype)
 
+    @classmethod
+    def from_state(cls, saved: dict[str, Tensor], accumulate_dtype: torch.dtype) -> DenseRows:
+        return cls(saved["window"], accumulate_dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.window.dtype
+
     def state(self) -> dict[str, Tensor]:
         return {"window": self.window}
 
@@ -125,6 +133,10 @@ class RowSparseRows:
                  accumulate_dtype: torch.dtype, device: torch.device) -> RowSparseRows:
         """Empty slots of `capacity` rows each, of a num_rows × columns matrix."""
         return cls(*cls._slots(num_grads, capacity, columns, dtype, device), num_rows, accumulate_dtype)
+
+    @classmethod
+    def from_state(cls, saved: dict[str, Tensor], num_rows: int, accumulate_dtype: torch.dtype) -> RowSparseRows:
+        return cls(saved["row_indices"], saved["row_values"], num_rows, accumulate_dtype)
 
     @staticmethod
     def _slots(num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:

@@ -112,18 +112,13 @@ class GradientWindow:
                    sum_shards: Optional[Callable[[Tensor], Tensor]] = None) -> GradientWindow:
         """The window over saved tensors (used as they are, not copied). `layout` names the row-sparse blocks,
         `parts` their tensors by parameter index; `shared` holds the rest."""
-        check_saved_window_matches(shared, settings, layout.dense_size)
         accumulate = accumulate_dtype(settings.num_grads, layout.total_size)
-        if "window" in shared:
-            dense = DenseRows(shared["window"], accumulate)
-        else:
-            dense = CompressedRows(shared["compressed_values"], shared["compressed_offsets"], shared["error"],
-                                   layout.local_size, settings.density, accumulate)
-        sparse = {block.index: RowSparseRows(parts[block.index]["row_indices"], parts[block.index]["row_values"],
-                                             block.rows, accumulate)
+        dense = DenseRows.from_state(shared, accumulate) if "window" in shared else \
+            CompressedRows.from_state(shared, layout.local_size, settings.density, accumulate)
+        sparse = {block.index: RowSparseRows.from_state(parts[block.index], block.rows, accumulate)
                   for block in layout.sparse_blocks}
-        system = GramSystem(shared["gram"], shared["factor"], shared["factor_damp"], shared["refactorizations"],
-                            settings.damp)
+        system = GramSystem.from_state(shared, settings.damp)
+        check_saved_window_matches(dense, system, settings)
         return cls(layout, settings, dense, sparse, system, sum_shards)
 
     def state(self) -> tuple[dict[str, Tensor], dict[int, dict[str, Tensor]]]:
@@ -194,17 +189,16 @@ class GradientWindow:
         return self.layout.to_flat(self.dense.to_dense(), {index: part.to_dense() for index, part in self.sparse.items()})
 
 
-def check_saved_window_matches(shared: dict[str, Tensor], settings: WindowSettings, size: int) -> None:
+def check_saved_window_matches(dense: Union[DenseRows, CompressedRows], system: GramSystem,
+                               settings: WindowSettings) -> None:
     """A saved window fixes num_grads, grad_dtype and density (damp may change: the factor is remade for it). A
-    different setting would be ignored, so it is an error naming the key. `size`: the local coordinates the dense
-    or compressed storage covers."""
-    storage = shared["window"] if "window" in shared else shared["compressed_values"]
-    compressed = "compressed_values" in shared
-    made = {"num_grads": shared["gram"].shape[0], "grad_dtype": resolve_grad_dtype(storage.dtype)}
+    different setting would be ignored, so it is an error naming the key."""
+    made = {"num_grads": system.num_grads, "grad_dtype": resolve_grad_dtype(dense.dtype)}
     for key, value in made.items():
         if getattr(settings, key) != value:
             refuse_change(key, getattr(settings, key), value)
-    if compressed != (settings.density < 1) or compressed and storage.shape[2] != kept_per_block(settings.density, size):
+    compressed = isinstance(dense, CompressedRows)
+    if compressed != (settings.density < 1) or compressed and dense.kept != kept_per_block(settings.density, dense.size):
         refuse_change("density", settings.density, "another density")
 
 
