@@ -80,8 +80,9 @@ def exit_with_usage_error(message: str) -> NoReturn:
 
 
 def checkpoint_to_resume(training_args) -> Optional[str]:
-    """--resume_from_checkpoint, else the last checkpoint in an existing output_dir: HF's script did this until
-    transformers 4.5x, and scripts/sweep.py relies on it to resume an interrupted run."""
+    """--resume_from_checkpoint, else the last checkpoint in an existing output_dir: HF's script did this in
+    transformers 4 (its 4.57 version no longer does), and scripts/sweep.py relies on it to resume an interrupted
+    run."""
     if training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
         return get_last_checkpoint(training_args.output_dir)
     return training_args.resume_from_checkpoint
