@@ -43,10 +43,15 @@ def kept_per_block(density: float, size: int) -> int:
     return kept_of(density, min(size, BLOCK))
 
 
+def last_block_size(size: int) -> int:
+    """The coordinates the last block of a window over `size` coordinates really holds."""
+    return size - (num_blocks(size) - 1) * BLOCK
+
+
 def kept_in_last_block(density: float, size: int) -> int:
     """The last block's share of its real coordinates: its storage has room for a full block's, the rest of
     which holds zeros at positions past the window's end."""
-    return kept_of(density, size - (num_blocks(size) - 1) * BLOCK)
+    return kept_of(density, last_block_size(size))
 
 
 class CompressedRows:
@@ -134,7 +139,7 @@ class CompressedRows:
 
     def _last_block_positions(self, accumulated: Tensor) -> Tensor:
         """The last block's largest |a| among its real coordinates, then distinct padding positions past them."""
-        real = self.size - (self.values.shape[0] - 1) * BLOCK
+        real = last_block_size(self.size)
         chosen = torch.topk(accumulated[:real].abs(), self.last_kept, sorted=False).indices
         padding = torch.arange(real, real + self.values.shape[2] - self.last_kept, device=chosen.device)
         return torch.cat([chosen, padding])

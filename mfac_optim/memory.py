@@ -25,7 +25,7 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
     capacity's growth; every other parameter is counted as dense. With density < 1 the compressed window replaces
     both.
     """
-    element_size = torch.tensor([], dtype=GRAD_DTYPES[resolve_grad_dtype(grad_dtype)]).element_size()
+    element_size = GRAD_DTYPES[resolve_grad_dtype(grad_dtype)].itemsize
     layout = Layout(tuple(shapes), world_size=world_size)
     total, local = layout.total_size, layout.largest_local_size
     accumulate_size = accumulate_dtype(num_grads, total).itemsize

@@ -167,13 +167,12 @@ class MFAC(Optimizer):
         check_window_settings(self.param_groups)
         settings = WindowSettings.of(self.param_groups[0])
         layout, shared = self._stored_layout(), self._shared_state()
-        if self._window is not None:
-            check_shard_position(shared, layout)
-            self._window.follow(settings)
-            return self._window
         sum_shards = sum_over_processes if layout.world_size > 1 else None
         if "gram" in shared:
             check_shard_position(shared, layout)
+        if self._window is not None:
+            self._window.follow(settings)
+        elif "gram" in shared:
             params = self._params()
             parts = {index: self.state[params[index]] for index in layout.row_sparse}
             self._window = GradientWindow.from_state(layout, settings, shared, parts, sum_shards)

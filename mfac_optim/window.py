@@ -70,7 +70,7 @@ class WindowSettings:
 
     @property
     def element_size(self) -> int:
-        return torch.tensor([], dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
 
 class GradientWindow:
