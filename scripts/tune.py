@@ -373,7 +373,7 @@ def search(args: argparse.Namespace, extra: list[str]) -> int:
                          "the search never reads it)")
     args.study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported once, by main()
-    # A stop by SIGTERM (a session's end) goes through the same path as Ctrl-C: the running trial is marked.
+    # A stop by SIGTERM (a scheduler's time limit) goes through the same path as Ctrl-C: the running trial is marked.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with StudyLock(args.study_dir / f"{space.name}.lock"):
         study_search = Search(args, base, space)
