@@ -221,6 +221,13 @@ def final_config(config: dict[str, Any], data: Path, name: str) -> dict[str, Any
             "validation_file": dev_set_file(config, data), "output_dir": f"runs/{name}"}
 
 
+def resumed_sampler(seed: int, trials_so_far: int) -> optuna.samplers.TPESampler:
+    """TPE for a study that holds `trials_so_far` trials. A seeded sampler in a new process draws its random values
+    from the start of its sequence again: a resumed search seeded as at its start would repeat its first trials'
+    parameters. Offsetting the seed by the trials already run keeps a resumed search reproducible and new."""
+    return optuna.samplers.TPESampler(seed=seed + trials_so_far, n_startup_trials=STARTUP_TRIALS)
+
+
 class Search:
     """One optimizer's study in a study folder: runs trials until the budget is met, resuming a stopped search."""
 
@@ -232,8 +239,8 @@ class Search:
         self.study = optuna.create_study(
             study_name=space.name, storage=self.storage, load_if_exists=True,
             direction="minimize" if self.metric in MINIMIZED else "maximize",
-            sampler=optuna.samplers.TPESampler(seed=args.sampler_seed, n_startup_trials=STARTUP_TRIALS),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS))
+        self.study.sampler = resumed_sampler(args.sampler_seed, len(self.study.get_trials(deepcopy=False)))
         self.check_same_setting()
 
     def setting(self) -> dict[str, Any]:

@@ -172,9 +172,14 @@ def test_small_study_resumes_never_reads_dev_and_writes_a_config_sweep_runs(smal
     assert retry.params == lost_params and retry.user_attrs["retry_of"] == interrupted.number
     assert sum(trial.state in (TrialState.COMPLETE, TrialState.PRUNED) for trial in trials) == 3
 
-    run_search(small_study, "mfac", trials=3)
+    # A search resumed in a new run draws new parameters: a seeded sampler started again would repeat trial 0's.
+    run_search(small_study, "adamw", trials=4)
+    *earlier, resumed = load(small_study, "adamw").trials
+    assert all(resumed.params != trial.params for trial in earlier)
+
+    run_search(small_study, "mfac", trials=4)
     mfac_trials = load(small_study, "mfac").trials
-    assert len(mfac_trials) == 3 and {trial.params["num_grads"] for trial in mfac_trials} <= {2, 4}
+    assert len(mfac_trials) == 4 and {trial.params["num_grads"] for trial in mfac_trials} <= {2, 4}
 
     # Every trial trained on the carved part and was scored on the 48 carved examples, never on the dev file.
     for trial_dir in (small_study.study_dir / "trials").glob("*/*"):
@@ -203,7 +208,7 @@ def test_small_study_resumes_never_reads_dev_and_writes_a_config_sweep_runs(smal
     capsys.readouterr()
     assert tune.main(["--report", str(small_study.study_dir)]) == 0
     report = capsys.readouterr().out
-    assert "equal budgets: 3 trials each" in report
+    assert "equal budgets: 4 trials each" in report
     assert (f"trials train on 64 of the {split['train']} examples of the training part and are scored on a "
             "validation split of 48") in report
     assert "adamw trials, in the order they finished:" in report
