@@ -71,7 +71,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         "are minimised, the others maximised)")
     parser.add_argument("--validation_size", type=float, default=0.1,
                         help="examples carved from the training file for selection: a fraction < 1, or a count")
-    parser.add_argument("--sampler_seed", type=int, default=0, help="seed of the TPE sampler and the data split")
+    parser.add_argument("--sampler_seed", type=int, default=0,
+                        help="seed of the data split and of the TPE sampler (a resumed study adds the trials it holds)")
     parser.add_argument("--report", type=Path, metavar="STUDY_DIR",
                         help="print the studies in STUDY_DIR side by side and plot them (STUDY_DIR/tuning.png)")
     args = parser.parse_args(argv)
