@@ -21,7 +21,8 @@ OUTPUT_ROOT=${OUTPUT_ROOT:-runs/fair}
 EVIDENCE_DIR=${EVIDENCE_DIR:-}
 
 # One epoch of at most a few thousand examples per task (the cards train 3 or 5 epochs on the full files): what a
-# 2-core CPU affords for 3 optimizers x 12 trials and 25 seed runs per task: about 3 hours each for STS-B and MRPC.
+# 2-core CPU affords for 3 optimizers x 12 trials and 25 seed runs per task: about 3 hours each for STS-B and MRPC,
+# 5 for SST-2.
 COMMON=(--model_name_or_path "$MODEL" --max_seq_length 128 --pad_to_max_length false --num_train_epochs 1
         --per_device_eval_batch_size 64 --logging_steps 10 --eval_strategy steps --eval_steps 0.25
         --save_strategy no --report_to none --disable_tqdm true)
