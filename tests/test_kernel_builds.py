@@ -1,5 +1,13 @@
 """The CPU kernels are built for a fixed instruction set, chosen from the CPU's features, never for the building
-machine (-march=native): a build cache shared between CPUs must never serve a binary a CPU cannot run."""
+machine (-march=native): a build cache shared between CPUs must never serve a binary a CPU cannot run. A process
+that dies during a build (or during the brief build check of every load) must never block the next one."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,3 +62,62 @@ def test_a_cpu_without_avx2_builds_and_loads_its_own_portable_module(cpu, monkey
     coefficients = torch.randn(5, dtype=torch.float64, generator=generator)
     torch.testing.assert_close(rows.combine(coefficients).double(), exact.T @ coefficients.float().double(),
                                rtol=1e-5, atol=1e-5)
+
+
+# A child that takes the build folder as cpu_passes does and marks a build in progress as torch's builder does.
+HOLD_THE_BUILD = r"""
+import os, sys, time
+from mfac_optim.kernels import exclusive_build
+with exclusive_build(sys.argv[1]):
+    open(os.path.join(sys.argv[1], "lock"), "w").close()
+    print("building", flush=True)
+    time.sleep(600)
+"""
+
+# A child that loads the kernels as the optimizer does, on a machine whose last build was cut short.
+LOAD_THE_KERNELS = r"""
+from mfac_optim.kernels import cpu_passes
+assert cpu_passes() is not None, "no kernels"
+print("loaded")
+"""
+
+
+def start_holding_the_build(build_directory: str) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_BUILD, build_directory], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline() == "building\n"
+    return holder
+
+
+def test_a_build_cut_short_by_a_killed_process_does_not_block_the_next_load():
+    from torch.utils.cpp_extension import _get_build_directory
+
+    assert kernels.cpu_passes() is not None  # built (or found) before the build is cut short
+    build_directory = _get_build_directory(f"mfac_cpu_kernels_{kernels.instruction_set()}", False)
+    holder = start_holding_the_build(build_directory)
+    holder.send_signal(signal.SIGKILL)  # what a session's end or a timeout does: no cleanup runs
+    holder.wait(timeout=60)
+    assert Path(build_directory, "lock").exists()  # torch's builder alone would wait for it without end
+    loaded = subprocess.run([sys.executable, "-c", LOAD_THE_KERNELS], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and loaded.stdout == "loaded\n", loaded.stderr[-3000:]
+    assert "left by a kernel build whose process died" in loaded.stderr
+    assert not Path(build_directory, "lock").exists()
+
+
+def test_a_build_in_progress_is_waited_for_and_its_lock_left_alone(tmp_path):
+    holder = start_holding_the_build(str(tmp_path))
+    waiter = subprocess.Popen([sys.executable, "-W", "error", "-c",
+                               "import sys; from mfac_optim.kernels import exclusive_build\n"
+                               "with exclusive_build(sys.argv[1]): print('my turn')", str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        assert waiter.poll() is None and (tmp_path / "lock").exists()
+        os.remove(tmp_path / "lock")  # the build finishes: torch's builder removes its lock, then its holder exits
+        holder.terminate()
+        out, err = waiter.communicate(timeout=60)
+        assert waiter.returncode == 0 and out == "my turn\n", err  # -W error: no warning of a removed lock
+    finally:
+        for child in (holder, waiter):
+            child.kill()
+            child.wait()

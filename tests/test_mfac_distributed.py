@@ -193,7 +193,8 @@ def run_glue_args(tiny_bert: Path, glue_dir: Path, output_dir: Path, *extra: str
 def torchrun(args: list[str]) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "run_glue.py"), *args]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

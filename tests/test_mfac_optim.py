@@ -1,7 +1,5 @@
 """MFAC against a dense float64 reference written here from the paper's definitions, plus its plumbing."""
 import io
-import os
-import time
 import warnings
 
 import pytest
@@ -9,7 +7,7 @@ import torch
 
 from mfac_optim import MFAC, algebra, memory_bound_bytes
 from mfac_optim.hyperparameters import GRAD_DTYPES
-from mfac_optim.kernels import _remove_stale_build_lock, cpu_passes
+from mfac_optim.kernels import cpu_passes
 from mfac_optim.storage import DenseRows
 
 TOLERANCE = 1e-4
@@ -484,13 +482,3 @@ def test_cuda_matches_dense_reference(grad_dtype):
     optimizer.step()
     assert optimizer.state[p]["window"].device.type == "cuda"
 
-
-def test_a_stale_kernel_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
-    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
-    stale.write_bytes(b"")
-    fresh.write_bytes(b"")
-    os.utime(stale, (time.time() - 3600, time.time() - 3600))
-    with pytest.warns(UserWarning, match="removing the stale lock"):
-        _remove_stale_build_lock(str(stale))
-    _remove_stale_build_lock(str(fresh))
-    assert not stale.exists() and fresh.exists()

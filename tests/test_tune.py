@@ -223,11 +223,14 @@ def test_search_stopped_by_sigterm_resumes_with_the_interrupted_trial(small_stud
                "--validation_size", "48", *small_study.extra]
     search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     trial_log = small_study.study_dir / "trials" / "adamw" / "0" / "trial.log"
-    deadline = time.monotonic() + 120
-    while not (trial_log.is_file() and trial_log.stat().st_size > 0) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    search.send_signal(signal.SIGTERM)  # what a machine that shuts down sends first
-    _, err = search.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not (trial_log.is_file() and trial_log.stat().st_size > 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        search.send_signal(signal.SIGTERM)  # what a machine that shuts down sends first
+        _, err = search.communicate(timeout=60)
+    finally:
+        search.kill()  # a search that ignored the signal must not outlive the test
     assert search.returncode == 130 and "interrupted; the same command resumes the search" in err
     stopped = load(small_study, "adamw").trials
     assert [trial.state for trial in stopped] == [TrialState.FAIL] and stopped[0].user_attrs["interrupted"]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -73,25 +73,34 @@ def cpu_passes():
             target = instruction_set()
             name = f"mfac_cpu_kernels_{target}"
             # The folder torch builds in (per Python and torch flavour); private, but stable since torch 1.x.
-            _remove_stale_build_lock(os.path.join(_get_build_directory(name, False), "lock"))
-            _cpu_passes = load(name=name, sources=[str(SOURCES / source) for source in CPP_SOURCES],
-                               extra_cflags=["-O3", *architecture_flags(target), "-fopenmp"], extra_ldflags=["-fopenmp"])
-        except Exception as error:  # no compiler, no ninja, unsupported platform
+            with exclusive_build(_get_build_directory(name, False)):
+                _cpu_passes = load(name=name, sources=[str(SOURCES / source) for source in CPP_SOURCES],
+                                   extra_cflags=["-O3", *architecture_flags(target), "-fopenmp"],
+                                   extra_ldflags=["-fopenmp"])
+        except Exception as error:  # no compiler, no ninja, unsupported platform (no fcntl: Windows)
             warnings.warn(f"MFAC: fused CPU kernels unavailable ({type(error).__name__}: {error}); using torch passes")
             _cpu_passes = False
     return _cpu_passes or None
 
 
-def _remove_stale_build_lock(path: str, max_age_seconds: float = 600) -> None:
-    """torch's builder waits, without end, for the lock file of a build in progress; a process killed during
-    the build (about a minute) leaves the file behind, and every later process would hang on it."""
-    try:
-        age = time.time() - os.path.getmtime(path)
-    except FileNotFoundError:
-        return
-    if age > max_age_seconds:
-        warnings.warn(f"MFAC: removing the stale lock {path} left {age / 60:.0f} minutes ago by a kernel build")
-        os.remove(path)
+@contextmanager
+def exclusive_build(build_directory: str) -> Iterator[None]:
+    """Holds the build folder for one process at a time, with a lock that dies with its holder.
+
+    torch's builder marks a build in progress with a lock file and waits, without end, for it to go; every load
+    takes that file, even when nothing needs building. A process killed while holding it (a job or session that ends,
+    a timeout's kill, the out-of-memory killer) leaves the file behind, and every later process would hang.
+    The kernel releases a flock when its holder dies, so whoever holds the flock knows that any lock file it finds
+    was left by a dead process, and removes it."""
+    import fcntl
+
+    torch_lock = os.path.join(build_directory, "lock")
+    with open(os.path.join(build_directory, "mfac_build.flock"), "a") as flock_file:
+        fcntl.flock(flock_file, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        if os.path.exists(torch_lock):
+            warnings.warn(f"MFAC: removing {torch_lock}, left by a kernel build whose process died")
+            os.remove(torch_lock)
+        yield
 
 
 def triton_passes_for(storage: torch.Tensor, accumulate_dtype: torch.dtype) -> Optional[object]:
