@@ -82,9 +82,14 @@ print("loaded")
 """
 
 
+# The children import the package this test imported (the source tree, or in the nested run the installed copy):
+# kernels loaded from another copy's sources would be rebuilt.
+SAME_PACKAGE = {**os.environ, "PYTHONPATH": str(Path(kernels.__file__).parents[2])}
+
+
 def start_holding_the_build(build_directory: str) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_BUILD, build_directory], stdout=subprocess.PIPE,
-                              text=True)
+                              text=True, env=SAME_PACKAGE)
     assert holder.stdout.readline() == "building\n"
     return holder
 
@@ -98,7 +103,8 @@ def test_a_build_cut_short_by_a_killed_process_does_not_block_the_next_load():
     holder.send_signal(signal.SIGKILL)  # what a session's end or a timeout does: no cleanup runs
     holder.wait(timeout=60)
     assert Path(build_directory, "lock").exists()  # torch's builder alone would wait for it without end
-    loaded = subprocess.run([sys.executable, "-c", LOAD_THE_KERNELS], capture_output=True, text=True, timeout=300)
+    loaded = subprocess.run([sys.executable, "-c", LOAD_THE_KERNELS], capture_output=True, text=True, timeout=300,
+                            env=SAME_PACKAGE)
     assert loaded.returncode == 0 and loaded.stdout == "loaded\n", loaded.stderr[-3000:]
     assert "left by a kernel build whose process died" in loaded.stderr
     assert not Path(build_directory, "lock").exists()
@@ -106,17 +112,17 @@ def test_a_build_cut_short_by_a_killed_process_does_not_block_the_next_load():
 
 def test_a_build_in_progress_is_waited_for_and_its_lock_left_alone(tmp_path):
     holder = start_holding_the_build(str(tmp_path))
-    waiter = subprocess.Popen([sys.executable, "-W", "error", "-c",
+    waiter = subprocess.Popen([sys.executable, "-W", "error:MFAC", "-c",
                                "import sys; from mfac_optim.kernels import exclusive_build\n"
                                "with exclusive_build(sys.argv[1]): print('my turn')", str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SAME_PACKAGE)
     try:
         time.sleep(3)
         assert waiter.poll() is None and (tmp_path / "lock").exists()
         os.remove(tmp_path / "lock")  # the build finishes: torch's builder removes its lock, then its holder exits
         holder.terminate()
         out, err = waiter.communicate(timeout=60)
-        assert waiter.returncode == 0 and out == "my turn\n", err  # -W error: no warning of a removed lock
+        assert waiter.returncode == 0 and out == "my turn\n", err  # -W error:MFAC: no warning of a removed lock
     finally:
         for child in (holder, waiter):
             child.kill()
