@@ -90,7 +90,11 @@ SAME_PACKAGE = {**os.environ, "PYTHONPATH": str(Path(kernels.__file__).parents[2
 def start_holding_the_build(build_directory: str) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_BUILD, build_directory], stdout=subprocess.PIPE,
                               text=True, env=SAME_PACKAGE)
-    assert holder.stdout.readline() == "building\n"
+    line = holder.stdout.readline()
+    if line != "building\n":  # a holder that never started must not keep the build folder for its 600 s
+        holder.kill()
+        holder.wait()
+        pytest.fail(f"the child holding the build printed {line!r}")
     return holder
 
 
