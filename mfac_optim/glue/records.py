@@ -2,6 +2,7 @@
 schedule, optimizer with its arguments), never folder names."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -38,10 +39,33 @@ def run_record(model_args, data_args, training_args) -> dict[str, Any]:
     }
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first a folder holds is what its hash stands for
+HASHED_PREFIX_LENGTH = 16  # hex digits of sha256 kept: enough to tell two weight files apart
+
+
 def model_source_record(source: str) -> str:
-    """A Hub id as given; a local folder as its absolute, symlink-free path, so that runs of one model group
-    together however the folder was spelled."""
-    return str(Path(source).resolve()) if os.path.isdir(source) else source
+    """A Hub id as given; a local folder as its last two names and a hash of its weights (`pkg/model@sha256:…`),
+    never its path, so that records carry no machine's paths and runs of one model group together wherever it
+    lies."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return source
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    name = "/".join(folder.resolve().parts[-2:])
+    return name if weights is None else f"{name}@sha256:{file_sha256(weights)[:HASHED_PREFIX_LENGTH]}"
+
+
+def file_source_record(path: str) -> str:
+    """A data file as its name and a hash of its bytes: what a study records instead of the path."""
+    return f"{Path(path).name}@sha256:{file_sha256(Path(path))[:HASHED_PREFIX_LENGTH]}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def optimizer_record(training_args) -> dict[str, Any]:
