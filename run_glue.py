@@ -60,7 +60,7 @@ from mfac_optim.glue.command_line import exit_with_usage_error, parse_and_check_
 from mfac_optim.glue.data import TASK_LABELS, TASK_TO_KEYS, check_data_arguments, sentence_keys
 from mfac_optim.glue.metrics import GlueMetric
 from mfac_optim.glue.model_types import check_model_arguments, hub_options, load_config, load_tokenizer
-from mfac_optim.glue.records import write_run_info
+from mfac_optim.glue.records import write_eval_predictions, write_run_info
 from mfac_optim.hf_arguments import MFACTrainingArguments
 from mfac_optim.hf_trainer import MFACTrainer, check_mfac_fits, mfac_memory_bound
 
@@ -535,7 +535,14 @@ def main(argv=None, callbacks=None):
         combined = {}
 
         for eval_dataset, task in zip(eval_datasets, tasks):
-            metrics = trainer.evaluate(eval_dataset=eval_dataset)
+            # M-FAC fork: the per-example predictions are kept beside the metrics (eval_predictions_<task>.tsv), for
+            # intervals over examples; the metrics are logged as Trainer.evaluate logs them.
+            evaluation = trainer.predict(eval_dataset, metric_key_prefix="eval")
+            metrics = evaluation.metrics
+            trainer.log(metrics)
+            if trainer.is_world_process_zero():
+                write_eval_predictions(training_args.output_dir, task, evaluation.predictions, evaluation.label_ids,
+                                       is_regression)
 
             max_eval_samples = (
                 data_args.max_eval_samples if data_args.max_eval_samples is not None else len(eval_dataset)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 # One optimizer state file per process for a sharded M-FAC window (the name HF uses for per-rank optimizer state).
 SHARD_STATE = "rank{rank}-of-{world_size}-" + OPTIMIZER_NAME
 MODEL_CARD = "README.md"  # where Trainer.create_model_card writes
+TRAIN_SECONDS = "train_seconds"  # an evaluation's log entry: training time up to it, evaluations excluded
 
 
 def mfac_is_sharded(training_args) -> bool:
@@ -52,17 +54,51 @@ class OptimizerMemoryLogger(TrainerCallback):
         logger.info("Optimizer state: %.3f GiB (%s)%s", self.measured_bytes / 2**30, type(inner).__name__, estimate)
 
 
+class TrainingClock(TrainerCallback):
+    """Adds to each evaluation's entry of the log history, and to the entry that ends training, `train_seconds`:
+    the wall time spent training up to it with the evaluations' own time taken out (the time-to-result clock, as
+    AlgoPerf keeps it), and
+    `load_average`, the machine's 1-minute load then, which tells whether the run had the cores to itself. A
+    resumed run's clock goes on from the last time its history recorded."""
+
+    def __init__(self) -> None:
+        self.started: Optional[float] = None
+        self.stopped: Optional[float] = None
+        self.offset = 0.0
+        self.evaluating = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.stopped, self.evaluating = time.perf_counter(), None, 0.0
+        self.offset = max((entry[TRAIN_SECONDS] for entry in state.log_history if TRAIN_SECONDS in entry), default=0.0)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.stopped = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Evaluation entries (they have a `*_runtime`) and the end-of-training entry (`train_runtime`: the
+        clock's final reading) get the clock."""
+        if self.started is None or not logs or not any(key.endswith("_runtime") for key in logs):
+            return
+        if self.stopped is None and "train_runtime" not in logs:
+            self.evaluating += next(value for key, value in logs.items() if key.endswith("_runtime"))
+        now = self.stopped if self.stopped is not None else time.perf_counter()
+        state.log_history[-1][TRAIN_SECONDS] = round(self.offset + now - self.started - self.evaluating, 3)
+        if hasattr(os, "getloadavg"):
+            state.log_history[-1]["load_average"] = round(os.getloadavg()[0], 2)
+
+
 class MFACTrainer(Trainer):
     """HF's Trainer, plus: with `args.optim == "mfac"` it builds MFAC from `args.mfac`; a sharded window saves and
     loads one state file per process (HF saves the optimizer state from the main process alone, which would lose
-    the other processes' shards). `optimizer_memory_bound`: the bound to log beside the measured state."""
+    the other processes' shards). `optimizer_memory_bound`: the bound to log beside the measured state. Each
+    evaluation's log entry gets the training seconds up to it (TrainingClock)."""
 
     def __init__(self, *args, optimizer_memory_bound: Optional[int] = None, **kwargs) -> None:
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if getattr(training_args, "optim", None) == MFAC_NAME and kwargs.get("optimizer_cls_and_kwargs") is None:
             kwargs["optimizer_cls_and_kwargs"] = (MFAC, training_args.mfac.kwargs())
         self.memory_logger = OptimizerMemoryLogger(optimizer_memory_bound)
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.memory_logger]
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.memory_logger, TrainingClock()]
         super().__init__(*args, **kwargs)
 
     @property

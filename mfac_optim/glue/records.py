@@ -6,11 +6,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+import numpy as np
 
 from ..hf_arguments import MFAC_NAME
 
 RUN_INFO = "run_info.json"
+EVAL_PREDICTIONS = "eval_predictions_{task}.tsv"  # one row per evaluation example: index, prediction, label
 
 
 def write_run_info(output_dir: str, model_args, data_args, training_args) -> dict[str, Any]:
@@ -81,3 +84,17 @@ def optimizer_record(training_args) -> dict[str, Any]:
         "adam_beta2": training_args.adam_beta2,
         "adam_epsilon": training_args.adam_epsilon,
     }
+
+
+def write_eval_predictions(output_dir: str, task: Optional[str], predictions, labels, is_regression: bool) -> Path:
+    """The evaluation set's predictions beside its labels, one example per row in the set's order: a score for
+    regression, the predicted class id for classification (the model's outputs are logits)."""
+    outputs = predictions[0] if isinstance(predictions, tuple) else predictions
+    outputs = np.squeeze(outputs) if is_regression else np.argmax(outputs, axis=1)
+    path = Path(output_dir, EVAL_PREDICTIONS.format(task=task or "custom"))
+    with open(path, "w") as handle:
+        handle.write("index\tprediction\tlabel\n")
+        for index, (prediction, label) in enumerate(zip(np.atleast_1d(outputs), np.atleast_1d(labels))):
+            handle.write(f"{index}\t{prediction:.6g}\t{label:.6g}\n" if is_regression else
+                         f"{index}\t{int(prediction)}\t{int(label)}\n")
+    return path
