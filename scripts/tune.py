@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,7 @@ from typing import Any, Iterable, Optional
 
 import datasets
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,6 +65,7 @@ HF_DEFAULT_EPOCHS = 3.0  # TrainingArguments.num_train_epochs when a config give
 HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 300
 RETRIES = 3  # runs of one trial's parameters after its worker died, before the study gives up on them
+STORAGE_ATTEMPTS = 5
 MAIN_METRIC = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}  # else accuracy
 USAGE_EXIT = 2  # run_glue.py's status for a mistake in its arguments
 MINIMIZED = ("loss", "mse")  # metrics where lower is better; every other one is maximised
@@ -93,7 +96,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--validation_size", type=float, default=0.1,
                         help="examples carved from the training file for selection: a fraction < 1, or a count")
     parser.add_argument("--sampler_seed", type=int, default=0,
-                        help="seed of the data split and of the TPE sampler (a resumed study adds the trials it holds)")
+                        help="seed of the data split and of the TPE sampler (each trial adds its number)")
     parser.add_argument("--report", type=Path, metavar="STUDY_DIR",
                         help="print the studies in STUDY_DIR side by side and plot them (STUDY_DIR/tuning.png)")
     args = parser.parse_args(argv)
@@ -174,9 +177,13 @@ def glue_from_hub(config: dict[str, Any], split: str):
 
 
 def write_jsonl(examples, rows: Iterable[int], path: Path) -> None:
-    with open(path, "w") as handle:
+    """Written whole, then moved into place: workers that start together carve the same split, and none of them
+    reads a file another is still writing."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with open(partial, "w") as handle:
         for row in rows:
             handle.write(json.dumps(examples[row]) + "\n")
+    os.replace(partial, path)
 
 
 def dev_set_file(config: dict[str, Any], data: Path) -> str:
@@ -214,7 +221,9 @@ def carve_validation(config: dict[str, Any], size: float, seed: int, folder: Pat
     source = config.get("train_file")
     record = {"source": file_source_record(source) if source else f"nyu-mll/glue {config.get('task_name')} train",
               "train": len(train_rows), "validation": len(validation_rows), "stratified": stratified, "seed": seed}
-    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    partial = record_file.with_name(f"{record_file.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, record_file)  # last: a folder with split.json holds the whole split
     return record
 
 
@@ -252,21 +261,30 @@ def final_config(config: dict[str, Any], data: Path, name: str) -> dict[str, Any
     return final
 
 
-def resumed_sampler(seed: int, trials_so_far: int) -> optuna.samplers.TPESampler:
-    """TPE for a study that holds `trials_so_far` trials. A seeded sampler in a new process draws its random values
-    from the start of its sequence again: a resumed search seeded as at its start would repeat its first trials'
-    parameters. Offsetting the seed by the trials already run keeps a resumed search reproducible and new. With
-    several workers, the constant liar counts running trials as bad, so that two workers do not draw one point."""
-    return optuna.samplers.TPESampler(seed=seed + trials_so_far, n_startup_trials=STARTUP_TRIALS, constant_liar=True)
+def trial_sampler(seed: int, trial_number: int) -> optuna.samplers.TPESampler:
+    """TPE seeded for one trial. A sampler seeded once per process draws from the start of its sequence again in
+    every new process: a resumed search would repeat its first trials' parameters, and workers that start
+    together would draw the same ones. Seeding by the trial's number, which the storage hands out once, keeps a
+    search reproducible and every trial new. The constant liar counts other workers' running trials as bad, so
+    that TPE does not send two workers to one point."""
+    return optuna.samplers.TPESampler(seed=seed + trial_number, n_startup_trials=STARTUP_TRIALS, constant_liar=True)
 
 
 def shared_storage(url: str) -> optuna.storages.RDBStorage:
     """The study's storage, with heartbeats: a trial whose worker died (killed, or its machine lost) is failed by
     the next worker that looks, and runs again with the same parameters."""
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}  # workers wait for the file
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES))
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES))
+        except sqlalchemy.exc.DBAPIError:
+            # Workers that start together race to make the tables and their version row; the loser
+            # finds them made when it tries again.
+            if attempt == STORAGE_ATTEMPTS - 1:
+                raise
+            time.sleep(1 + attempt)
 
 
 def portable(config: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +312,6 @@ class Search:
         self.study = optuna.create_study(
             study_name=space.name, storage=shared_storage(self.storage_url), load_if_exists=True,
             direction="minimize" if self.metric in MINIMIZED else "maximize", pruner=successive_halving(self.setting()))
-        self.study.sampler = resumed_sampler(args.sampler_seed, len(self.study.get_trials(deepcopy=False)))
         self.check_same_setting()
 
     def setting(self) -> dict[str, Any]:
@@ -358,6 +375,7 @@ class Search:
         parse_arguments(config_flags(run))
 
     def objective(self, trial: optuna.Trial) -> float:
+        self.study.sampler = trial_sampler(self.args.sampler_seed, trial.number)
         values = self.space.suggest(trial)
         output_dir = self.args.study_dir / "trials" / self.space.name / str(trial.number)
         shutil.rmtree(output_dir, ignore_errors=True)

@@ -1,5 +1,7 @@
-"""scripts/tune.py and its parts: search space files, the carved validation split, a small study end to end (resume,
-no dev set during search, a config that sweep.py runs), the pruning callback and the report."""
+"""scripts/tune.py and its parts: search space files, the carved validation split, a small study end to end (a
+budget of full-run equivalents, resume, no dev set or evaluation seed during search, a config that sweep.py runs),
+two workers sharing a study, successive halving over epochs and the report."""
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import search_space  # noqa: E402
 import sweep  # noqa: E402
 import tune  # noqa: E402
+import tune_report  # noqa: E402
 import tune_trial  # noqa: E402
 
 
@@ -31,9 +34,13 @@ def test_shipped_search_spaces_load(path):
     space = search_space.load_search_space(path)
     assert space.name == path.stem
     lr = space.sampled.get("lr", space.sampled.get("learning_rate"))[1]
-    assert lr.log and lr.high / lr.low == pytest.approx(1e4)  # four decades
-    if space.optim == "MFAC":
-        assert space.sampled["damp"][1].log and space.fixed["grad_dtype"] == ("optim_args", "bfloat16")
+    assert lr.log and lr.low <= 1e-5 and lr.high >= 3e-3  # the study's range at least
+    if space.optim == "MFAC":  # the window is fixed per memory class; lr and damp are searched
+        assert set(space.sampled) == {"lr", "damp"} and space.sampled["damp"][1].log
+        assert space.fixed["grad_dtype"] == ("optim_args", "bfloat16")
+        assert (space.fixed["num_grads"][1], space.fixed.get("density", (None, 1.0))[1]) in ((512, 1.0), (1024, 0.01))
+    else:  # warmup, weight decay and clipping are the protocol's, the same for every optimizer
+        assert set(space.sampled) == {"learning_rate"}
 
 
 BAD_SPACES = [
@@ -99,7 +106,9 @@ def test_validation_split_is_stratified_seeded_and_disjoint(tmp_path):
     train.write_text("sentence\tlabel\n" + "".join(f"sentence number {i}\t{int(i % 4 != 0)}\n" for i in range(400)))
     config = {"task_name": "sst2", "train_file": str(train)}
     record = tune.carve_validation(config, 40, seed=3, folder=tmp_path / "a")
-    assert record == {"source": str(train), "train": 360, "validation": 40, "stratified": True, "seed": 3}
+    digest = hashlib.sha256(train.read_bytes()).hexdigest()[:16]
+    assert record == {"source": f"train.tsv@sha256:{digest}", "train": 360, "validation": 40, "stratified": True,
+                      "seed": 3}
     rows = {name: [json.loads(line) for line in (tmp_path / "a" / f"{name}.jsonl").read_text().splitlines()]
             for name in ("train", "validation")}
     assert sum(row["label"] for row in rows["validation"]) == 30  # 3 : 1, as in the file
@@ -131,7 +140,7 @@ def small_study(tmp_path, tiny_bert, glue_dir):
     config = tmp_path / "tiny_sst2.json"
     config.write_text(json.dumps({
         "model_name_or_path": str(tiny_bert), "task_name": "sst2", "max_train_samples": 64, "max_seq_length": 32,
-        "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "max_steps": 8, "seed": 1234,
+        "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "num_train_epochs": 2, "seed": 1234,
         "report_to": "none", "disable_tqdm": True, "optim": "adamw_torch"}))
     spaces = {}
     for name, spec in SMALL_SPACES.items():
@@ -142,44 +151,61 @@ def small_study(tmp_path, tiny_bert, glue_dir):
                                   "--validation_file", str(dev)])
 
 
-def run_search(study, space: str, trials: int) -> None:
+def run_search(study, space: str, budget: float) -> None:
     assert tune.main([str(study.config), "--space", str(study.spaces[space]), "--study_dir", str(study.study_dir),
-                      "--trials", str(trials), "--validation_size", "48", *study.extra]) == 0
+                      "--budget", str(budget), "--validation_size", "48", *study.extra]) == 0
 
 
 def load(study, space: str) -> optuna.Study:
     return optuna.load_study(study_name=space, storage=f"sqlite:///{study.study_dir / 'study.db'}")
 
 
-def test_small_study_resumes_never_reads_dev_and_writes_a_config_sweep_runs(small_study, glue_dir, capsys):
-    run_search(small_study, "adamw", trials=2)
-    finished = {trial.number: trial.datetime_complete for trial in load(small_study, "adamw").trials}
-    assert len(finished) == 2
+def finished(study: optuna.Study) -> list:
+    return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
 
-    # A search killed during a trial leaves it running in the storage, with its parameters.
-    stopped = load(small_study, "adamw")
-    interrupted = stopped.ask()
-    search_space.load_search_space(small_study.spaces["adamw"]).suggest(interrupted)
-    lost_params = dict(interrupted.params)
 
-    run_search(small_study, "adamw", trials=3)
-    out = capsys.readouterr().out
-    assert f"adamw: trial {interrupted.number} was interrupted; it runs again" in out
-    trials = load(small_study, "adamw").trials
-    assert {trial.number: trial.datetime_complete for trial in trials[:2]} == finished  # not repeated
-    assert trials[interrupted.number].state == TrialState.FAIL
-    retry = trials[-1]
-    assert retry.params == lost_params and retry.user_attrs["retry_of"] == interrupted.number
-    assert sum(trial.state in (TrialState.COMPLETE, TrialState.PRUNED) for trial in trials) == 3
+def spent(study: optuna.Study) -> float:
+    return sum(tune_report.trial_cost(trial) for trial in finished(study))
+
+
+def test_small_study_spends_its_budget_resumes_never_reads_dev_and_writes_a_config_sweep_runs(
+        small_study, glue_dir, capsys, monkeypatch):
+    run_search(small_study, "adamw", budget=2)
+    adamw = load(small_study, "adamw")
+    # Full runs cost 1 and trials pruned after epoch 1 of 2 cost 1/2; the search stops once 2 are spent.
+    costs = [tune_report.trial_cost(trial) for trial in finished(adamw)]
+    assert set(costs) <= {0.5, 1.0} and costs[0] == 1.0 and 2 <= sum(costs) < 2 + costs[-1]
+    done_before = {trial.number: trial.datetime_complete for trial in finished(adamw)}
+    for trial in finished(adamw):  # every trial ran at the selection seed, never an evaluation seed
+        info = json.loads((small_study.study_dir / "trials" / "adamw" / str(trial.number) / "run_info.json")
+                          .read_text())
+        assert info["seed"] == tune.DEFAULT_TRIAL_SEED
+
+    # A worker that died during a trial (killed, its machine lost) leaves it running, with a heartbeat that stops.
+    dead = adamw.ask()
+    search_space.load_search_space(small_study.spaces["adamw"]).suggest(dead)
+    lost_params = dict(dead.params)
+    adamw._storage.record_heartbeat(dead._trial_id)
+    monkeypatch.setattr(tune, "GRACE_SECONDS", 1)
+    time.sleep(2)
+    run_search(small_study, "adamw", budget=3)
+    adamw = load(small_study, "adamw")
+    assert adamw.trials[dead.number].state == TrialState.FAIL
+    retry = next(trial for trial in adamw.trials
+                 if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial) == dead.number)
+    assert retry.params == lost_params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert {number: trial.datetime_complete for number, trial in enumerate(adamw.trials)
+            if number in done_before} == done_before  # finished trials are never repeated
+    assert 3 <= spent(adamw) < 4
 
     # A search resumed in a new run draws new parameters: a seeded sampler started again would repeat trial 0's.
-    run_search(small_study, "adamw", trials=4)
-    *earlier, resumed = load(small_study, "adamw").trials
+    run_search(small_study, "adamw", budget=4)
+    *earlier, resumed = finished(load(small_study, "adamw"))
     assert all(resumed.params != trial.params for trial in earlier)
 
-    run_search(small_study, "mfac", trials=4)
-    mfac_trials = load(small_study, "mfac").trials
-    assert len(mfac_trials) == 4 and {trial.params["num_grads"] for trial in mfac_trials} <= {2, 4}
+    run_search(small_study, "mfac", budget=4)
+    mfac_trials = finished(load(small_study, "mfac"))
+    assert spent(load(small_study, "mfac")) >= 4 and {trial.params["num_grads"] for trial in mfac_trials} <= {2, 4}
 
     # Every trial trained on the carved part and was scored on the 48 carved examples, never on the dev file.
     for trial_dir in (small_study.study_dir / "trials").glob("*/*"):
@@ -190,11 +216,12 @@ def test_small_study_resumes_never_reads_dev_and_writes_a_config_sweep_runs(smal
     split = json.loads((small_study.study_dir / "data" / "split.json").read_text())
     assert split["validation"] == 48 and split["stratified"]
 
-    # The best config: the best trial's values, the carved training part, the dev file; sweep.py runs it as it is.
+    # The best config: the best trial's values, the carved training part, the dev file, and no seed (the seed runs
+    # give theirs); sweep.py runs it as it is.
     best_config = small_study.study_dir / "sst2_mfac_tuned.json"
     config = json.loads(best_config.read_text())
     best = load(small_study, "mfac").best_trial
-    assert config["optim"] == "MFAC" and config["optim_args"] == best.params
+    assert config["optim"] == "MFAC" and config["optim_args"] == best.params and "seed" not in config
     assert config["validation_file"] == str(small_study.dev)
     assert config["train_file"] == str(small_study.study_dir / "data" / "train.jsonl")
     shutil.copy(glue_dir / "SST-2" / "dev.tsv", small_study.dev)  # the seed runs read the dev set
@@ -208,18 +235,45 @@ def test_small_study_resumes_never_reads_dev_and_writes_a_config_sweep_runs(smal
     capsys.readouterr()
     assert tune.main(["--report", str(small_study.study_dir)]) == 0
     report = capsys.readouterr().out
-    assert "equal budgets: 4 trials each" in report
+    assert "equal budgets: 4 full-run equivalents each" in report
     assert (f"trials train on 64 of the {split['train']} examples of the training part and are scored on a "
             "validation split of 48") in report
     assert "adamw trials, in the order they finished:" in report
     best_adamw = load(small_study, "adamw").best_trial
-    assert any(line.startswith("adamw ") and f"{best_adamw.value:.4f}" in line for line in report.splitlines())
+    adamw_row = next(line for line in report.splitlines() if line.startswith("adamw "))
+    assert f"{best_adamw.value:.4f}" in adamw_row and f"{spent(load(small_study, 'adamw')):.2f}" in adamw_row
+    assert f"adamw: best learning_rate {best_adamw.params['learning_rate']:.3g}: " in report
     assert (small_study.study_dir / "tuning.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_two_workers_share_a_study_and_finish_it_without_repeating_a_trial(small_study):
+    command = [sys.executable, str(ROOT / "scripts" / "tune.py"), str(small_study.config), "--space",
+               str(small_study.spaces["adamw"]), "--study_dir", str(small_study.study_dir), "--budget", "3",
+               "--validation_size", "48", *small_study.extra]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    try:
+        outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    study = load(small_study, "adamw")
+    trials = finished(study)
+    assert len(study.trials) == len(trials)  # nothing failed, nothing left running
+    assert len({json.dumps(trial.params) for trial in trials}) == len(trials)
+    # Each worker starts a trial only while budget is left: at most one trial each past the budget.
+    assert 3 <= spent(study) < 3 + 2
+    # The workers ran trials at the same time.
+    spans = [(trial.datetime_start, trial.datetime_complete) for trial in trials]
+    assert any(a_start < b_end and b_start < a_end
+               for index, (a_start, a_end) in enumerate(spans) for b_start, b_end in spans[index + 1:])
+    assert all(f"trial {trial.number}:" in "".join(outputs) for trial in trials)
 
 
 def test_search_stopped_by_sigterm_resumes_with_the_interrupted_trial(small_study):
     command = [sys.executable, str(ROOT / "scripts" / "tune.py"), str(small_study.config), "--space",
-               str(small_study.spaces["adamw"]), "--study_dir", str(small_study.study_dir), "--trials", "1",
+               str(small_study.spaces["adamw"]), "--study_dir", str(small_study.study_dir), "--budget", "1",
                "--validation_size", "48", *small_study.extra]
     search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     trial_log = small_study.study_dir / "trials" / "adamw" / "0" / "trial.log"
@@ -235,10 +289,20 @@ def test_search_stopped_by_sigterm_resumes_with_the_interrupted_trial(small_stud
     stopped = load(small_study, "adamw").trials
     assert [trial.state for trial in stopped] == [TrialState.FAIL] and stopped[0].user_attrs["interrupted"]
 
-    run_search(small_study, "adamw", trials=1)
+    run_search(small_study, "adamw", budget=1)
     trials = load(small_study, "adamw").trials
     assert len(trials) == 2 and trials[1].state == TrialState.COMPLETE
     assert trials[1].params == stopped[0].params and trials[1].user_attrs["retry_of"] == 0
+
+
+def test_an_evaluation_seed_as_selection_seed_is_refused(small_study, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tune.main([str(small_study.config), "--space", str(small_study.spaces["adamw"]), "--study_dir",
+                   str(small_study.study_dir), "--trial_seed", "1236", *small_study.extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--trial_seed: 1236 is one of the evaluation seeds (1234-1238)" in err
+    assert not small_study.study_dir.exists()
 
 
 def test_glue_from_the_hub_cache_is_carved_and_its_dev_split_written_only_for_the_seed_runs(tmp_path, hub_cache,
@@ -252,7 +316,7 @@ def test_glue_from_the_hub_cache_is_carved_and_its_dev_split_written_only_for_th
     study_dir = tmp_path / "study"
     env = {**os.environ, "HF_HOME": str(hub_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune.py"), str(config), "--space", str(space),
-                             "--study_dir", str(study_dir), "--trials", "1", "--validation_size", "40"],
+                             "--study_dir", str(study_dir), "--budget", "1", "--validation_size", "40"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     hub_rows = {split: len(glue_data.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")["label"])
@@ -279,7 +343,7 @@ def test_a_bad_run_glue_flag_is_one_error_line_before_any_trial(small_study, cap
 def test_a_metric_the_task_does_not_have_is_one_error_line(small_study, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tune.main([str(small_study.config), "--space", str(small_study.spaces["adamw"]), "--study_dir",
-                   str(small_study.study_dir), "--trials", "1", "--validation_size", "48", "--metric", "f1",
+                   str(small_study.study_dir), "--budget", "1", "--validation_size", "48", "--metric", "f1",
                    *small_study.extra])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
@@ -287,33 +351,39 @@ def test_a_metric_the_task_does_not_have_is_one_error_line(small_study, capsys):
 
 
 def test_resumed_study_with_other_settings_is_refused(small_study, capsys):
-    run_search(small_study, "adamw", trials=1)
+    run_search(small_study, "adamw", budget=1)
     with pytest.raises(SystemExit) as exit_info:
         tune.main([str(small_study.config), "--space", str(small_study.spaces["adamw"]), "--study_dir",
-                   str(small_study.study_dir), "--trials", "1", "--validation_size", "48", "--metric", "loss",
+                   str(small_study.study_dir), "--budget", "1", "--validation_size", "48", "--metric", "loss",
                    *small_study.extra])
     assert exit_info.value.code == 2
     assert "study 'adamw' was made with another metric" in capsys.readouterr().err
 
 
 # --- pruning -----------------------------------------------------------------------------------------------------
-def test_trial_is_pruned_below_the_median_but_not_at_its_first_evaluation():
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+def test_successive_halving_prunes_after_the_first_epoch_and_records_the_share_trained():
+    setting = {"min_epochs": 1, "reduction_factor": 3}
+    study = optuna.create_study(direction="maximize", pruner=tune_report.successive_halving(setting))
     for good in (0.8, 0.9):
         trial = study.ask()
-        for step in (10, 20):
-            trial.report(good, step)
+        tune_trial.ReportToTrial(trial, "accuracy").on_evaluate(
+            None, SimpleNamespace(epoch=1.0, global_step=4, max_steps=12), None, metrics={"eval_accuracy": good})
         study.tell(trial, good)
+    # Of three trials at epoch 1, only the best (the top third) goes on: 0.5 stops after 4 of its 12 steps.
     weak = study.ask()
-    callback = tune_trial.ReportToTrial(weak, "accuracy")
-    state = SimpleNamespace(global_step=10, max_steps=40)
-    callback.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.5})  # first evaluation: reported only
-    assert weak.storage.get_trial(weak._trial_id).intermediate_values == {10: 0.5}
-    state.global_step = 20
-    with pytest.raises(optuna.TrialPruned, match="pruned at step 20"):
-        callback.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.5})
-    state.global_step = 40  # the evaluation after training is the trial's value, never a reason to prune
-    callback.on_evaluate(None, state, None, metrics={"eval_accuracy": 0.1})
+    with pytest.raises(optuna.TrialPruned, match=r"pruned after epoch 1 \(step 4 of 12\)"):
+        tune_trial.ReportToTrial(weak, "accuracy").on_evaluate(
+            None, SimpleNamespace(epoch=1.0, global_step=4, max_steps=12), None, metrics={"eval_accuracy": 0.5})
+    assert weak.storage.get_trial(weak._trial_id).user_attrs[tune_report.TRAINED_FRACTION] == pytest.approx(1 / 3)
+    study.tell(weak, state=TrialState.PRUNED)
+    # The best at epoch 1 goes on; epoch 2 is no rung (the next is 1 × 3); the evaluation after the last step is
+    # the trial's value, never a report.
+    strong = study.ask()
+    callback = tune_trial.ReportToTrial(strong, "accuracy")
+    for epoch, step, value in ((1.0, 4, 0.95), (2.0, 8, 0.1), (3.0, 12, 0.1)):
+        callback.on_evaluate(None, SimpleNamespace(epoch=epoch, global_step=step, max_steps=12), None,
+                             metrics={"eval_accuracy": value})
+    assert strong.storage.get_trial(strong._trial_id).intermediate_values == {1: 0.95, 2: 0.1}
 
 
 def test_score_of_an_undefined_correlation_is_zero_and_a_missing_metric_is_named():
