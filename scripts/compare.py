@@ -3,15 +3,23 @@
     python scripts/compare.py runs/bert-mini_sst2_*/seed* --markdown --plot sst2.png
 
 Runs are grouped by what they recorded in run_info.json (task, model, data settings, optimizer and its
-arguments; everything but the seed), never by folder names; a local model folder counts as one however it was
-spelled. A group's label names only what differs between the groups of its task; the table's title line lists
-what they share. Metrics are shown ×100, as GLUE results are quoted.
+arguments; everything but the seed), never by folder names. A group's label names only what differs between the
+groups of its task; the table's title line lists what they share. Metrics are shown ×100, as GLUE results are
+quoted.
 Each group is set against a reference group of its task (`--reference FOLDER`: the group whose runs lie in that
-folder; else the task's first group): the difference of means with its 95% confidence interval and Welch's
-p-value (unequal variances, over seeds), and the verdict "separates" when the interval excludes zero, "does not
-separate" otherwise. The table also gives each group's mean training time and optimizer state.
-`--plot` draws the training loss and the main eval metric over steps per group: the mean over seeds, with a
-band of ± one standard deviation.
+folder; else the task's first group):
+- the difference of means with Welch's 95% interval (unequal variances, over seeds), and, where the runs kept
+  their per-example dev predictions, a bootstrap 95% interval over seeds × examples (seeds resampled within each
+  group, the same examples for both);
+- p-values of Welch's test, the exact Mann–Whitney test, and a TOST equivalence test within ±--margin points,
+  each adjusted by Holm–Bonferroni over every comparison of the task's table (groups × metrics);
+- the verdict: "separates" when both Welch's and Mann–Whitney's adjusted p are below 0.05; "equivalent within
+  ±δ" when the adjusted TOST p is; "inconclusive" otherwise.
+The table also gives each group's mean training time, optimizer state, and the highest 1-minute load average seen
+at its evaluations (above the core count, the runs shared the CPU and their times are not comparable).
+`--plot` draws the training loss and the main eval metric over steps per group; `--time_plot` the main eval
+metric against training seconds (evaluations excluded), both as the mean over seeds with a band of ± one
+standard deviation.
 
     python scripts/compare.py runs/fair/stsb/seeds/*/seed* --reference runs/fair/stsb/seeds/stsb_adamw_tuned
 """
@@ -28,9 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 # Prefixes of the eval entries that are not quality metrics (MNLI adds "_mm" copies of each).
 SEEDS_SECTION = "## Results over seeds"  # the model card section --model_card writes (and replaces)
-NOT_METRICS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_samples")
+# combined_score is the mean of the others: not a metric of its own.
+NOT_METRICS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_samples",
+               "eval_combined_score")
+ALPHA = 0.05
+DEFAULT_MARGIN = 1.0  # points (×100): the equivalence margin δ of the TOST
+DEFAULT_RESAMPLES = 2000  # bootstrap resamples over seeds × examples
 
 
 def eval_metrics(results: dict) -> dict[str, float]:
@@ -61,6 +76,21 @@ class Run:
     def metrics(self) -> dict[str, float]:
         return eval_metrics(self.results)
 
+    def predictions(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The dev set's per-example predictions and labels run_glue.py kept, if it did."""
+        from mfac_optim.glue.records import EVAL_PREDICTIONS
+
+        path = self.path / EVAL_PREDICTIONS.format(task=self.task)
+        if not path.is_file():
+            return None
+        table = np.loadtxt(path, delimiter="\t", skiprows=1, ndmin=2)
+        return table[:, 1], table[:, 2]
+
+    @property
+    def max_load(self) -> Optional[float]:
+        loads = [entry["load_average"] for entry in self.log_history if "load_average" in entry]
+        return max(loads) if loads else None
+
 
 def load_run(path: Path) -> Run:
     """A run folder as run_glue.py leaves it; a clear error for anything else."""
@@ -73,21 +103,16 @@ def load_run(path: Path) -> Run:
                json.loads((path / "all_results.json").read_text()), log_history)
 
 
-def normalised_model(model: str) -> str:
-    """A local folder as its absolute, symlink-free path (runs record it so; older records may not), so that one
-    folder spelled two ways is one model; a Hub id as it is."""
-    return str(Path(model).resolve()) if os.path.isdir(model) else model
-
-
 def model_name(model: str) -> str:
-    """A Hub id whole; a folder by its last two names."""
-    return "/".join(Path(model).parts[-2:])
+    """The model as run_glue.py records it, its weights' hash shortened to 8 digits (enough to tell two apart)."""
+    name, _, digest = model.partition("@sha256:")
+    return f"{name}@{digest[:8]}" if digest else name
 
 
 def setting(info: dict) -> tuple[dict, set[str]]:
     """What defines a run apart from its task and seed, as flat key -> value (model, data limits, optimizer and its
     arguments), and the keys that belong to its optimizer alone (num_grads for MFAC, adam_beta1 for Adam, …)."""
-    flat = {"model": normalised_model(str(info["model"]))}
+    flat = {"model": str(info["model"])}
     flat.update({key: value for key, value in info.items() if key not in ("task_name", "seed", "model", "optimizer")})
     optimizer = info["optimizer"]
     if optimizer["optim"] == "MFAC":
@@ -179,32 +204,92 @@ def summarize(runs: list[Run], metric: str) -> Optional[Summary]:
 
 @dataclass
 class Difference:
-    """mean(a) − mean(b) with its confidence interval and Welch's two-sided p-value."""
+    """mean(a) − mean(b): Welch's interval and the p-values of the three tests (raw; `adjusted` after Holm over
+    the task's comparisons), and the bootstrap interval where predictions were kept."""
     delta: float
     low: float
     high: float
-    p_value: float
+    p_welch: float
+    p_mann_whitney: float
+    p_tost: float  # H0: |Δ| ≥ margin
+    margin: float
+    bootstrap: Optional[tuple[float, float]] = None
+    adjusted: Optional[tuple[float, float, float]] = None  # Welch, Mann–Whitney, TOST after Holm
 
     @property
-    def separates(self) -> bool:
-        return self.low > 0 or self.high < 0
+    def verdict(self) -> str:
+        welch, mann_whitney, tost = self.adjusted if self.adjusted else (self.p_welch, self.p_mann_whitney,
+                                                                         self.p_tost)
+        if welch < ALPHA and mann_whitney < ALPHA:
+            return "separates"
+        if tost < ALPHA:
+            return f"equivalent within ±{100 * self.margin:g}"
+        return "inconclusive"
 
 
-def welch_difference(a: list[float], b: list[float], confidence: float = 0.95) -> Optional[Difference]:
-    """Welch's t interval for the difference of two means with unequal variances (Welch–Satterthwaite degrees of
-    freedom); None when either group has fewer than two values."""
+def welch_parts(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """mean(a) − mean(b), its standard error, and the Welch–Satterthwaite degrees of freedom."""
+    delta = statistics.mean(a) - statistics.mean(b)
+    share_a, share_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if share_a + share_b == 0:
+        return delta, 0.0, math.inf
+    degrees = (share_a + share_b) ** 2 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))
+    return delta, math.sqrt(share_a + share_b), degrees
+
+
+def compare_groups(a: list[float], b: list[float], margin: float, confidence: float = 0.95) -> Optional[Difference]:
+    """Welch's t interval and test, the exact Mann–Whitney test, and the TOST within ±margin (two one-sided Welch
+    tests); None when either group has fewer than two values."""
     from scipy import stats
 
     if len(a) < 2 or len(b) < 2:
         return None
-    delta = statistics.mean(a) - statistics.mean(b)
-    share_a, share_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    if share_a + share_b == 0:  # both groups constant: the difference is exact
-        return Difference(delta, delta, delta, 1.0 if delta == 0 else 0.0)
-    degrees = (share_a + share_b) ** 2 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))
-    half_width = stats.t.ppf((1 + confidence) / 2, degrees) * math.sqrt(share_a + share_b)
-    p_value = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    return Difference(delta, delta - half_width, delta + half_width, p_value)
+    delta, error, degrees = welch_parts(a, b)
+    mann_whitney = float(stats.mannwhitneyu(a, b, alternative="two-sided", method="exact").pvalue)
+    if error == 0:  # both groups constant: the difference is exact
+        return Difference(delta, delta, delta, 1.0 if delta == 0 else 0.0, mann_whitney,
+                          0.0 if abs(delta) < margin else 1.0, margin)
+    half_width = stats.t.ppf((1 + confidence) / 2, degrees) * error
+    p_welch = 2 * float(stats.t.sf(abs(delta) / error, degrees))
+    p_tost = max(float(stats.t.sf((delta + margin) / error, degrees)), float(stats.t.cdf((delta - margin) / error,
+                                                                                          degrees)))
+    return Difference(delta, delta - half_width, delta + half_width, p_welch, mann_whitney, p_tost, margin)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (step-down, kept monotone), in the order given."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def bootstrap_interval(group: list[Run], reference: list[Run], metric: str, resamples: int,
+                       confidence: float = 0.95, seed: int = 0) -> Optional[tuple[float, float]]:
+    """Percentile interval of mean(group) − mean(reference) in `metric`, resampling seeds within each group and
+    dev examples (the same ones for both groups, which saw the same dev set); None without kept predictions."""
+    from mfac_optim.glue.metrics import GlueMetric
+
+    kept = [[run.predictions() for run in runs] for runs in (group, reference)]
+    if any(prediction is None for runs in kept for prediction in runs):
+        return None
+    labels = kept[0][0][1]
+    task = group[0].task
+    scorer = GlueMetric(task, is_regression=task == "stsb")
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        examples = rng.integers(0, len(labels), len(labels))
+        means = []
+        for runs in kept:
+            chosen = rng.integers(0, len(runs), len(runs))
+            means.append(statistics.mean(scorer.compute(runs[index][0][examples], labels[examples])[metric]
+                                         for index in chosen))
+        differences.append(means[0] - means[1])
+    low, high = np.quantile(differences, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
 
 
 @dataclass
@@ -216,6 +301,7 @@ class Row:
     is_reference: bool
     train_seconds: Optional[float]  # mean train_runtime over the group's runs
     optimizer_bytes: Optional[float]  # mean optimizer state after the first step
+    max_load: Optional[float]  # the highest 1-minute load average at any evaluation of the group's runs
 
 
 def mean_result(runs: list[Run], key: str) -> Optional[float]:
@@ -223,7 +309,8 @@ def mean_result(runs: list[Run], key: str) -> Optional[float]:
     return statistics.mean(values) if values else None
 
 
-def table_rows(groups: dict[str, list[Run]], reference: str) -> list[Row]:
+def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resamples: int) -> list[Row]:
+    """Every group against the reference in every metric, the p-values adjusted by Holm over all of them."""
     metrics = sorted({metric for runs in groups.values() for run in runs for metric in run.metrics})
     rows = []
     for metric in metrics:
@@ -233,25 +320,37 @@ def table_rows(groups: dict[str, list[Run]], reference: str) -> list[Row]:
             if summary is None:
                 continue
             difference = None if label == reference or baseline is None else \
-                welch_difference(summary.values, baseline.values)
+                compare_groups(summary.values, baseline.values, margin)
+            if difference is not None and resamples:
+                difference.bootstrap = bootstrap_interval(runs, groups[reference], metric.removeprefix("eval_"),
+                                                          resamples)
+            loads = [run.max_load for run in runs if run.max_load is not None]
             rows.append(Row(metric.removeprefix("eval_"), label, summary, difference, label == reference,
-                            mean_result(runs, "train_runtime"), mean_result(runs, "optimizer_state_bytes")))
+                            mean_result(runs, "train_runtime"), mean_result(runs, "optimizer_state_bytes"),
+                            max(loads) if loads else None))
+    compared = [row.difference for row in rows if row.difference is not None]
+    for adjusted in zip(*(holm([getattr(difference, name) for difference in compared])
+                          for name in ("p_welch", "p_mann_whitney", "p_tost"))):
+        compared.pop(0).adjusted = adjusted
     return rows
 
 
 def difference_cells(row: Row) -> list[str]:
     if row.is_reference:
-        return ["reference", "", ""]
+        return ["reference", "", "", "", "", ""]
     if row.difference is None:
-        return ["n/a (needs 2+ runs in each group)", "", ""]
+        return ["n/a (needs 2+ runs in each group)", "", "", "", "", ""]
     d = row.difference
-    return [f"{100 * d.delta:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]", f"{d.p_value:.3g}",
-            "separates" if d.separates else "does not separate"]
+    bootstrap = f"[{100 * d.bootstrap[0]:+.2f}, {100 * d.bootstrap[1]:+.2f}]" if d.bootstrap else "-"
+    welch, mann_whitney, tost = d.adjusted
+    return [f"{100 * d.delta:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]", bootstrap, f"{welch:.2g}",
+            f"{mann_whitney:.2g}", f"{tost:.2g}", d.verdict]
 
 
 def format_table(task: str, rows: list[Row], shared: str, reference: str, markdown: bool) -> str:
-    header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)", "Δ vs reference [95% CI]", "p (Welch)",
-              "verdict", "train s", "optimizer GiB"]
+    header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)", "Δ vs reference [Welch 95% CI]",
+              "bootstrap 95% CI", "p Welch (Holm)", "p Mann–Whitney (Holm)", "p TOST (Holm)", "verdict", "train s",
+              "optimizer GiB", "max load"]
     body = []
     for row in rows:
         s = row.summary
@@ -259,7 +358,8 @@ def format_table(task: str, rows: list[Row], shared: str, reference: str, markdo
                      f"{100 * s.mean:.2f} ± {100 * s.std:.2f}" if s.std is not None else f"{100 * s.mean:.2f}",
                      str(s.n), f"{100 * s.best:.2f} ({s.best_seed})", *difference_cells(row),
                      f"{row.train_seconds:.0f}" if row.train_seconds is not None else "-",
-                     f"{row.optimizer_bytes / 2**30:.2f}" if row.optimizer_bytes is not None else "-"])
+                     f"{row.optimizer_bytes / 2**30:.2f}" if row.optimizer_bytes is not None else "-",
+                     f"{row.max_load:.1f}" if row.max_load is not None else "-"])
     context = f"(all runs: {shared}; reference: {reference})"
     if markdown:
         lines = [f"**{task}** {context}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -324,6 +424,48 @@ def plot(grouped: dict[str, TaskGroups], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def time_series(runs: list[Run], key: str) -> tuple[list[float], list[float], list[float]]:
+    """At each evaluation step every run logged: the mean training seconds up to it, and the mean and sample std
+    of `key` over the runs."""
+    from mfac_optim.hf_trainer import TRAIN_SECONDS
+
+    steps, means, stds = series(runs, key)
+    clocks = [{entry["step"]: entry[TRAIN_SECONDS] for entry in run.log_history if TRAIN_SECONDS in entry and key in entry}
+              for run in runs]
+    timed = [index for index, step in enumerate(steps) if all(step in clock for clock in clocks)]
+    seconds = [statistics.mean(clock[steps[index]] for clock in clocks) for index in timed]
+    return seconds, [means[index] for index in timed], [stds[index] for index in timed]
+
+
+def time_plot(grouped: dict[str, TaskGroups], path: Path) -> None:
+    """Per task, the main eval metric against training seconds (evaluations excluded), one line per group: the
+    time-to-result view."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(grouped), figsize=(7 * len(grouped), 4.5), squeeze=False)
+    for axis, (task, task_groups) in zip(axes[0], sorted(grouped.items())):
+        main_metric = next(iter(next(iter(task_groups.groups.values()))[0].metrics))
+        for label, runs in task_groups.groups.items():
+            seconds, means, stds = time_series(runs, main_metric)
+            if not seconds:
+                continue
+            line, = axis.plot(seconds, [100 * mean for mean in means], marker="o", markersize=3,
+                              label=f"{label} (n={len(runs)})")
+            axis.fill_between(seconds, [100 * (m - s) for m, s in zip(means, stds)],
+                              [100 * (m + s) for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
+        axis.set_title(f"{task}: dev {main_metric.removeprefix('eval_')} against training time")
+        axis.set_xlabel("training seconds (evaluations excluded)")
+        axis.set_ylabel(f"{main_metric.removeprefix('eval_')} ×100")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def add_to_model_card(run: Run, table: str) -> None:
     """Puts the seeds' table under the model card run_glue.py wrote for `run` (replacing an earlier one), as the
     M-FAC authors' cards give mean ± std over seeds beside the best run."""
@@ -345,9 +487,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--reference", type=Path,
                         help="folder holding the reference group's runs (default: each task's first group)")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                        help=f"equivalence margin δ in points (×100) for the TOST (default {DEFAULT_MARGIN:g})")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="N",
+                        help=f"bootstrap resamples over seeds × examples (default {DEFAULT_RESAMPLES}; 0: none)")
+    parser.add_argument("--time_plot", type=Path,
+                        help="write a PNG of the main eval metric against training seconds (time to result)")
     parser.add_argument("--model_card", type=Path, metavar="RUN",
                         help="add the run's task table (Markdown) to the model card in this run folder")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.margin > 0 or args.bootstrap < 0:
+        parser.error(f"--margin must be > 0 and --bootstrap ≥ 0 (got {args.margin:g} and {args.bootstrap})")
     try:
         runs = [load_run(path) for path in args.runs]
         card_run = load_run(args.model_card) if args.model_card else None
@@ -360,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def table(task: str, markdown: bool) -> str:
         task_groups = grouped[task]
-        return format_table(task, table_rows(task_groups.groups, references[task]), task_groups.shared,
+        rows = table_rows(task_groups.groups, references[task], args.margin / 100, args.bootstrap)
+        return format_table(task, rows, task_groups.shared,
                             references[task], markdown)
 
     print("\n\n".join(table(task, args.markdown) for task in sorted(grouped)))
@@ -373,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(grouped, args.plot)
         print(f"\nplot written to {args.plot}")
+    if args.time_plot:
+        time_plot(grouped, args.time_plot)
+        print(f"\ntime-to-result plot written to {args.time_plot}")
     return 0
 
 

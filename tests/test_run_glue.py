@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from safetensors.torch import load_file
 
@@ -320,6 +321,12 @@ def test_metrics_against_hand_computation():
 
 # --- end to end --------------------------------------------------------------------------------------------------
 def accuracy_by_hand(model_dir: Path, glue_dir: Path, count: int) -> float:
+    predictions, labels = predictions_by_hand(model_dir, glue_dir, count)
+    return float((predictions == labels).mean())
+
+
+def predictions_by_hand(model_dir: Path, glue_dir: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The saved model's classes for SST-2's first `count` dev sentences, and their labels."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     columns = glue_data.read_glue_tsv(str(glue_dir / "SST-2" / "dev.tsv"), "sst2")
@@ -328,7 +335,12 @@ def accuracy_by_hand(model_dir: Path, glue_dir: Path, count: int) -> float:
     batch = tokenizer(columns["sentence"][:count], padding=True, truncation=True, max_length=32, return_tensors="pt")
     with torch.no_grad():
         predictions = model(**batch).logits.argmax(-1).numpy()
-    return float((predictions == np.array(columns["label"][:count])).mean())
+    return predictions, np.array(columns["label"][:count])
+
+
+def kept_predictions(output: Path, task: str) -> np.ndarray:
+    """eval_predictions_<task>.tsv as rows of (index, prediction, label)."""
+    return np.loadtxt(output / f"eval_predictions_{task}.tsv", delimiter="\t", skiprows=1, ndmin=2)
 
 
 @pytest.mark.parametrize("optimizer", [["--optim", "adamw_torch"], ["--optim", "MFAC", "--optim_args",
@@ -338,6 +350,11 @@ def test_sst2_end_to_end(tmp_path, tiny_bert, glue_dir, optimizer):
     assert results["train_samples"] == 64 and results["eval_samples"] == 48
     assert math.isfinite(results["train_loss"]) and 0 <= results["eval_accuracy"] <= 1
     assert results["eval_accuracy"] == pytest.approx(accuracy_by_hand(output, glue_dir, 48))
+    # The per-example predictions kept beside the metrics are the saved model's, row for row.
+    kept = kept_predictions(output, "sst2")
+    predictions, labels = predictions_by_hand(output, glue_dir, 48)
+    assert kept[:, 0].tolist() == list(range(48))
+    assert kept[:, 1].tolist() == predictions.tolist() and kept[:, 2].tolist() == labels.tolist()
     for name in ("train_results.json", "eval_results.json", "trainer_state.json", "model.safetensors", "run_info.json"):
         assert (output / name).exists(), name
     record = json.loads((output / "run_info.json").read_text())
@@ -396,13 +413,27 @@ def test_pair_task_with_mfac(tmp_path, tiny_bert, glue_dir, caplog):
     assert logged and 0 < float(logged.group(1)) <= float(logged.group(2))
 
 
-def test_stsb_regression(tmp_path, tiny_bert, glue_dir):
+def test_stsb_regression_keeps_its_predictions_and_clocks_its_evaluations(tmp_path, tiny_bert, glue_dir):
     # The tiny model was saved with a 2-label head; regression needs 1, as with any classifier checkpoint.
-    _, results = run(tmp_path, tiny_bert, glue_dir, "stsb", "STS-B", "--optim", "adamw_torch", "--learning_rate",
-                     "1e-3", "--ignore_mismatched_sizes", "true")
+    output, results = run(tmp_path, tiny_bert, glue_dir, "stsb", "STS-B", "--optim", "adamw_torch", "--learning_rate",
+                          "1e-3", "--ignore_mismatched_sizes", "true", "--eval_strategy", "steps", "--eval_steps", "2")
     for key in ("eval_pearson", "eval_spearmanr", "eval_combined_score"):
         assert -1 <= results[key] <= 1
     assert results["eval_combined_score"] == pytest.approx((results["eval_pearson"] + results["eval_spearmanr"]) / 2)
+    kept = kept_predictions(output, "stsb")
+    assert len(kept) == results["eval_samples"]
+    assert results["eval_pearson"] == pytest.approx(scipy.stats.pearsonr(kept[:, 1], kept[:, 2])[0], abs=1e-5)
+    assert results["eval_spearmanr"] == pytest.approx(scipy.stats.spearmanr(kept[:, 1], kept[:, 2])[0], abs=1e-5)
+    # Each evaluation during training records the training seconds up to it, its own time left out: the clock
+    # grows, and at the end it is the training time less every evaluation's.
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    evaluations = [entry for entry in history if "eval_pearson" in entry]
+    clock = [entry["train_seconds"] for entry in evaluations]
+    assert len(clock) >= 2 and all(0 < a < b for a, b in zip(clock, clock[1:]))
+    end = next(entry for entry in history if "train_runtime" in entry)
+    evaluating = sum(entry["eval_runtime"] for entry in evaluations)
+    assert clock[-1] <= end["train_seconds"] <= end["train_runtime"] - evaluating + 0.5
+    assert all(entry["load_average"] >= 0 for entry in evaluations)
 
 
 def test_trainer_builds_mfac_with_decay_groups_and_resumes_bit_identically(tmp_path, tiny_bert, glue_dir):

@@ -1,11 +1,13 @@
 """scripts/ and configs/: the reproduction command, the seed sweep, the comparison table and plot, and the
 benchmark's one-run comparison."""
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,7 +96,7 @@ def test_reproduction_overrides_run_for_real(tmp_path, tiny_bert, glue_dir):
                        "--optim_args", '{"num_grads": 8}', "--report_to", "none", "--save_strategy", "no")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
-    assert info["seed"] == 7 and info["model"] == str(tiny_bert)
+    assert info["seed"] == 7 and info["model"] == glue_records.model_source_record(str(tiny_bert))
     assert info["optimizer"] == {"optim": "MFAC", "optim_args": {"lr": 1e-4, "weight_decay": 0.0, "num_grads": 8}}
     assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 2
 
@@ -162,7 +164,7 @@ def test_sweep_runs_each_seed_once_and_resumes(tmp_path, tiny_bert, glue_dir, ca
 # --- compare -----------------------------------------------------------------------------------------------------
 def make_run(folder: Path, seed: int, accuracy: float, optimizer: dict, losses=(0.7, 0.5)) -> Path:
     folder.mkdir(parents=True)
-    info = {"task_name": "sst2", "model": "/models/minilm", "seed": seed, "max_train_samples": 4000,
+    info = {"task_name": "sst2", "model": "models/minilm@sha256:53aa51172d142c89", "seed": seed, "max_train_samples": 4000,
             "max_seq_length": 64, "optimizer": optimizer}
     (folder / "run_info.json").write_text(json.dumps(info))
     (folder / "all_results.json").write_text(json.dumps({"eval_accuracy": accuracy, "eval_loss": 0.4,
@@ -199,10 +201,10 @@ def test_compare_groups_by_recorded_settings_with_sample_std(hand_made_runs, cap
     # Adam: mean 0.855, std √(2·0.005²) = 0.0070711.
     assert "| accuracy | adamw_torch | 85.50 ± 0.71 | 2 | 86.00 (2) |" in out
     assert "| accuracy | MFAC num_grads=8 | 50.00 | 1 | 50.00 (1) |" in out
-    assert ("**sst2** (all runs: models/minilm, max_train_samples=4000, max_seq_length=64, lr=0.0001, "
+    assert ("**sst2** (all runs: models/minilm@53aa5117, max_train_samples=4000, max_seq_length=64, lr=0.0001, "
             "weight_decay=0; MFAC: damp=1e-06; adamw_torch: adam_beta1=0.9 adam_beta2=0.999 adam_epsilon=1e-08; "
             "reference: MFAC num_grads=64)") in out
-    assert "| accuracy | MFAC num_grads=64 | 83.00 ± 3.61 | 3 | 87.00 (3) | reference |  |  | - | - |" in out
+    assert "| accuracy | MFAC num_grads=64 | 83.00 ± 3.61 | 3 | 87.00 (3) | reference |  |  |  |  |  | - | - | - |" in out
     assert "| accuracy | MFAC num_grads=8 | 50.00 | 1 | 50.00 (1) | n/a (needs 2+ runs in each group) |" in out
 
 
@@ -226,63 +228,117 @@ def write_group(folder: Path, accuracies: list[float], optimizer: dict) -> list[
     return [make_run(folder / f"seed{seed}", seed, accuracy, optimizer) for seed, accuracy in enumerate(accuracies)]
 
 
-def test_welch_interval_and_p_value_by_hand():
+def t4_two_sided(t: float) -> float:
+    """P(|T| > |t|) for Student's t with 4 degrees of freedom, in closed form: 1 − (3x/2)(1 − x²/3), x = |t|/√(4+t²)."""
+    x = abs(t) / (4 + t * t) ** 0.5
+    return 1 - 1.5 * x * (1 - x * x / 3)
+
+
+def test_welch_mann_whitney_and_tost_by_hand():
     # a = 1, 2, 3 and b = 4, 5, 6: difference −3, each variance 1, standard error √(1/3 + 1/3) = 0.8164966, and
     # Welch's degrees of freedom (2/3)² / ((1/3)²/2 + (1/3)²/2) = 4. t(0.975, 4) = 2.7764451 (t table).
-    difference = compare.welch_difference([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    difference = compare.compare_groups([1.0, 2.0, 3.0], [4.0, 5.0, 6.0], margin=1.0)
     half_width = 2.7764451 * 0.8164966
     assert (difference.delta, difference.low, difference.high) == pytest.approx((-3, -3 - half_width, -3 + half_width))
-    # Two-sided p at t = −3 / 0.8164966 = −3.6742346 with 4 degrees of freedom, from the t distribution's closed
-    # form for ν = 4: P(|T| > |t|) = 1 − (3x/2)(1 − x²/3) with x = |t| / √(4 + t²).
-    x = 3.6742346 / (4 + 3.6742346 ** 2) ** 0.5
-    assert difference.p_value == pytest.approx(1 - 1.5 * x * (1 - x * x / 3), rel=1e-6)
-    assert difference.separates
-    assert compare.welch_difference([1.0], [2.0, 3.0]) is None
-    constant = compare.welch_difference([2.0, 2.0], [1.0, 1.0])
-    assert (constant.low, constant.high, constant.separates) == (1.0, 1.0, True)
+    assert difference.p_welch == pytest.approx(t4_two_sided(-3 / 0.8164966), rel=1e-6)
+    # Mann–Whitney, exact: U = 0, the most extreme of C(6, 3) = 20 equally likely splits, on either side: p = 2/20.
+    assert difference.p_mann_whitney == pytest.approx(0.1)
+    # TOST within ±1: the larger one-sided p, H0 Δ ≤ −1 at t = (−3 + 1)/0.8164966 = −2.4494897: P(T > t).
+    assert difference.p_tost == pytest.approx(1 - t4_two_sided(2.4494897) / 2, rel=1e-6)
+    assert difference.verdict == "inconclusive"  # Mann–Whitney cannot reach 0.05 with three runs a side
+    # Two close groups: Δ = 0, the same standard error; within ±3 both one-sided tests sit at t = ±3.6742346.
+    close = compare.compare_groups([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], margin=3.0)
+    assert close.p_tost == pytest.approx(t4_two_sided(3 / 0.8164966) / 2, rel=1e-6)
+    assert close.verdict == "equivalent within ±300"
+    assert compare.compare_groups([1.0], [2.0, 3.0], margin=1.0) is None
+    constant = compare.compare_groups([2.0, 2.0], [1.0, 1.0], margin=0.5)
+    assert (constant.low, constant.high, constant.p_welch, constant.p_tost) == (1.0, 1.0, 0.0, 1.0)
 
 
-def test_compare_says_which_groups_separate_from_the_reference(tmp_path, capsys):
+def test_holm_adjustment_by_hand():
+    # Sorted 0.01, 0.03, 0.04 are multiplied by 3, 2, 1: 0.03, 0.06, 0.04, then kept monotone: 0.03, 0.06, 0.06.
+    assert compare.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert compare.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_compare_says_which_groups_separate_after_holm(tmp_path, capsys):
     adam = write_group(tmp_path / "adam", [0.80, 0.81, 0.82, 0.81, 0.80], ADAM_RECORD)
     clearly_better = write_group(tmp_path / "better", [0.90, 0.91, 0.89, 0.90, 0.92], MFAC_RECORD)
     same = write_group(tmp_path / "same", [0.79, 0.83, 0.81, 0.80, 0.82], {
         **MFAC_RECORD, "optim_args": {**MFAC_RECORD["optim_args"], "num_grads": 8}})
     runs = [str(path) for path in clearly_better + same + adam]
     assert compare.main(runs + ["--reference", str(tmp_path / "adam"), "--markdown"]) == 0
-    rows = {cells[2]: cells[6:9] for line in capsys.readouterr().out.splitlines()
+    rows = {cells[2]: cells[6:12] for line in capsys.readouterr().out.splitlines()
             if (cells := [cell.strip() for cell in line.split("|")])[1:2] == ["accuracy"]}
-    assert rows["adamw_torch"] == ["reference", "", ""]
-    # 90.40 − 80.80; Welch's p for these two groups is far below 0.05.
-    assert rows["MFAC num_grads=64"][0].startswith("+9.60 [") and rows["MFAC num_grads=64"][2] == "separates"
-    assert float(rows["MFAC num_grads=64"][1]) < 1e-4
-    assert rows["MFAC num_grads=8"][0].startswith("+0.20 [-") and rows["MFAC num_grads=8"][2] == "does not separate"
-    assert float(rows["MFAC num_grads=8"][1]) > 0.5
+    assert rows["adamw_torch"] == ["reference", "", "", "", "", ""]
+    # 90.40 − 80.80. The groups do not overlap: exact Mann–Whitney p = 2/252, × 2 comparisons after Holm.
+    better = rows["MFAC num_grads=64"]
+    assert better[0].startswith("+9.60 [") and better[5] == "separates" and better[1] == "-"  # no predictions kept
+    assert float(better[3]) == pytest.approx(2 * 2 / 252, rel=0.01) and float(better[2]) < 1e-3
+    assert rows["MFAC num_grads=8"][0].startswith("+0.20 [-") and rows["MFAC num_grads=8"][5] == "inconclusive"
     with pytest.raises(SystemExit) as exit_info:
         compare.main(runs + ["--reference", str(tmp_path / "elsewhere")])
     assert exit_info.value.code == 2
     assert "--reference" in capsys.readouterr().err
 
 
-def test_compare_groups_one_model_folder_however_it_was_spelled(tmp_path, capsys):
+def test_bootstrap_over_seeds_and_examples_matches_the_binomial_spread(tmp_path):
+    # 400 dev examples. Every seed of group A answers all of them right; every seed of group B is wrong on the
+    # same 200. Resampling seeds changes nothing; resampling examples makes A − B the share of resampled examples
+    # among B's wrong ones: binomial, 0.5 ± 1.96 · √(0.25 / 400) = 0.5 ± 0.049.
+    labels = np.array([index % 2 for index in range(400)])
+    wrong = np.where(np.arange(400) < 200, 1 - labels, labels)
+    groups = {}
+    for name, predictions, optimizer in (("a", labels, MFAC_RECORD), ("b", wrong, ADAM_RECORD)):
+        groups[name] = []
+        for seed in range(3):
+            run = make_run(tmp_path / name / f"seed{seed}", seed, float((predictions == labels).mean()), optimizer)
+            rows = "".join(f"{index}\t{prediction}\t{label}\n"
+                           for index, (prediction, label) in enumerate(zip(predictions, labels)))
+            (run / "eval_predictions_sst2.tsv").write_text("index\tprediction\tlabel\n" + rows)
+            groups[name].append(compare.load_run(run))
+    low, high = compare.bootstrap_interval(groups["a"], groups["b"], "accuracy", resamples=2000)
+    assert low == pytest.approx(0.5 - 1.96 * 0.025, abs=0.006) and high == pytest.approx(0.5 + 1.96 * 0.025, abs=0.006)
+
+
+def test_runs_record_a_model_folder_by_name_and_weights_hash_never_its_path(tmp_path, capsys):
     model = tmp_path / "models" / "minilm"
     model.mkdir(parents=True)
+    weights = b"not really weights"
+    (model / "model.safetensors").write_bytes(weights)
     (tmp_path / "elsewhere").mkdir()
     os.symlink(model, tmp_path / "link-to-minilm")
-    spellings = [str(tmp_path / "elsewhere" / ".." / "models" / "minilm"), str(tmp_path / "link-to-minilm"),
-                 os.path.relpath(model)]
-    for seed, spelling in enumerate(spellings):
-        run = make_run(tmp_path / "runs" / f"seed{seed}", seed, 0.8 + seed / 100, MFAC_RECORD)
+    digest = hashlib.sha256(weights).hexdigest()[:16]
+    for spelling in (str(tmp_path / "elsewhere" / ".." / "models" / "minilm"), str(tmp_path / "link-to-minilm"),
+                     os.path.relpath(model)):
+        assert glue_records.model_source_record(spelling) == f"models/minilm@sha256:{digest}"
+    assert glue_records.model_source_record("prajjwal1/bert-mini") == "prajjwal1/bert-mini"
+    (tmp_path / "bare").mkdir()
+    assert glue_records.model_source_record(str(tmp_path / "bare")) == f"{tmp_path.name}/bare"
+    # compare.py groups by the record and names the model with its hash shortened.
+    for seed, model_record in enumerate([f"models/minilm@sha256:{digest}", "models/minilm@sha256:0123456789abcdef"]):
+        run = make_run(tmp_path / "runs" / f"seed{seed}", seed, 0.8, MFAC_RECORD)
         info = json.loads((run / "run_info.json").read_text())
-        (run / "run_info.json").write_text(json.dumps({**info, "model": spelling}))
-    other = make_run(tmp_path / "runs" / "other", 0, 0.7, {**MFAC_RECORD, "optim_args": {
-        **MFAC_RECORD["optim_args"], "lr": 1e-3}})
+        (run / "run_info.json").write_text(json.dumps({**info, "model": model_record}))
     assert compare.main([str(path) for path in sorted((tmp_path / "runs").iterdir())]) == 0
     out = capsys.readouterr().out
-    assert "lr=0.0001" in out and "81.00 ± 1.00  3" in out  # 0.80, 0.81, 0.82: one group, n = 3
-    assert "lr=0.001 " in out and other.name not in out
-    # run_glue.py records the folder as compare.py normalises it.
-    assert glue_records.model_source_record(spellings[1]) == str(model.resolve()) == compare.normalised_model(spellings[0])
-    assert glue_records.model_source_record("prajjwal1/bert-mini") == "prajjwal1/bert-mini"
+    assert f"models/minilm@{digest[:8]} " in out and "models/minilm@01234567 " in out and "sha256" not in out
+
+
+def test_time_to_result_series_and_plot(tmp_path):
+    runs = []
+    for seed, (clock, score) in enumerate((((10.0, 20.0), (0.6, 0.8)), ((12.0, 24.0), (0.7, 0.9)))):
+        run = make_run(tmp_path / f"seed{seed}", seed, score[-1], MFAC_RECORD)
+        history = [{"eval_accuracy": value, "step": 50 * (index + 1), "train_seconds": seconds}
+                   for index, (seconds, value) in enumerate(zip(clock, score))]
+        (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        runs.append(compare.load_run(run))
+    seconds, means, stds = compare.time_series(runs, "eval_accuracy")
+    assert seconds == pytest.approx([11.0, 22.0]) and means == pytest.approx([0.65, 0.85])
+    assert stds == pytest.approx([0.1 / 2 ** 0.5] * 2)
+    plot = tmp_path / "time.png"
+    assert compare.main([str(run.path) for run in runs] + ["--time_plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_plot_and_loss_series(hand_made_runs, tmp_path):

@@ -95,6 +95,6 @@ def write_eval_predictions(output_dir: str, task: Optional[str], predictions, la
     with open(path, "w") as handle:
         handle.write("index\tprediction\tlabel\n")
         for index, (prediction, label) in enumerate(zip(np.atleast_1d(outputs), np.atleast_1d(labels))):
-            handle.write(f"{index}\t{prediction:.6g}\t{label:.6g}\n" if is_regression else
+            handle.write(f"{index}\t{prediction:.9g}\t{label:.9g}\n" if is_regression else
                          f"{index}\t{int(prediction)}\t{int(label)}\n")
     return path
