@@ -69,6 +69,11 @@ for task in $TASKS; do
   [ ! -f "$EVIDENCE_DIR/$task/data/split.json" ] || cp -n "$EVIDENCE_DIR/$task/data/split.json" "$study/data/"
   task_flags=(--task_name "$task" --model_name_or_path "$MODEL" --train_file "$data/train.tsv"
               --validation_file "$data/dev.tsv")
+  # The score to beat without training: STS-B's zero-shot cosine, the majority class elsewhere.
+  control_flags=(--train_file "$data/train.tsv")
+  [ "$task" != stsb ] || control_flags=(--model_name_or_path "$MODEL")
+  python scripts/controls.py --task_name "$task" --validation_file "$data/dev.tsv" "${control_flags[@]}" \
+    --output "$EVIDENCE_DIR/$task/controls.json"
   for space in adamw mfac mfac_compressed; do
     workers=()
     for _ in $(seq "$WORKERS"); do

@@ -405,3 +405,45 @@ def test_bench_refuses_the_authors_code_off_cuda(tiny_bert, glue_dir, tmp_path, 
                                "--compare_all", "--authors_optim", str(tmp_path), "--device", "cpu"])
     assert exit_info.value.code == 2 and "runs only on CUDA" in capsys.readouterr().err
 
+
+
+def test_controls_majority_class_and_zero_shot_cosine_by_hand(tmp_path, tiny_bert, capsys):
+    import controls
+    from transformers import AutoModel, AutoTokenizer
+
+    rte = tmp_path / "RTE"
+    rte.mkdir()
+    (rte / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "".join(
+        f"{i}\ta\tb\t{'entailment' if i < 2 else 'not_entailment'}\n" for i in range(5)))
+    # Dev: 1 entailment (label 0), 3 not_entailment (label 1); the training majority is not_entailment: 3/4.
+    (rte / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "".join(
+        f"{i}\ta\tb\t{label}\n" for i, label in enumerate(["entailment"] + ["not_entailment"] * 3)))
+    assert controls.main(["--task_name", "rte", "--train_file", str(rte / "train.tsv"), "--validation_file",
+                          str(rte / "dev.tsv"), "--output", str(tmp_path / "rte.json")]) == 0
+    assert json.loads((tmp_path / "rte.json").read_text())["controls"] == {"majority class": {"accuracy": 0.75}}
+
+    # STS-B: cosine of mean-pooled states, batched with padding, against each sentence encoded alone.
+    pairs = [("a good film", "a fine movie indeed"), ("the cat sat", "dogs bark loudly at night"),
+             ("rain", "rain again today"), ("a long and winding road home", "short")]
+    stsb = tmp_path / "dev.tsv"
+    stsb.write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n" + "".join(
+        f"{i}\tg\tf\ty\t{i}\ts\ts\t{first}\t{second}\t{score}\n"
+        for i, ((first, second), score) in enumerate(zip(pairs, (4.0, 0.5, 3.0, 1.0)))))
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_bert), AutoModel.from_pretrained(tiny_bert).eval()
+
+    def alone(sentence: str) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**tokenizer(sentence, return_tensors="pt")).last_hidden_state[0].mean(0)
+
+    cosines = [float(torch.nn.functional.cosine_similarity(alone(a), alone(b), dim=0)) for a, b in pairs]
+    assert controls.zero_shot_similarity(str(tiny_bert), {"sentence1": [a for a, _ in pairs],
+                                                          "sentence2": [b for _, b in pairs]}, 128) == \
+        pytest.approx(cosines, abs=1e-5)
+    capsys.readouterr()
+    assert controls.main(["--task_name", "stsb", "--validation_file", str(stsb), "--model_name_or_path",
+                          str(tiny_bert)]) == 0
+    pearson = np.corrcoef(cosines, [4.0, 0.5, 3.0, 1.0])[0, 1]
+    assert f"stsb zero-shot cosine: pearson {100 * pearson:.2f}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        controls.main(["--task_name", "stsb", "--validation_file", str(stsb)])
+    assert exit_info.value.code == 2 and "--model_name_or_path: needed for stsb's control" in capsys.readouterr().err
