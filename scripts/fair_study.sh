@@ -66,7 +66,6 @@ for task in $TASKS; do
   study=$OUTPUT_ROOT/$task/tune
   mkdir -p "$EVIDENCE_DIR/$task/data" "$study/data"
   storage=sqlite:///$(cd "$EVIDENCE_DIR/$task" && pwd)/study.db
-  [ ! -f "$EVIDENCE_DIR/$task/data/split.json" ] || cp -n "$EVIDENCE_DIR/$task/data/split.json" "$study/data/"
   task_flags=(--task_name "$task" --model_name_or_path "$MODEL" --train_file "$data/train.tsv"
               --validation_file "$data/dev.tsv")
   # The score to beat without training: STS-B's zero-shot cosine, the majority class elsewhere.
@@ -82,8 +81,8 @@ for task in $TASKS; do
       workers+=($!)
     done
     for worker in "${workers[@]}"; do wait "$worker"; done  # a failed worker stops the study (set -e)
+    cp "$study/data/split.json" "$EVIDENCE_DIR/$task/data/"  # the split is carved again, identically, on resume
   done
-  cp "$study/data/split.json" "$EVIDENCE_DIR/$task/data/"
   python scripts/tune.py --report "$study" --storage "$storage" | tee "$EVIDENCE_DIR/$task/search.txt"
   cp "$study/tuning.png" "$EVIDENCE_DIR/$task/"
   for space in adamw mfac mfac_compressed; do

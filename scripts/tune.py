@@ -201,9 +201,10 @@ def dev_set_file(config: dict[str, Any], data: Path) -> str:
 def carve_validation(config: dict[str, Any], size: float, seed: int, folder: Path) -> dict[str, Any]:
     """Splits the training data once into folder/train.jsonl and folder/validation.jsonl (file order kept in
     both), stratified by label for classification; returns what was done (also kept in folder/split.json). A
-    folder that holds a split already is used as it is."""
+    folder that holds a split already is used as it is; one that holds only its record (a study's kept evidence)
+    is carved again, identically."""
     record_file = folder / "split.json"
-    if record_file.is_file():
+    if all((folder / name).is_file() for name in ("split.json", "train.jsonl", "validation.jsonl")):
         return json.loads(record_file.read_text())
     from sklearn.model_selection import train_test_split
 
