@@ -452,3 +452,43 @@ def test_trainer_builds_mfac_with_decay_groups_and_resumes_bit_identically(tmp_p
     final_straight, final_resumed = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert final_straight.keys() == final_resumed.keys()
     assert all(torch.equal(final_straight[key], final_resumed[key]) for key in final_straight)
+
+
+KILL_STAGES = ["model", "optimizer_cut", "optimizer", "rng", "state_cut", "state"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, tiny_bert, glue_dir):
+    """An M-FAC run of 8 steps saving every 3, and the command that made it."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    command = ["--model_name_or_path", str(tiny_bert), "--task_name", "sst2",
+               "--train_file", str(glue_dir / "SST-2" / "train.tsv"), "--validation_file", str(glue_dir / "SST-2" / "dev.tsv"),
+               "--do_train", "--max_train_samples", "64", *QUICK, "--optim", "MFAC",
+               "--optim_args", '{"num_grads": 4, "damp": 1e-4, "momentum": 0.9}', "--learning_rate", "1e-3",
+               "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "3", "--save_total_limit", "2"]
+    run_glue.main([*command, "--output_dir", str(folder)])
+    return folder, command
+
+
+@pytest.mark.parametrize("stage", KILL_STAGES)
+def test_a_run_killed_while_saving_a_checkpoint_resumes_to_the_same_model(tmp_path, uninterrupted_run, stage):
+    straight, command = uninterrupted_run
+    output = tmp_path / "run"
+    killed = subprocess.run([sys.executable, str(Path(__file__).parent / "killed_save.py"), stage, "6", *command,
+                             "--output_dir", str(output)], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (output / "checkpoint-3").is_dir() and (output / "checkpoint-6").is_dir()
+    # The same command again resumes from the newest complete checkpoint and ends where the uninterrupted run did.
+    resumed = subprocess.run([sys.executable, str(Path(run_glue.__file__)), *command, "--output_dir", str(output)],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = resumed.stdout + resumed.stderr
+    skipped = re.findall(r"Skipping (\S+), which is incomplete \(([^)]*)\)", log)
+    resumed_at = re.search(r"Resuming training from checkpoint with epoch \d+ and global step (\d+)", log)
+    if stage == "state":
+        assert skipped == [] and resumed_at.group(1) == "6"
+    else:
+        assert [Path(folder).name for folder, _ in skipped] == ["checkpoint-6"], log[-2000:]
+        assert resumed_at.group(1) == "3"
+    final, expected = load_file(output / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert final.keys() == expected.keys() and all(torch.equal(final[key], expected[key]) for key in final)

@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
-from transformers.trainer_utils import get_last_checkpoint
-
-from ..hf_trainer import check_optimizer_state_matches
+from ..hf_trainer import check_optimizer_state_matches, last_complete_checkpoint
 from . import UsageError
 from .data import check_columns, check_splits_given, load_local_datasets, local_data_files
 from .model_types import check_model_configs
@@ -80,9 +78,9 @@ def exit_with_usage_error(message: str) -> NoReturn:
 
 
 def checkpoint_to_resume(training_args) -> Optional[str]:
-    """--resume_from_checkpoint, else the last checkpoint in an existing output_dir: HF's script did this in
-    transformers 4 (its 4.57 version no longer does), and scripts/sweep.py relies on it to resume an interrupted
-    run."""
+    """--resume_from_checkpoint, else the newest complete checkpoint in an existing output_dir: HF's script resumed
+    from the last one in transformers 4 (its 4.57 version no longer does), and scripts/sweep.py relies on it to
+    resume an interrupted run. A newer folder left incomplete by a kill during a save is skipped with a warning."""
     if training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
-        return get_last_checkpoint(training_args.output_dir)
+        return last_complete_checkpoint(training_args.output_dir)
     return training_args.resume_from_checkpoint
