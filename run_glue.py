@@ -60,7 +60,7 @@ from mfac_optim.glue.command_line import exit_with_usage_error, parse_and_check_
 from mfac_optim.glue.data import TASK_LABELS, TASK_TO_KEYS, check_data_arguments, sentence_keys
 from mfac_optim.glue.metrics import GlueMetric
 from mfac_optim.glue.model_types import check_model_arguments, hub_options, load_config, load_tokenizer
-from mfac_optim.glue.records import write_eval_predictions, write_run_info
+from mfac_optim.glue.records import model_source_record, write_eval_predictions, write_run_info
 from mfac_optim.hf_arguments import MFACTrainingArguments
 from mfac_optim.hf_trainer import MFACTrainer, check_mfac_fits, mfac_memory_bound
 
@@ -586,7 +586,11 @@ def main(argv=None, callbacks=None):
                             item = id2label[item]
                             writer.write(f"{index}\t{item}\n")
 
+    # M-FAC fork: only a Hub id is linked as the base model; a local folder is named by its record (the folder's
+    # name and its weights' hash), never by its path.
     kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification"}
+    if model_args.model_name_or_path is not None and os.path.isdir(model_args.model_name_or_path):
+        kwargs.update(finetuned_from=None, local_base=model_source_record(model_args.model_name_or_path))
     if data_args.task_name is not None:
         kwargs["language"] = "en"
         kwargs["dataset_tags"] = "glue"

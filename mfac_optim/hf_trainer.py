@@ -110,13 +110,22 @@ class MFACTrainer(Trainer):
         """The optimizer state measured after the first training step (None before it)."""
         return self.memory_logger.measured_bytes
 
-    def create_model_card(self, *args, **kwargs) -> None:
+    def create_model_card(self, *args, local_base: Optional[str] = None, **kwargs) -> None:
         """HF's card (README.md in output_dir; `push_to_hub` writes it too), plus, for M-FAC, every optimizer
-        argument as the run used it: HF's card prints `--optim_args` as typed, without the defaults it left out."""
+        argument as the run used it: HF's card prints `--optim_args` as typed, without the defaults it left out.
+        `local_base` names a base model that is not on the Hub (HF's card links `finetuned_from` to the Hub, and
+        says "trained from scratch" without it)."""
         super().create_model_card(*args, **kwargs)
-        if self.is_world_process_zero() and self.args.optim == MFAC_NAME:
-            with open(os.path.join(self.args.output_dir, MODEL_CARD), "a", encoding="utf-8") as card:
-                card.write(mfac_card_section(self.args.mfac.kwargs()))
+        if not self.is_world_process_zero():
+            return
+        card = Path(self.args.output_dir, MODEL_CARD)
+        if local_base is not None:
+            card.write_text(card.read_text(encoding="utf-8").replace(
+                "This model was trained from scratch on", f"This model is a fine-tuned version of the local model "
+                f"`{local_base}` on", 1), encoding="utf-8")
+        if self.args.optim == MFAC_NAME:
+            with open(card, "a", encoding="utf-8") as handle:
+                handle.write(mfac_card_section(self.args.mfac.kwargs()))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not mfac_is_sharded(self.args):

@@ -128,6 +128,8 @@ def setting(info: dict) -> tuple[dict, set[str]]:
 def describe(key: str, value) -> str:
     if key == "model":
         return model_name(value)
+    if key == "warmup_steps" and isinstance(value, float) and 0 < value < 1:  # HF reads a value below 1 as a ratio
+        return f"warmup={value:.0%}"
     if key == "optim":
         return str(value)
     return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"

@@ -23,6 +23,7 @@ from search_space import SearchSpace, search_space_from
 STORAGE_FILE = "study.db"
 DATA_FOLDER = "data"  # the carved training part and validation split
 TRAINED_FRACTION = "trained_fraction"  # a trial's user attribute: the share of a full run's steps it trained
+SHARED_NAMES = {"learning_rate": "lr"}  # the same hyperparameter under the flag's name and M-FAC's key
 # A best lr within this share of the searched log-range of a bound lies at the edge: the range should grow.
 EDGE_SHARE = 0.1
 
@@ -229,11 +230,14 @@ def plot_progress(axis, summaries: list[StudySummary], colours: dict[str, str], 
 
 
 def plot_importance(axis, summaries: list[StudySummary], colours: dict[str, str], title: str) -> None:
-    names = sorted({name for summary in summaries for name in summary.importances})
+    """One bar per hyperparameter and study; AdamW's learning_rate and M-FAC's lr share one row, "lr"."""
+    importances = [{SHARED_NAMES.get(name, name): value for name, value in summary.importances.items()}
+                   for summary in summaries]
+    names = sorted({name for shares in importances for name in shares})
     height = 0.8 / max(1, len(summaries))
-    for index, summary in enumerate(summaries):
+    for index, (summary, shares) in enumerate(zip(summaries, importances)):
         positions = [row + index * height for row in range(len(names))]
-        axis.barh(positions, [summary.importances.get(name, 0.0) for name in names], height=height,
+        axis.barh(positions, [shares.get(name, 0.0) for name in names], height=height,
                   color=colours[summary.name], label=summary.name)
     axis.set_yticks([row + 0.4 - height / 2 for row in range(len(names))], names)
     axis.set_xlabel("importance (fANOVA, complete trials)")

@@ -9,6 +9,7 @@ import torch
 
 import run_glue
 from mfac_optim.glue import data as glue_data
+from mfac_optim.glue.records import model_source_record
 
 QUICK = ["--per_device_eval_batch_size", "64", "--max_seq_length", "32", "--report_to", "none",
          "--disable_tqdm", "true", "--save_strategy", "no"]
@@ -91,6 +92,9 @@ def test_model_card_names_mfac_settings_task_seed_and_dev_metrics(tmp_path, tiny
     accuracy = json.loads((output / "eval_results.json").read_text())["eval_accuracy"]
     assert "GLUE SST2" in card and "- seed: 7" in card
     assert f"- Accuracy: {accuracy:.4f}" in card
+    # A local model folder is named by its record, never linked to the Hub by its path.
+    assert "huggingface.co" not in card and str(tiny_bert) not in card and "base_model" not in card
+    assert f"fine-tuned version of the local model `{model_source_record(str(tiny_bert))}` on" in card
     section = card[card.index("## Optimizer: M-FAC"):]
     for row in ("| lr | 0.001 |", "| num_grads | 8 |", "| damp | 0.0001 |", "| momentum | 0.0 |",
                 "| weight_decay | 0.0 |", "| grad_dtype | bfloat16 |", "| shard | False |", "| density | 1.0 |"):
@@ -112,5 +116,38 @@ def test_push_to_hub_reaches_the_push_call(tmp_path, tiny_bert, glue_dir, monkey
                         "--push_to_hub", "true", "--hub_model_id", "someone/bert-sst2-mfac")
     final = pushes[-1]
     assert final["dataset"] == "GLUE SST2" and final["dataset_args"] == "sst2"
-    assert final["finetuned_from"] == str(tiny_bert) and final["tasks"] == "text-classification"
+    assert final["finetuned_from"] is None and final["local_base"] == model_source_record(str(tiny_bert))
+    assert final["tasks"] == "text-classification"
     assert not (output / "README.md").exists()  # the push writes the card; here the push was patched out
+
+
+def test_a_checkpoint_is_complete_only_with_its_trainer_state_and_every_processs_whole_optimizer_file(tmp_path, caplog):
+    from mfac_optim.hf_trainer import incomplete_checkpoint_reason, last_complete_checkpoint
+
+    def checkpoint(step: int, files: dict) -> Path:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name, content in files.items():
+            if content is None:
+                torch.save({"state": {}}, folder / name)
+            else:
+                (folder / name).write_bytes(content)
+        return folder
+
+    whole = checkpoint(10, {"rank0-of-2-optimizer.pt": None, "rank1-of-2-optimizer.pt": None,
+                            "trainer_state.json": b"{}"})
+    assert incomplete_checkpoint_reason(whole) is None
+    one_rank = checkpoint(20, {"rank0-of-2-optimizer.pt": None, "trainer_state.json": b"{}"})
+    assert incomplete_checkpoint_reason(one_rank) == "no rank1-of-2-optimizer.pt"
+    cut = checkpoint(30, {"optimizer.pt": None, "trainer_state.json": b"{}"})
+    (cut / "optimizer.pt").write_bytes((cut / "optimizer.pt").read_bytes()[:100])
+    assert incomplete_checkpoint_reason(cut) == "optimizer.pt cut short"
+    assert incomplete_checkpoint_reason(checkpoint(40, {"trainer_state.json": b'{"log_hist'})) == \
+        "trainer_state.json was cut short"
+    assert incomplete_checkpoint_reason(checkpoint(50, {"model.safetensors": b"weights"})) == \
+        "no trainer_state.json, the file the Trainer writes last"
+    with caplog.at_level("WARNING", logger="mfac_optim.hf_trainer"):
+        assert last_complete_checkpoint(str(tmp_path)) == str(whole)
+    skipped = [record.getMessage() for record in caplog.records]
+    assert [message.split(",")[0] for message in skipped] == [
+        f"Skipping {tmp_path / f'checkpoint-{step}'}" for step in (50, 40, 30, 20)]

@@ -131,3 +131,21 @@ def test_a_build_in_progress_is_waited_for_and_its_lock_left_alone(tmp_path):
         for child in (holder, waiter):
             child.kill()
             child.wait()
+
+
+def test_the_first_build_says_so_in_the_log_and_a_cached_one_does_not(tmp_path, monkeypatch, caplog):
+    import torch.utils.cpp_extension as extension
+
+    built = object()
+    monkeypatch.setattr(extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(extension, "load", lambda **kwargs: built)
+    monkeypatch.setattr(kernels, "_cpu_passes", None)  # as in a fresh process
+    with caplog.at_level("WARNING", logger="mfac_optim.kernels"):
+        assert kernels.cpu_passes() is built
+    assert "compiling the fused CPU kernels, once for this machine" in caplog.text and str(tmp_path) in caplog.text
+    caplog.clear()
+    (tmp_path / f"mfac_cpu_kernels_{kernels.instruction_set()}.so").touch()  # what a finished build leaves
+    monkeypatch.setattr(kernels, "_cpu_passes", None)
+    with caplog.at_level("WARNING", logger="mfac_optim.kernels"):
+        assert kernels.cpu_passes() is built
+    assert "compiling" not in caplog.text

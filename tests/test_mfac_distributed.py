@@ -235,8 +235,9 @@ def test_run_glue_under_torchrun_saves_per_process_state_and_resumes(tmp_path, t
 def test_resuming_sharded_state_unsharded_or_back_is_refused(tmp_path, saved, shard, message, capsys):
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
-    for name in saved:
-        (checkpoint / name).write_bytes(b"")
+    for name in saved:  # whole files, as a finished save leaves them (an incomplete checkpoint is skipped)
+        torch.save({}, checkpoint / name)
+    (checkpoint / "trainer_state.json").write_text("{}")
     argv = ["--model_name_or_path", "unused", "--task_name", "sst2", "--do_train", "--output_dir", str(tmp_path),
             "--optim", "MFAC", "--optim_args", json.dumps({"num_grads": 4, "shard": shard})]
     with pytest.raises(SystemExit) as exit_info:

@@ -109,6 +109,18 @@ def test_json_config_file_with_command_line_override(tmp_path, tiny_bert):
     assert json.loads(training_args.optim_args)["num_grads"] == 512
 
 
+@pytest.mark.parametrize("given", ['{"num_grads": 16, "momentum": 0.5}', "num_grads=16,momentum=0.5",
+                                   '--optim_args={"num_grads": 16, "momentum": 0.5}'])
+def test_command_line_optim_args_override_only_the_keys_they_name(tmp_path, tiny_bert, given):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_name_or_path": str(tiny_bert), "task_name": "mrpc", "output_dir": "o",
+                                  "optim": "MFAC", "optim_args": {"num_grads": 512, "damp": 1e-4, "grad_dtype": "bfloat16"}}))
+    flags = [given] if given.startswith("--") else ["--optim_args", given]
+    _, _, training_args, _ = run_glue.parse_arguments([str(config), "--seed", "7", *flags])
+    assert training_args.mfac == MFACArguments(lr=training_args.learning_rate, num_grads=16, damp=1e-4,
+                                               momentum=0.5, grad_dtype="bfloat16")
+
+
 BAD_INPUTS = [
     (["--optim", "MFAC", "--optim_args", '{"lr": 1e-4,'], "--optim_args: not valid JSON"),
     (["--optim", "MFAC", "--optim_args", "[1, 2]"], "--optim_args: must be a JSON object"),

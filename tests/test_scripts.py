@@ -447,3 +447,8 @@ def test_controls_majority_class_and_zero_shot_cosine_by_hand(tmp_path, tiny_ber
     with pytest.raises(SystemExit) as exit_info:
         controls.main(["--task_name", "stsb", "--validation_file", str(stsb)])
     assert exit_info.value.code == 2 and "--model_name_or_path: needed for stsb's control" in capsys.readouterr().err
+
+
+def test_labels_read_a_warmup_ratio_as_a_share_of_the_steps():
+    assert compare.describe("warmup_steps", 0.142486) == "warmup=14%"
+    assert compare.describe("warmup_steps", 100) == "warmup_steps=100"

@@ -391,3 +391,17 @@ def test_score_of_an_undefined_correlation_is_zero_and_a_missing_metric_is_named
     assert tune_trial.score({"eval_accuracy": 0.75}, "accuracy") == 0.75
     with pytest.raises(tune_trial.MetricError, match=r"--metric f1: not among this run's eval metrics \(accuracy\)"):
         tune_trial.score({"eval_accuracy": 0.75, "eval_loss": 0.5}, "f1")
+
+
+def test_importance_plot_puts_learning_rate_and_lr_on_one_row():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots()
+    summaries = [SimpleNamespace(name="adamw", importances={"learning_rate": 1.0}),
+                 SimpleNamespace(name="mfac", importances={"lr": 0.6, "damp": 0.4})]
+    tune_report.plot_importance(axis, summaries, {"adamw": "C0", "mfac": "C1"}, "stsb")
+    assert [label.get_text() for label in axis.get_yticklabels()] == ["damp", "lr"]
+    plt.close(figure)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
+from ..hf_arguments import parse_optim_args
 from ..hf_trainer import check_optimizer_state_matches, last_complete_checkpoint
 from . import UsageError
 from .data import check_columns, check_splits_given, load_local_datasets, local_data_files
@@ -16,10 +17,36 @@ from .model_types import check_model_configs
 
 
 def expand_json_config(argv: list[str]) -> list[str]:
-    """`run_glue.py config.json --seed 5` -> the config's entries as flags, then the flags that override them."""
+    """`run_glue.py config.json --seed 5` -> the config's entries as flags, then the flags that override them. An
+    `--optim_args` on the command line overrides the keys it names, and the config's other keys stay."""
     if not argv or not argv[0].endswith(".json"):
         return argv
-    return config_flags(read_json_object(argv[0], "config file", "arguments")) + argv[1:]
+    config, later = read_json_object(argv[0], "config file", "arguments"), list(argv[1:])
+    position = last_flag_value(later, "--optim_args")
+    if "optim_args" in config and position is not None:
+        later[position] = merged_optim_args(config.pop("optim_args"), later[position])
+    return config_flags(config) + later
+
+
+def last_flag_value(argv: list[str], flag: str) -> Optional[int]:
+    """The index of the value of the last `flag VALUE` in argv (`flag=VALUE` is split into two first), or None."""
+    for index in range(len(argv) - 1, -1, -1):
+        if argv[index].startswith(f"{flag}="):
+            argv[index:index + 1] = [flag, argv[index][len(flag) + 1:]]
+            return index + 1
+        if argv[index] == flag and index + 1 < len(argv):
+            return index + 1
+    return None
+
+
+def merged_optim_args(config_value: dict[str, Any] | str, given: str) -> str:
+    """The config's optim_args with the command line's keys put over them, written in the command line's form
+    (a JSON object, or HF's key=value pairs)."""
+    base = config_value if isinstance(config_value, dict) else parse_optim_args(config_value)
+    merged = {**base, **parse_optim_args(given)}
+    if given.lstrip().startswith("{"):
+        return json.dumps(merged)
+    return ",".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in merged.items())
 
 
 def read_json_object(path: str | Path, kind: str, contents: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ companions (x86-64-v3) gets the AVX2 kernels; any other CPU a portable build. Ea
 its own name, so one cache holds both and a CPU only ever loads the one it can run."""
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import warnings
@@ -25,6 +26,9 @@ _cpu_passes = None  # the compiled module, False once a build failed
 
 # What -march=x86-64-v3 lets the compiler use beyond x86-64, as Linux's /proc/cpuinfo names them (abm: lzcnt).
 X86_64_V3_FLAGS = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})
+
+
+logger = logging.getLogger(__name__)
 
 
 def cpu_flags() -> Optional[frozenset[str]]:
@@ -73,7 +77,11 @@ def cpu_passes():
             target = instruction_set()
             name = f"mfac_cpu_kernels_{target}"
             # The folder torch builds in (per Python and torch flavour); private, but stable since torch 1.x.
-            with exclusive_build(_get_build_directory(name, False)):
+            build_directory = _get_build_directory(name, False)
+            with exclusive_build(build_directory):
+                if not os.path.exists(os.path.join(build_directory, f"{name}.so")):
+                    logger.warning("MFAC: compiling the fused CPU kernels, once for this machine (a few minutes on "
+                                   "2 cores; later runs load them from %s)", build_directory)
                 _cpu_passes = load(name=name, sources=[str(SOURCES / source) for source in CPP_SOURCES],
                                    extra_cflags=["-O3", *architecture_flags(target), "-fopenmp"],
                                    extra_ldflags=["-fopenmp"])
