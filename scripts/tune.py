@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -386,7 +387,7 @@ class Search:
         # Optuna's Trial takes the storage's id of the trial (its number counts within the study only).
         command = [sys.executable, str(TRIAL_SCRIPT), self.storage_url, self.space.name, str(trial._trial_id),
                    self.metric, *config_flags(run)]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), children_cpu_seconds()
         try:
             with open(output_dir / "trial.log", "w") as log:
                 code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
@@ -395,6 +396,8 @@ class Search:
             raise
         seconds = time.perf_counter() - start
         trial.set_user_attr("wall_seconds", seconds)
+        # The cores the trial kept busy on average: below the machine's count, it shared them with other work.
+        trial.set_user_attr("cores_used", (children_cpu_seconds() - cpu_start) / seconds)
         prefix = f"{self.space.name} trial {trial.number}"
         if code == PRUNED_EXIT:
             fraction = self.study._storage.get_trial(trial._trial_id).user_attrs.get(TRAINED_FRACTION, 0.0)
@@ -423,6 +426,12 @@ class Search:
         path = self.args.study_dir / f"{name}.json"
         path.write_text(json.dumps(config, indent=2) + "\n")
         return path
+
+
+def children_cpu_seconds() -> float:
+    """User and system CPU time of this process's finished children (the trials)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def last_line(path: Path) -> str:

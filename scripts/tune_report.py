@@ -1,5 +1,6 @@
 """`scripts/tune.py --report STUDY_DIR`: the studies of one folder (one per optimizer) side by side: budgets spent
-in full-run equivalents and the wall time they took, finished / pruned / failed trials, the best validation score
+in full-run equivalents and the wall time they took (each trial also with the CPU cores it kept busy on average:
+fewer than the machine has, and it shared them), finished / pruned / failed trials, the best validation score
 and its parameters, and whether the best lr has finished trials on both sides; and STUDY_DIR/tuning.png: each
 optimizer's best-so-far validation score against the budget spent, beside the importance of each hyperparameter
 (Optuna's fANOVA, seeded)."""
@@ -189,8 +190,9 @@ def trial_line(trial: FrozenTrial) -> str:
     else:
         step = max(trial.intermediate_values, default=None)
         outcome = f"pruned after epoch {step} ({trial.intermediate_values[step]:.4f})" if step is not None else "pruned"
+    cores = trial.user_attrs.get("cores_used")
     return f"  {trial.number:>3}  {outcome:<32}  {trial_cost(trial):.2f} run  {seconds or 0:>5.0f} s  " \
-           f"{format_params(trial.params)}"
+           f"{f'{cores:.1f} cores' if cores is not None else '- cores':>9}  {format_params(trial.params)}"
 
 
 def plot(summaries: list[StudySummary], title: str, path: Path) -> None:

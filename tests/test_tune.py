@@ -175,6 +175,8 @@ def test_small_study_spends_its_budget_resumes_never_reads_dev_and_writes_a_conf
     # Full runs cost 1 and trials pruned after epoch 1 of 2 cost 1/2; the search stops once 2 are spent.
     costs = [tune_report.trial_cost(trial) for trial in finished(adamw)]
     assert set(costs) <= {0.5, 1.0} and costs[0] == 1.0 and 2 <= sum(costs) < 2 + costs[-1]
+    # Each trial records the cores its run kept busy (its children's CPU time over its wall time).
+    assert all(0 < trial.user_attrs["cores_used"] <= os.cpu_count() + 0.5 for trial in finished(adamw))
     done_before = {trial.number: trial.datetime_complete for trial in finished(adamw)}
     for trial in finished(adamw):  # every trial ran at the selection seed, never an evaluation seed
         info = json.loads((small_study.study_dir / "trials" / "adamw" / str(trial.number) / "run_info.json")
