@@ -2,6 +2,7 @@
 machine (-march=native): a build cache shared between CPUs must never serve a binary a CPU cannot run. A process
 that dies during a build (or during the brief build check of every load) must never block the next one."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,14 +83,30 @@ print("loaded")
 """
 
 
-# The children import the package this test imported (the source tree, or in the nested run the installed copy):
-# kernels loaded from another copy's sources would be rebuilt.
-SAME_PACKAGE = {**os.environ, "PYTHONPATH": str(Path(kernels.__file__).parents[2])}
+def same_package() -> dict[str, str]:
+    """The environment for a child that imports the package this test imported (kernels loaded from another
+    copy's sources would be rebuilt), with the test's own TORCH_EXTENSIONS_DIR if it set one."""
+    return {**os.environ, "PYTHONPATH": str(Path(kernels.__file__).parents[2])}
+
+
+def own_build_folder(tmp_path: Path, monkeypatch) -> str:
+    """The kernels' build folder moved under `tmp_path` (TORCH_EXTENSIONS_DIR) for this test and its children,
+    holding a copy of the built kernels with their times, so nothing is rebuilt: a training job on the same
+    machine that loads the kernels meanwhile never sees this test's locks, nor removes them."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    name = f"mfac_cpu_kernels_{kernels.instruction_set()}"
+    assert kernels.cpu_passes() is not None  # built (or found) in the shared folder
+    shared = _get_build_directory(name, False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    own = _get_build_directory(name, False)
+    shutil.copytree(shared, own, ignore=shutil.ignore_patterns("lock", "mfac_build.flock"), dirs_exist_ok=True)
+    return own
 
 
 def start_holding_the_build(build_directory: str) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_BUILD, build_directory], stdout=subprocess.PIPE,
-                              text=True, env=SAME_PACKAGE)
+                              text=True, env=same_package())
     line = holder.stdout.readline()
     if line != "building\n":  # a holder that never started must not keep the build folder for its 600 s
         holder.kill()
@@ -98,19 +115,17 @@ def start_holding_the_build(build_directory: str) -> subprocess.Popen:
     return holder
 
 
-def test_a_build_cut_short_by_a_killed_process_does_not_block_the_next_load():
-    from torch.utils.cpp_extension import _get_build_directory
-
-    assert kernels.cpu_passes() is not None  # built (or found) before the build is cut short
-    build_directory = _get_build_directory(f"mfac_cpu_kernels_{kernels.instruction_set()}", False)
+def test_a_build_cut_short_by_a_killed_process_does_not_block_the_next_load(tmp_path, monkeypatch):
+    build_directory = own_build_folder(tmp_path, monkeypatch)
     holder = start_holding_the_build(build_directory)
     holder.send_signal(signal.SIGKILL)  # what a session's end or a timeout does: no cleanup runs
     holder.wait(timeout=60)
     assert Path(build_directory, "lock").exists()  # torch's builder alone would wait for it without end
     loaded = subprocess.run([sys.executable, "-c", LOAD_THE_KERNELS], capture_output=True, text=True, timeout=300,
-                            env=SAME_PACKAGE)
+                            env=same_package())
     assert loaded.returncode == 0 and loaded.stdout == "loaded\n", loaded.stderr[-3000:]
     assert "left by a kernel build whose process died" in loaded.stderr
+    assert "compiling" not in loaded.stderr  # the copied build was loaded, not made again
     assert not Path(build_directory, "lock").exists()
 
 
@@ -119,7 +134,7 @@ def test_a_build_in_progress_is_waited_for_and_its_lock_left_alone(tmp_path):
     waiter = subprocess.Popen([sys.executable, "-W", "error:MFAC", "-c",
                                "import sys; from mfac_optim.kernels import exclusive_build\n"
                                "with exclusive_build(sys.argv[1]): print('my turn')", str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SAME_PACKAGE)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=same_package())
     try:
         time.sleep(3)
         assert waiter.poll() is None and (tmp_path / "lock").exists()
