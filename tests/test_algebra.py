@@ -22,7 +22,7 @@ def panels_on_cuda(factor, column, diagonal):
 UPDATES = {"compiled": compiled_update, "panels": algebra._drop_oldest_append_newest_by_panels,
            "panels on CUDA": panels_on_cuda}
 FORMS = ["compiled", "panels",
-         pytest.param("panels on CUDA", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+         pytest.param("panels on CUDA", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
 
 def positive_definite(size: int, generator: torch.Generator) -> torch.Tensor:

@@ -42,6 +42,7 @@ def test_each_cpu_gets_the_instruction_set_it_runs(cpu):
     assert kernels.instruction_set() == "portable" and kernels.architecture_flags("portable") == []
 
 
+@pytest.mark.slow
 def test_a_cpu_without_avx2_builds_and_loads_its_own_portable_module(cpu, monkeypatch):
     real_machine = kernels.platform.machine()
     if real_machine.lower() not in ("x86_64", "amd64"):

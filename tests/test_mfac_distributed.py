@@ -22,7 +22,6 @@ WORLD_SIZE = 2
 STEPS = 50  # six wrap-arounds of the embedding model's 8 slots, with the loss scaled by 0.1, 1 or 10 (100×)
 VOCABULARY, WIDTH, HIDDEN, CLASSES = 400, 4, 6, 3
 
-
 def embedding_model(shard: bool) -> tuple[list[torch.Tensor], MFAC]:
     """A word embedding (row-sparse in the window), a hidden layer and a head; two param groups with their own
     lr, momentum and weight decay (decay only on the dense matrices, so the embedding stays row-sparse)."""
@@ -131,6 +130,7 @@ def unsharded_run() -> tuple[list[torch.Tensor], MFAC]:
     return params, optimizer
 
 
+@pytest.mark.distributed
 def test_sharded_steps_equal_the_unsharded_optimizer(ranks):
     # fp32 partial dot products summed in another order differ by ~1e-7; 50 steps of training at λ = 1e-6 carry
     # that into the trajectory (the per-step exactness is test_each_process_stores_its_own_shard_and_the_step_is_exact).
@@ -141,6 +141,7 @@ def test_sharded_steps_equal_the_unsharded_optimizer(ranks):
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
 
 
+@pytest.mark.distributed
 def test_each_process_keeps_its_half_of_the_window(ranks):
     # Dense model, rank r keeps rows [30r/2, 30(r+1)/2) of the 30-row tensors and [5r/2, 5(r+1)/2) of the 5-row
     # ones: 15·40 + 15 + 2·30 + 2 = 677 and 15·40 + 15 + 3·30 + 3 = 708 of the 1,385 columns, in fp32, over 16
@@ -164,11 +165,13 @@ def test_each_process_keeps_its_half_of_the_window(ranks):
     assert state[2]["row_values"].shape[2] == WIDTH and int(state[0]["shard_world_size"]) == 2
 
 
+@pytest.mark.distributed
 def test_sharded_resume_is_identical(ranks):
     for result in ranks:
         assert all(torch.equal(a, b) for a, b in zip(result["params"], result["resumed"]))
 
 
+@pytest.mark.distributed
 def test_state_of_another_world_size_is_refused(ranks):
     _, optimizer = embedding_model(shard=True)  # no process group here: one unsharded process
     with pytest.raises(ValueError, match="rank 1 of 2, but this process is rank 0 of 1"):
@@ -198,6 +201,8 @@ def torchrun(args: list[str]) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_run_glue_under_torchrun_saves_per_process_state_and_resumes(tmp_path, tiny_bert, glue_dir, capsys):
     straight = tmp_path / "straight"
     torchrun(run_glue_args(tiny_bert, glue_dir, straight, "--save_strategy", "steps", "--save_steps", "2"))
@@ -255,6 +260,7 @@ def test_processes_without_use_cpu_on_a_cpu_machine_are_refused(monkeypatch, cap
     assert "--use_cpu: 2 processes were launched on a machine without a GPU" in capsys.readouterr().err
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("window", ["compressed", "dense_window"])
 def test_each_process_stores_its_own_shard_and_the_step_is_exact(ranks, window):
     """Each process keeps (the top entries of) its own columns; together the stored rows C are the union, and every

@@ -471,6 +471,7 @@ def test_damp_may_change_in_every_group_and_remakes_the_factor():
     assert int(optimizer.state[a]["refactorizations"]) == 2  # made for 1e-6, remade for 1e-3
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_dense_reference(grad_dtype):

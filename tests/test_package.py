@@ -43,6 +43,7 @@ def installed(tmp_path_factory) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_installed_package_imports_builds_its_kernels_and_steps(installed, tmp_path):
     result = subprocess.run([sys.executable, "-c", STEP, str(installed)], cwd=tmp_path, capture_output=True,
                             text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(installed)})

@@ -182,6 +182,7 @@ def test_tokenizer_folder_without_vocabulary_is_refused(tmp_path):
 
 
 # --- the published command from a Hub-shaped cache ---------------------------------------------------------------
+@pytest.mark.slow
 def test_published_command_runs_offline_from_the_hub_cache(tmp_path, hub_cache, glue_dir):
     command = [sys.executable, str(ROOT / "run_glue.py"), *published_command(num_grads=8), "--max_steps", "3"]
     result = subprocess.run(command, cwd=tmp_path, env=offline(hub_cache), capture_output=True, text=True, timeout=900)
@@ -482,6 +483,7 @@ def uninterrupted_run(tmp_path_factory, tiny_bert, glue_dir):
     return folder, command
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", KILL_STAGES)
 def test_a_run_killed_while_saving_a_checkpoint_resumes_to_the_same_model(tmp_path, uninterrupted_run, stage):
     straight, command = uninterrupted_run

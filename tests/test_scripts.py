@@ -88,6 +88,7 @@ def test_reproduction_runs_the_published_command_from_the_hub_cache(python_on_pa
     assert json.loads(log.read_text()) == ["run_glue.py", *PUBLISHED]
 
 
+@pytest.mark.slow
 def test_reproduction_overrides_run_for_real(tmp_path, tiny_bert, glue_dir):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MODEL": str(tiny_bert), "SEED": "7", "OUTPUT_DIR": str(tmp_path / "run"),
@@ -135,6 +136,7 @@ def test_config_field_overridden_from_the_command_line(hub_cache):
 
 
 # --- sweep -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sweep_runs_each_seed_once_and_resumes(tmp_path, tiny_bert, glue_dir, capsys):
     config = tmp_path / "tiny_sst2_mfac.json"
     config.write_text(json.dumps({

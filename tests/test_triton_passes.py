@@ -80,6 +80,7 @@ def test_compressed_optimizer_with_the_triton_passes_matches_the_dense_solve(mon
         "compiled", "bfloat16", 1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("density,sparse_rows", [(1.0, None), (1.0, {0: 7}), (0.01, None)])
 def test_cuda_steps_repeat_bit_for_bit(density, sparse_rows):
@@ -98,6 +99,7 @@ def test_cuda_steps_repeat_bit_for_bit(density, sparse_rows):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dense_passes_address_a_window_past_two_to_the_31_entries():
     """bert-mini's dense window at m = 1024 has 3.4 billion entries: row offsets must not wrap in int32. Three rows of

@@ -168,6 +168,7 @@ def spent(study: optuna.Study) -> float:
     return sum(tune_report.trial_cost(trial) for trial in finished(study))
 
 
+@pytest.mark.slow
 def test_small_study_spends_its_budget_resumes_never_reads_dev_and_writes_a_config_sweep_runs(
         small_study, glue_dir, capsys, monkeypatch):
     run_search(small_study, "adamw", budget=2)
@@ -248,6 +249,7 @@ def test_small_study_spends_its_budget_resumes_never_reads_dev_and_writes_a_conf
     assert (small_study.study_dir / "tuning.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_study_and_finish_it_without_repeating_a_trial(small_study):
     command = [sys.executable, str(ROOT / "scripts" / "tune.py"), str(small_study.config), "--space",
                str(small_study.spaces["adamw"]), "--study_dir", str(small_study.study_dir), "--budget", "3",
@@ -273,6 +275,7 @@ def test_two_workers_share_a_study_and_finish_it_without_repeating_a_trial(small
     assert all(f"trial {trial.number}:" in "".join(outputs) for trial in trials)
 
 
+@pytest.mark.slow
 def test_search_stopped_by_sigterm_resumes_with_the_interrupted_trial(small_study):
     command = [sys.executable, str(ROOT / "scripts" / "tune.py"), str(small_study.config), "--space",
                str(small_study.spaces["adamw"]), "--study_dir", str(small_study.study_dir), "--budget", "1",
@@ -307,6 +310,7 @@ def test_an_evaluation_seed_as_selection_seed_is_refused(small_study, capsys):
     assert not small_study.study_dir.exists()
 
 
+@pytest.mark.slow
 def test_glue_from_the_hub_cache_is_carved_and_its_dev_split_written_only_for_the_seed_runs(tmp_path, hub_cache,
                                                                                           glue_dir):
     config = tmp_path / "hub_sst2.json"
@@ -342,6 +346,7 @@ def test_a_bad_run_glue_flag_is_one_error_line_before_any_trial(small_study, cap
     assert not (small_study.study_dir / "trials").exists()
 
 
+@pytest.mark.slow
 def test_a_metric_the_task_does_not_have_is_one_error_line(small_study, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tune.main([str(small_study.config), "--space", str(small_study.spaces["adamw"]), "--study_dir",
@@ -352,6 +357,7 @@ def test_a_metric_the_task_does_not_have_is_one_error_line(small_study, capsys):
     assert err.count("\n") == 1 and "--metric f1: not among this run's eval metrics (accuracy)" in err
 
 
+@pytest.mark.slow
 def test_resumed_study_with_other_settings_is_refused(small_study, capsys):
     run_search(small_study, "adamw", budget=1)
     with pytest.raises(SystemExit) as exit_info:
