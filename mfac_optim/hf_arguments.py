@@ -15,7 +15,7 @@ from typing import Any, Optional
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from .hyperparameters import check_group_hyperparameters, resolve_grad_dtype
+from .hyperparameters import DEFAULTS, check_group_hyperparameters, resolve_grad_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +33,14 @@ class MFACArgumentError(ValueError):
 class MFACArguments:
     """MFAC's constructor arguments, as `--optim_args` gives them (defaults: MFAC's)."""
 
-    lr: float = 1e-4
-    num_grads: int = 1024
-    damp: float = 1e-6
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    grad_dtype: str = "float32"
-    shard: bool = False
-    density: float = 1.0
+    lr: float = DEFAULTS["lr"]
+    num_grads: int = DEFAULTS["num_grads"]
+    damp: float = DEFAULTS["damp"]
+    momentum: float = DEFAULTS["momentum"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    grad_dtype: str = DEFAULTS["grad_dtype"]
+    shard: bool = DEFAULTS["shard"]
+    density: float = DEFAULTS["density"]
     given: tuple[str, ...] = field(default=(), compare=False)  # the keys --optim_args named, for the record
 
     @classmethod
@@ -54,7 +54,7 @@ class MFACArguments:
                                     f"{', '.join(allowed)})")
         values = {"lr": learning_rate, "weight_decay": weight_decay, **given}
         try:
-            values["grad_dtype"] = resolve_grad_dtype(values.get("grad_dtype", "float32"))
+            values["grad_dtype"] = resolve_grad_dtype(values.get("grad_dtype", DEFAULTS["grad_dtype"]))
             arguments = cls(**values, given=tuple(given))
             check_group_hyperparameters(arguments.kwargs())
         except ValueError as error:

@@ -10,6 +10,11 @@ from torch import Tensor
 
 GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# MFAC's defaults, the one table: MFAC's signature spells them out (tests hold it equal), `--optim_args` and the
+# upgrade of param groups saved before a setting existed read them from here.
+DEFAULTS = {"lr": 1e-4, "num_grads": 1024, "damp": 1e-6, "momentum": 0.0, "weight_decay": 0.0,
+            "grad_dtype": "float32", "shard": False, "density": 1.0}
+
 # Hyperparameters that define the one shared window, so every param group must agree on them.
 WINDOW_KEYS = ("num_grads", "damp", "grad_dtype", "shard", "density")
 

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from .algebra import GramSystem
 from .distributed import DirectionGather, check_shard_position, shard_position, sum_over_processes
-from .hyperparameters import check_group_hyperparameters, check_window_settings, resolve_grad_dtype
+from .hyperparameters import DEFAULTS, check_group_hyperparameters, check_window_settings, resolve_grad_dtype
 from .layout import Layout
 from .memory import optimizer_state_bytes
 from .window import GradientWindow, WindowSettings, phase
@@ -94,8 +94,8 @@ class MFAC(Optimizer):
         """Param groups saved before a setting existed get its default (torch.optim's place for upgrades)."""
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("shard", False)
-            group.setdefault("density", 1.0)
+            for key in ("shard", "density"):
+                group.setdefault(key, DEFAULTS[key])
 
     def memory_bytes(self) -> int:
         """Bytes of state this optimizer holds in this process (its shard of the window, the Gram matrix, momentum,

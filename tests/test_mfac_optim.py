@@ -483,3 +483,26 @@ def test_cuda_matches_dense_reference(grad_dtype):
     optimizer.step()
     assert optimizer.state[p]["window"].device.type == "cuda"
 
+
+
+def test_one_table_of_defaults_for_the_signature_the_arguments_and_old_param_groups():
+    import inspect
+    from dataclasses import fields
+
+    from mfac_optim.hf_arguments import MFACArguments
+    from mfac_optim.hyperparameters import DEFAULTS, resolve_grad_dtype
+
+    signature = {name: parameter.default for name, parameter in inspect.signature(MFAC.__init__).parameters.items()
+                 if name not in ("self", "params")}
+    signature["grad_dtype"] = resolve_grad_dtype(signature["grad_dtype"])
+    assert signature == DEFAULTS
+    assert {f.name: f.default for f in fields(MFACArguments) if f.name != "given"} == DEFAULTS
+    # A param group saved before shard and density existed gets their defaults when loaded.
+    optimizer = MFAC([torch.nn.Parameter(torch.zeros(3))])
+    old = optimizer.state_dict()
+    for group in old["param_groups"]:
+        del group["shard"], group["density"]
+    restored = MFAC([torch.nn.Parameter(torch.zeros(3))])
+    restored.__setstate__({"state": {}, "param_groups": old["param_groups"], "defaults": {}})
+    assert (restored.param_groups[0]["shard"], restored.param_groups[0]["density"]) == (DEFAULTS["shard"],
+                                                                                          DEFAULTS["density"])
