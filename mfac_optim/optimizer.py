@@ -97,10 +97,20 @@ class MFAC(Optimizer):
             for key in ("shard", "density"):
                 group.setdefault(key, DEFAULTS[key])
 
-    def memory_bytes(self) -> int:
+    def memory_bytes(self, with_buffers: bool = False) -> int:
         """Bytes of state this optimizer holds in this process (its shard of the window, the Gram matrix, momentum,
-        row-sparse parts)."""
-        return optimizer_state_bytes(self)
+        row-sparse parts); `with_buffers` adds the scratch it keeps between steps (the flat gradient, the window's
+        working buffers): all it holds, what the memory bound bounds."""
+        held = optimizer_state_bytes(self)
+        if with_buffers:
+            held += (self._window.buffer_bytes() if self._window is not None else 0) + \
+                (self._gradient.numel() * self._gradient.element_size() if self._gradient is not None else 0)
+        return held
+
+    def window_bytes(self) -> int:
+        """Bytes of the window's stored slots in this process (0 before the first step): what each of a step's
+        two passes over the window reads."""
+        return self._window.stored_bytes() if self._window is not None else 0
 
     @torch.no_grad()
     def stored_gradients(self) -> Tensor:

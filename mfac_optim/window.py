@@ -177,6 +177,12 @@ class GradientWindow:
         self.dense = DenseRows(torch.cat([window[:, :column], part.to_dense(), window[:, column:]], dim=1),
                                self.dense.accumulate_dtype)
 
+    def stored_bytes(self) -> int:
+        """The bytes of the stored slots (each part's rows and their indices, not a compressed window's error
+        buffer): what each of a step's two passes over the window reads."""
+        return sum(tensor.numel() * tensor.element_size() for part in [self.dense, *self.sparse.values()]
+                   for name, tensor in part.state().items() if name != "error")
+
     def buffer_bytes(self) -> int:
         """The scratch buffers the window keeps between steps, beyond the state it saves."""
         parts = [self.dense, *self.sparse.values()]

@@ -258,14 +258,6 @@ def copy_bandwidth(num_bytes: int, device: torch.device) -> float:
     return 2 * num_bytes / fastest_seconds(lambda: target.copy_(source), 7, device)
 
 
-def mfac_window_bytes(optimizer: MFAC) -> int:
-    """The bytes of the window that each of a step's two passes reads: its parts' stored slots."""
-    window = optimizer._window
-    parts = [window.dense, *window.sparse.values()]
-    return sum(tensor.numel() * tensor.element_size() for part in parts for name, tensor in part.state().items()
-               if name != "error")
-
-
 def authors_mfac(folder: Path, model: torch.nn.Module, num_grads: int, device: torch.device):
     """The authors' M-FAC (their optim.py, imported from `folder`): fp32 window, m × m coefficients per step."""
     import importlib.util
@@ -294,7 +286,7 @@ def benchmark_all(args: argparse.Namespace, device: torch.device) -> None:
     for name, options in settings.items():
         mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, **options)
         step, total = time_training(model, mfac, batches, device)
-        rows.append((name, step, total, mfac_window_bytes(mfac)))
+        rows.append((name, step, total, mfac.window_bytes()))
         with ProfiledPhases(device) as phases:  # further steps, apart from the timing above
             time_training(model, mfac, batches, device)
         phase_rows.append((name, phases.medians()))
@@ -473,7 +465,7 @@ def main(argv=None) -> None:
     mfac = MFAC([param], lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
                 density=density)
     mfac_seconds = time_optimizer(mfac, param, args.steps, warmup=2)
-    window_bytes = mfac_window_bytes(mfac)
+    window_bytes = mfac.window_bytes()
     del mfac
     pass_bytes = 2 * window_bytes
     bandwidth = read_bandwidth(min(window_bytes, 4 << 30), device)

@@ -506,3 +506,16 @@ def test_one_table_of_defaults_for_the_signature_the_arguments_and_old_param_gro
     restored.__setstate__({"state": {}, "param_groups": old["param_groups"], "defaults": {}})
     assert (restored.param_groups[0]["shard"], restored.param_groups[0]["density"]) == (DEFAULTS["shard"],
                                                                                           DEFAULTS["density"])
+
+
+def test_window_and_held_bytes_by_hand():
+    params = [torch.nn.Parameter(torch.randn(10, 3)), torch.nn.Parameter(torch.randn(7))]
+    optimizer = MFAC(params, num_grads=4, grad_dtype="bfloat16")
+    assert optimizer.window_bytes() == 0 and optimizer.memory_bytes(with_buffers=True) == 0  # nothing before a step
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert optimizer.window_bytes() == 4 * 37 * 2  # num_grads × parameters × bf16
+    # Held: the state (window, the float64 Gram matrix and its factor, counters) plus the flat fp32 gradient.
+    assert optimizer.memory_bytes(with_buffers=True) >= optimizer.memory_bytes() + 37 * 4
+    assert optimizer.memory_bytes() >= 4 * 37 * 2 + 2 * 4 * 4 * 8
