@@ -56,13 +56,13 @@ from transformers.utils import check_min_version
 from transformers.utils.versions import require_version
 
 # M-FAC fork: the optimizer's arguments and Trainer, and what the script adds to HF's (mfac_optim.glue).
-from mfac_optim.glue.command_line import exit_with_usage_error, parse_and_check_inputs
+from mfac_optim.glue.command_line import parse_and_check_inputs, refuse_a_window_that_cannot_fit
 from mfac_optim.glue.data import TASK_LABELS, TASK_TO_KEYS, check_data_arguments, sentence_keys
 from mfac_optim.glue.metrics import GlueMetric
 from mfac_optim.glue.model_types import check_model_arguments, hub_options, load_config, load_tokenizer
 from mfac_optim.glue.records import model_source_record, write_eval_predictions, write_run_info
 from mfac_optim.hf_arguments import MFACTrainingArguments
-from mfac_optim.hf_trainer import MFACTrainer, check_mfac_fits, mfac_memory_bound
+from mfac_optim.hf_trainer import MFACTrainer
 
 
 # Will error if the minimal version of Transformers is not installed. Remove at your own risks.
@@ -322,15 +322,10 @@ def main(argv=None, callbacks=None):
     # M-FAC fork: a config.json without "model_type" (prajjwal1/bert-mini) gets the type transformers 4 inferred.
     config = load_config(model_args, num_labels=num_labels, finetuning_task=data_args.task_name)
     # M-FAC fork: an M-FAC window that cannot fit in the training device's memory is refused before the weights load.
-    optimizer_memory_bound = mfac_memory_bound(
+    optimizer_memory_bound = refuse_a_window_that_cannot_fit(
         config, AutoModelForSequenceClassification, training_args, data_args.max_seq_length,
         model_args.trust_remote_code,
     )
-    if optimizer_memory_bound is not None:
-        try:
-            check_mfac_fits(optimizer_memory_bound, training_args)
-        except ValueError as error:
-            exit_with_usage_error(str(error))
     tokenizer = load_tokenizer(model_args)
     if model_args.model_name_or_path is None:  # M-FAC fork: random initialisation from --config_name
         logger.info(f"No --model_name_or_path: training a randomly initialised model from {model_args.config_name}")

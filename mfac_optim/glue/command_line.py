@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from ..hf_arguments import parse_optim_args
-from ..hf_trainer import check_optimizer_state_matches, last_complete_checkpoint
+from ..hf_trainer import check_mfac_fits, check_optimizer_state_matches, last_complete_checkpoint, mfac_memory_bound
 from . import UsageError
 from .data import check_columns, check_splits_given, load_local_datasets, local_data_files
 from .model_types import check_model_configs
@@ -111,3 +111,17 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
     if training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
         return last_complete_checkpoint(training_args.output_dir)
     return training_args.resume_from_checkpoint
+
+
+def refuse_a_window_that_cannot_fit(config, model_class, training_args, tokens_per_example: int,
+                                    trust_remote_code: bool = False) -> Optional[int]:
+    """For --optim MFAC, the optimizer's memory bound from the model config (None for other optimizers); a window
+    that cannot fit in the training device's memory ends the run with one line naming both figures, before any
+    weights load."""
+    bound = mfac_memory_bound(config, model_class, training_args, tokens_per_example, trust_remote_code)
+    if bound is not None:
+        try:
+            check_mfac_fits(bound, training_args)
+        except ValueError as error:
+            exit_with_usage_error(str(error))
+    return bound
