@@ -216,12 +216,15 @@ class ModelArguments:
         check_model_arguments(self)  # M-FAC fork
 
 
-# M-FAC fork: main() and scripts/tune.py parse and check the same way, before any model loads.
+# M-FAC fork: main() and the experiment tools (mfac_optim.experiments.tune) parse and check the same way, before any
+# model loads.
 def parse_arguments(argv):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments))
     return parse_and_check_inputs(parser, argv)
 
 
+# M-FAC fork: `argv` (HF's reads sys.argv) and `callbacks` (added to the Trainer's), so that a tuning trial runs this
+# main with its pruning callback.
 def main(argv=None, callbacks=None):
     # See all possible arguments in src/transformers/training_args.py
     # or by passing the --help flag to this script.

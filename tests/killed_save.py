@@ -11,13 +11,11 @@ checkpoint not yet rotated).
 import os
 import signal
 import sys
-from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerState
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import run_glue  # noqa: E402
+import run_glue
 
 STAGE, STEP = sys.argv[1], int(sys.argv[2])
 TARGET = f"checkpoint-{STEP}"

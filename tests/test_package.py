@@ -70,3 +70,17 @@ def test_optimizer_arguments_after_params_are_keyword_only():
 
     parameters = list(inspect.signature(MFAC.__init__).parameters.values())[2:]
     assert parameters and all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
+
+
+@pytest.mark.slow
+def test_console_scripts_and_run_glue_work_from_the_installed_copy(installed, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    for tool in ("mfac-tune", "mfac-sweep", "mfac-compare", "mfac-controls"):
+        result = subprocess.run([str(installed / "bin" / tool), "--help"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300, env=env)
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: {tool}"), result.stderr[-2000:]
+    where = subprocess.run([sys.executable, "-c", "import run_glue, mfac_optim.experiments.tune as tune; "
+                            "print(run_glue.__file__); print(tune.__file__)"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert all(Path(path).is_relative_to(installed) for path in where.stdout.split())

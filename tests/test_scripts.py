@@ -16,10 +16,10 @@ from mfac_optim.glue import records as glue_records
 from mfac_optim import MFAC
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from mfac_optim.experiments import compare, controls, sweep  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))  # the benchmark is a script of its own
 import bench_mfac  # noqa: E402
-import compare  # noqa: E402
-import sweep  # noqa: E402
 
 REPRODUCE = ROOT / "scripts" / "reproduce_sst2_bert_mini.sh"
 PUBLISHED = [
@@ -410,7 +410,6 @@ def test_bench_refuses_the_authors_code_off_cuda(tiny_bert, glue_dir, tmp_path, 
 
 
 def test_controls_majority_class_and_zero_shot_cosine_by_hand(tmp_path, tiny_bert, capsys):
-    import controls
     from transformers import AutoModel, AutoTokenizer
 
     rte = tmp_path / "RTE"

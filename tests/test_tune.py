@@ -20,12 +20,7 @@ from mfac_optim.glue import command_line as glue_command_line
 from mfac_optim.glue import data as glue_data
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import search_space  # noqa: E402
-import sweep  # noqa: E402
-import tune  # noqa: E402
-import tune_report  # noqa: E402
-import tune_trial  # noqa: E402
+from mfac_optim.experiments import search_space, sweep, tune, tune_report, tune_trial  # noqa: E402
 
 
 # --- search space files ------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The run's own record, run_info.json: what scripts/compare.py groups runs by (task, model, training length and
-schedule, optimizer with its arguments), never folder names."""
+"""The run folder's records: run_info.json, what the comparison groups runs by (task, model, training length and
+schedule, optimizer with its arguments), never folder names; the per-example dev predictions; and the names of
+the files the tools read from a run folder."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,10 @@ import numpy as np
 
 from ..hf_arguments import MFAC_NAME
 
+# The run folder's files that the tools read: this module names them, and no other.
 RUN_INFO = "run_info.json"
+ALL_RESULTS = "all_results.json"  # the Trainer's metrics of training and evaluation; written last, so a run is done
+TRAINER_STATE = "trainer_state.json"  # the Trainer's log history
 EVAL_PREDICTIONS = "eval_predictions_{task}.tsv"  # one row per evaluation example: index, prediction, label
 
 

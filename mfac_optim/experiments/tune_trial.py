@@ -1,7 +1,7 @@
 """One trial of scripts/tune.py, in a process of its own (a trial's memory, an M-FAC window of GBs among it, goes
 back to the system when it ends, and a crash takes one trial down, not the study):
 
-    python scripts/tune_trial.py STORAGE STUDY TRIAL_ID METRIC RUN_GLUE_ARGUMENTS...
+    python -m mfac_optim.experiments.tune_trial STORAGE STUDY TRIAL_ID METRIC RUN_GLUE_ARGUMENTS...
 
 run_glue.py runs with a callback that reports the evaluation at the end of each epoch to the Optuna trial, and
 stops the run when the study's pruner says so (exit status PRUNED_EXIT), recording the share of the run's steps
@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import optuna
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import run_glue  # noqa: E402
-from mfac_optim.glue.command_line import exit_with_usage_error  # noqa: E402
-from compare import eval_metrics  # noqa: E402
-from tune_report import TRAINED_FRACTION, successive_halving  # noqa: E402
+import run_glue
+
+from ..glue.command_line import exit_with_usage_error
+from .compare import eval_metrics
+from .tune_report import TRAINED_FRACTION, successive_halving
 
 PRUNED_EXIT = 3
 # Metrics that are undefined (NaN) when every prediction is the same, e.g. after a diverged run: such a model has
@@ -74,7 +73,7 @@ def main(argv: list[str]) -> int:
     try:
         run_glue.main(run_glue_argv, callbacks=[ReportToTrial(trial, metric)])
     except optuna.TrialPruned as pruned:
-        print(f"tune_trial.py: {pruned}", flush=True)
+        print(f"tune_trial: {pruned}", flush=True)
         return PRUNED_EXIT
     except MetricError as error:
         exit_with_usage_error(str(error))

@@ -18,8 +18,8 @@ import optuna
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
-from mfac_optim.glue import UsageError
-from search_space import SearchSpace, search_space_from
+from ..glue import UsageError
+from .search_space import SearchSpace, search_space_from
 
 STORAGE_FILE = "study.db"
 DATA_FOLDER = "data"  # the carved training part and validation split
@@ -41,7 +41,7 @@ def successive_halving(setting: dict[str, Any]) -> optuna.pruners.SuccessiveHalv
 
 
 def trial_cost(trial: FrozenTrial) -> float:
-    """A finished trial's share of a full run (tune_trial.py records it for a pruned trial; a complete one ran
+    """A finished trial's share of a full run (tune_trial records it for a pruned trial; a complete one ran
     in full)."""
     return trial.user_attrs.get(TRAINED_FRACTION, 1.0 if trial.state == TrialState.COMPLETE else 0.0)
 

@@ -20,10 +20,11 @@ from typing import Any, Union
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from mfac_optim.glue import UsageError
-from mfac_optim.glue.command_line import read_json_object
-from mfac_optim.hf_arguments import HF_OPTIMIZERS, MFAC_NAME, MFACArguments, MFACTrainingArguments
 from run_glue import DataTrainingArguments, ModelArguments
+
+from ..glue import UsageError
+from ..glue.command_line import read_json_object
+from ..hf_arguments import HF_OPTIMIZERS, MFAC_NAME, MFACArguments, MFACTrainingArguments
 
 SECTIONS = ("optim", "flags", "optim_args", "description")
 RANGE_KEYS = {"low", "high", "log", "step"}

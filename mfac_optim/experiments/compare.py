@@ -1,0 +1,536 @@
+"""Compares finished run_glue.py runs: mean ± sample std over seeds per task, metric and optimizer setting.
+
+    python scripts/compare.py runs/bert-mini_sst2_*/seed* --markdown --plot sst2.png
+
+Runs are grouped by what they recorded in run_info.json (task, model, data settings, optimizer and its
+arguments; everything but the seed), never by folder names. A group's label names only what differs between the
+groups of its task; the table's title line lists what they share. Metrics are shown ×100, as GLUE results are
+quoted.
+Each group is set against a reference group of its task (`--reference FOLDER`: the group whose runs lie in that
+folder; else the task's first group):
+- the difference of means with Welch's 95% interval (unequal variances, over seeds), and, where the runs kept
+  their per-example dev predictions, a bootstrap 95% interval over seeds × examples (seeds resampled within each
+  group, the same examples for both);
+- p-values of Welch's test, the exact Mann–Whitney test, and a TOST equivalence test within ±--margin points,
+  each adjusted by Holm–Bonferroni over every comparison of the task's table (groups × metrics);
+- the verdict: "separates" when both Welch's and Mann–Whitney's adjusted p are below 0.05; "equivalent within
+  ±δ" when the adjusted TOST p is; "inconclusive" otherwise.
+The table also gives each group's mean training time, optimizer state, and the highest 1-minute load average seen
+at its evaluations (above the core count, the runs shared the CPU and their times are not comparable).
+`--plot` draws the training loss and the main eval metric over steps per group; `--time_plot` the main eval
+metric against training seconds (evaluations excluded), both as the mean over seeds with a band of ± one
+standard deviation.
+
+    python scripts/compare.py runs/fair/stsb/seeds/*/seed* --reference runs/fair/stsb/seeds/stsb_adamw_tuned
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..glue.records import ALL_RESULTS, EVAL_PREDICTIONS, RUN_INFO, TRAINER_STATE
+
+# Prefixes of the eval entries that are not quality metrics (MNLI adds "_mm" copies of each).
+SEEDS_SECTION = "## Results over seeds"  # the model card section --model_card writes (and replaces)
+# combined_score is the mean of the others: not a metric of its own.
+NOT_METRICS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_samples",
+               "eval_combined_score")
+ALPHA = 0.05
+DEFAULT_MARGIN = 1.0  # points (×100): the equivalence margin δ of the TOST
+DEFAULT_RESAMPLES = 2000  # bootstrap resamples over seeds × examples
+
+
+def eval_metrics(results: dict) -> dict[str, float]:
+    """The quality metrics among a run's results (eval_accuracy, eval_f1, …)."""
+    return {key: value for key, value in results.items() if key.startswith("eval_") and not key.startswith(NOT_METRICS)}
+
+
+class NotARunError(ValueError):
+    pass
+
+
+@dataclass
+class Run:
+    path: Path
+    info: dict
+    results: dict
+    log_history: list
+
+    @property
+    def seed(self) -> int:
+        return self.info["seed"]
+
+    @property
+    def task(self) -> str:
+        return self.info["task_name"] or "custom"
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return eval_metrics(self.results)
+
+    def predictions(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The dev set's per-example predictions and labels run_glue.py kept, if it did."""
+        path = self.path / EVAL_PREDICTIONS.format(task=self.task)
+        if not path.is_file():
+            return None
+        table = np.loadtxt(path, delimiter="\t", skiprows=1, ndmin=2)
+        return table[:, 1], table[:, 2]
+
+    @property
+    def max_load(self) -> Optional[float]:
+        loads = [entry["load_average"] for entry in self.log_history if "load_average" in entry]
+        return max(loads) if loads else None
+
+
+def load_run(path: Path) -> Run:
+    """A run folder as run_glue.py leaves it; a clear error for anything else."""
+    missing = [name for name in (RUN_INFO, ALL_RESULTS) if not (path / name).is_file()]
+    if missing:
+        raise NotARunError(f"{path} is not a finished run_glue.py run (no {' or '.join(missing)})")
+    state_file = path / TRAINER_STATE
+    log_history = json.loads(state_file.read_text())["log_history"] if state_file.is_file() else []
+    return Run(path, json.loads((path / RUN_INFO).read_text()), json.loads((path / ALL_RESULTS).read_text()),
+               log_history)
+
+
+def model_name(model: str) -> str:
+    """The model as run_glue.py records it, its weights' hash shortened to 8 digits (enough to tell two apart)."""
+    name, _, digest = model.partition("@sha256:")
+    return f"{name}@{digest[:8]}" if digest else name
+
+
+def setting(info: dict) -> tuple[dict, set[str]]:
+    """What defines a run apart from its task and seed, as flat key -> value (model, data limits, optimizer and its
+    arguments), and the keys that belong to its optimizer alone (num_grads for MFAC, adam_beta1 for Adam, …)."""
+    flat = {"model": str(info["model"])}
+    flat.update({key: value for key, value in info.items() if key not in ("task_name", "seed", "model", "optimizer")})
+    optimizer = info["optimizer"]
+    if optimizer["optim"] == "MFAC":
+        arguments = dict(optimizer["optim_args"])
+        lr, weight_decay = arguments.pop("lr"), arguments.pop("weight_decay", 0.0)
+    else:
+        arguments = {key: value for key, value in optimizer.items() if key != "optim" and value is not None}
+        lr, weight_decay = arguments.pop("learning_rate"), arguments.pop("weight_decay", 0.0)
+    flat.update(optim=optimizer["optim"], lr=lr, weight_decay=weight_decay, **arguments)
+    return flat, set(arguments)
+
+
+def describe(key: str, value) -> str:
+    if key == "model":
+        return model_name(value)
+    if key == "warmup_steps" and isinstance(value, float) and 0 < value < 1:  # HF reads a value below 1 as a ratio
+        return f"warmup={value:.0%}"
+    if key == "optim":
+        return str(value)
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+
+
+def distinguishing_labels(settings: list[tuple[dict, set[str]]]) -> tuple[list[str], str]:
+    """A label per setting naming only what differs between them, and one line of what they share. An optimizer's
+    own keys are compared among the settings of that optimizer only (Adam's betas do not set it apart from M-FAC;
+    the optimizer's name does)."""
+    def peers(key: str, flat: dict, own: set[str]) -> list[dict]:
+        return [other for other, _ in settings if key not in own or other["optim"] == flat["optim"]]
+
+    labels = []
+    shared: dict[str, dict[str, None]] = defaultdict(dict)  # "" or an optimizer -> its shared items, in order
+    for flat, own in settings:
+        parts = []
+        for key, value in flat.items():
+            if len({json.dumps(other.get(key), sort_keys=True) for other in peers(key, flat, own)}) > 1:
+                parts.append(describe(key, value))
+            else:
+                shared[flat["optim"] if key in own else ""][describe(key, value)] = None
+        labels.append(" ".join(parts) or str(flat["optim"]))
+    general = ", ".join(shared.pop("", {}))
+    return labels, "; ".join([general] + [f"{optim}: {' '.join(items)}" for optim, items in shared.items()])
+
+
+@dataclass
+class TaskGroups:
+    groups: dict[str, list[Run]]  # label -> runs, one per seed
+    shared: str  # the settings every group of the task has in common
+
+
+def group_runs(runs: list[Run]) -> dict[str, TaskGroups]:
+    """task -> its groups of seeds, grouped on everything run_info.json holds except the seed."""
+    by_task: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        by_task[run.task][json.dumps(setting(run.info)[0], sort_keys=True)].append(run)
+    grouped = {}
+    for task, by_setting in by_task.items():
+        labels, shared = distinguishing_labels([setting(members[0].info) for members in by_setting.values()])
+        grouped[task] = TaskGroups({label: sorted(members, key=lambda run: run.seed)
+                                    for label, members in zip(labels, by_setting.values())}, shared)
+    return grouped
+
+
+@dataclass
+class Summary:
+    values: list[float]  # one per seed, in seed order
+    best: float
+    best_seed: int
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.values)
+
+    @property
+    def std(self) -> Optional[float]:
+        """Sample standard deviation (n − 1); None for one run."""
+        return statistics.stdev(self.values) if self.n > 1 else None
+
+
+def summarize(runs: list[Run], metric: str) -> Optional[Summary]:
+    scored = [(run.metrics[metric], run.seed) for run in runs if metric in run.metrics]
+    if not scored:
+        return None
+    values = [value for value, _ in scored]
+    best, best_seed = max(scored)
+    return Summary(values, best, best_seed)
+
+
+@dataclass
+class Difference:
+    """mean(a) − mean(b): Welch's interval and the p-values of the three tests (raw; `adjusted` after Holm over
+    the task's comparisons), and the bootstrap interval where predictions were kept."""
+    delta: float
+    low: float
+    high: float
+    p_welch: float
+    p_mann_whitney: float
+    p_tost: float  # H0: |Δ| ≥ margin
+    margin: float
+    bootstrap: Optional[tuple[float, float]] = None
+    adjusted: Optional[tuple[float, float, float]] = None  # Welch, Mann–Whitney, TOST after Holm
+
+    @property
+    def verdict(self) -> str:
+        welch, mann_whitney, tost = self.adjusted if self.adjusted else (self.p_welch, self.p_mann_whitney,
+                                                                         self.p_tost)
+        if welch < ALPHA and mann_whitney < ALPHA:
+            return "separates"
+        if tost < ALPHA:
+            return f"equivalent within ±{100 * self.margin:g}"
+        return "inconclusive"
+
+
+def welch_parts(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """mean(a) − mean(b), its standard error, and the Welch–Satterthwaite degrees of freedom."""
+    delta = statistics.mean(a) - statistics.mean(b)
+    share_a, share_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if share_a + share_b == 0:
+        return delta, 0.0, math.inf
+    degrees = (share_a + share_b) ** 2 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))
+    return delta, math.sqrt(share_a + share_b), degrees
+
+
+def compare_groups(a: list[float], b: list[float], margin: float, confidence: float = 0.95) -> Optional[Difference]:
+    """Welch's t interval and test, the exact Mann–Whitney test, and the TOST within ±margin (two one-sided Welch
+    tests); None when either group has fewer than two values."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    delta, error, degrees = welch_parts(a, b)
+    mann_whitney = float(stats.mannwhitneyu(a, b, alternative="two-sided", method="exact").pvalue)
+    if error == 0:  # both groups constant: the difference is exact
+        return Difference(delta, delta, delta, 1.0 if delta == 0 else 0.0, mann_whitney,
+                          0.0 if abs(delta) < margin else 1.0, margin)
+    half_width = stats.t.ppf((1 + confidence) / 2, degrees) * error
+    p_welch = 2 * float(stats.t.sf(abs(delta) / error, degrees))
+    p_tost = max(float(stats.t.sf((delta + margin) / error, degrees)), float(stats.t.cdf((delta - margin) / error,
+                                                                                          degrees)))
+    return Difference(delta, delta - half_width, delta + half_width, p_welch, mann_whitney, p_tost, margin)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values (step-down, kept monotone), in the order given."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def bootstrap_interval(group: list[Run], reference: list[Run], metric: str, resamples: int,
+                       confidence: float = 0.95, seed: int = 0) -> Optional[tuple[float, float]]:
+    """Percentile interval of mean(group) − mean(reference) in `metric`, resampling seeds within each group and
+    dev examples (the same ones for both groups, which saw the same dev set); None without kept predictions."""
+    from mfac_optim.glue.metrics import GlueMetric
+
+    kept = [[run.predictions() for run in runs] for runs in (group, reference)]
+    if any(prediction is None for runs in kept for prediction in runs):
+        return None
+    labels = kept[0][0][1]
+    task = group[0].task
+    scorer = GlueMetric(task, is_regression=task == "stsb")
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(resamples):
+        examples = rng.integers(0, len(labels), len(labels))
+        means = []
+        for runs in kept:
+            chosen = rng.integers(0, len(runs), len(runs))
+            means.append(statistics.mean(scorer.compute(runs[index][0][examples], labels[examples])[metric]
+                                         for index in chosen))
+        differences.append(means[0] - means[1])
+    low, high = np.quantile(differences, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
+
+
+@dataclass
+class Row:
+    metric: str
+    label: str
+    summary: Summary
+    difference: Optional[Difference]  # against the reference group; None for the reference itself or too few runs
+    is_reference: bool
+    train_seconds: Optional[float]  # mean train_runtime over the group's runs
+    optimizer_bytes: Optional[float]  # mean optimizer state after the first step
+    max_load: Optional[float]  # the highest 1-minute load average at any evaluation of the group's runs
+
+
+def mean_result(runs: list[Run], key: str) -> Optional[float]:
+    values = [run.results[key] for run in runs if run.results.get(key) is not None]
+    return statistics.mean(values) if values else None
+
+
+def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resamples: int) -> list[Row]:
+    """Every group against the reference in every metric, the p-values adjusted by Holm over all of them."""
+    metrics = sorted({metric for runs in groups.values() for run in runs for metric in run.metrics})
+    rows = []
+    for metric in metrics:
+        baseline = summarize(groups[reference], metric)
+        for label, runs in groups.items():
+            summary = summarize(runs, metric)
+            if summary is None:
+                continue
+            difference = None if label == reference or baseline is None else \
+                compare_groups(summary.values, baseline.values, margin)
+            if difference is not None and resamples:
+                difference.bootstrap = bootstrap_interval(runs, groups[reference], metric.removeprefix("eval_"),
+                                                          resamples)
+            loads = [run.max_load for run in runs if run.max_load is not None]
+            rows.append(Row(metric.removeprefix("eval_"), label, summary, difference, label == reference,
+                            mean_result(runs, "train_runtime"), mean_result(runs, "optimizer_state_bytes"),
+                            max(loads) if loads else None))
+    compared = [row.difference for row in rows if row.difference is not None]
+    for adjusted in zip(*(holm([getattr(difference, name) for difference in compared])
+                          for name in ("p_welch", "p_mann_whitney", "p_tost"))):
+        compared.pop(0).adjusted = adjusted
+    return rows
+
+
+def difference_cells(row: Row) -> list[str]:
+    if row.is_reference:
+        return ["reference", "", "", "", "", ""]
+    if row.difference is None:
+        return ["n/a (needs 2+ runs in each group)", "", "", "", "", ""]
+    d = row.difference
+    bootstrap = f"[{100 * d.bootstrap[0]:+.2f}, {100 * d.bootstrap[1]:+.2f}]" if d.bootstrap else "-"
+    welch, mann_whitney, tost = d.adjusted
+    return [f"{100 * d.delta:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]", bootstrap, f"{welch:.2g}",
+            f"{mann_whitney:.2g}", f"{tost:.2g}", d.verdict]
+
+
+def format_table(task: str, rows: list[Row], shared: str, reference: str, markdown: bool) -> str:
+    header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)", "Δ vs reference [Welch 95% CI]",
+              "bootstrap 95% CI", "p Welch (Holm)", "p Mann–Whitney (Holm)", "p TOST (Holm)", "verdict", "train s",
+              "optimizer GiB", "max load"]
+    body = []
+    for row in rows:
+        s = row.summary
+        body.append([row.metric, row.label,
+                     f"{100 * s.mean:.2f} ± {100 * s.std:.2f}" if s.std is not None else f"{100 * s.mean:.2f}",
+                     str(s.n), f"{100 * s.best:.2f} ({s.best_seed})", *difference_cells(row),
+                     f"{row.train_seconds:.0f}" if row.train_seconds is not None else "-",
+                     f"{row.optimizer_bytes / 2**30:.2f}" if row.optimizer_bytes is not None else "-",
+                     f"{row.max_load:.1f}" if row.max_load is not None else "-"])
+    context = f"(all runs: {shared}; reference: {reference})"
+    if markdown:
+        lines = [f"**{task}** {context}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+    widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+    lines = [f"{task} {context}", "  ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip()]
+    return "\n".join(lines + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                              for row in body])
+
+
+def reference_label(task_groups: TaskGroups, folder: Optional[Path]) -> str:
+    """The group whose runs lie in `folder`, else the task's first group."""
+    if folder is None:
+        return next(iter(task_groups.groups))
+    folder = folder.resolve()
+    matches = [label for label, runs in task_groups.groups.items()
+               if any(folder in run.path.resolve().parents for run in runs)]
+    if len(matches) != 1:
+        raise NotARunError(f"--reference {folder}: {'no' if not matches else 'more than one'} group of runs lies in it")
+    return matches[0]
+
+
+def series(runs: list[Run], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Steps logged by every run, and the mean and sample std of `key` over the runs at each of them."""
+    per_run = [{entry["step"]: entry[key] for entry in run.log_history if key in entry} for run in runs]
+    steps = sorted(set.intersection(*(set(values) for values in per_run))) if per_run else []
+    means = [statistics.mean(values[step] for values in per_run) for step in steps]
+    stds = [statistics.stdev(values[step] for values in per_run) if len(per_run) > 1 else 0.0 for step in steps]
+    return steps, means, stds
+
+
+def plot(grouped: dict[str, TaskGroups], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(grouped), 2, figsize=(12, 4 * len(grouped)), squeeze=False)
+    for row, (task, task_groups) in enumerate(sorted(grouped.items())):
+        groups = task_groups.groups
+        main_metric = next(iter(next(iter(groups.values()))[0].metrics), None)
+        for column, (key, title) in enumerate((("loss", "training loss"), (main_metric, main_metric))):
+            axis = axes[row][column]
+            for label, runs in groups.items():
+                steps, means, stds = series(runs, key) if key else ([], [], [])
+                if not steps:
+                    continue
+                line, = axis.plot(steps, means, marker="o" if len(steps) < 3 else None, label=f"{label} (n={len(runs)})")
+                axis.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                                  color=line.get_color(), alpha=0.2)
+            axis.set_title(f"{task}: {title}")
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+    # One legend under the plots: group labels are long, and every panel uses the same colours.
+    handles = {}
+    for axis in axes.flat:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    legend_rows = len(handles)
+    figure.legend(list(handles.values()), list(handles), loc="lower center", fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.03 * legend_rows / len(grouped), 1, 1))
+    figure.savefig(path, dpi=120)
+
+
+def time_series(runs: list[Run], key: str) -> tuple[list[float], list[float], list[float]]:
+    """At each evaluation step every run logged: the mean training seconds up to it, and the mean and sample std
+    of `key` over the runs."""
+    from mfac_optim.hf_trainer import TRAIN_SECONDS
+
+    steps, means, stds = series(runs, key)
+    clocks = [{entry["step"]: entry[TRAIN_SECONDS] for entry in run.log_history if TRAIN_SECONDS in entry and key in entry}
+              for run in runs]
+    timed = [index for index, step in enumerate(steps) if all(step in clock for clock in clocks)]
+    seconds = [statistics.mean(clock[steps[index]] for clock in clocks) for index in timed]
+    return seconds, [means[index] for index in timed], [stds[index] for index in timed]
+
+
+def time_plot(grouped: dict[str, TaskGroups], path: Path) -> None:
+    """Per task, the main eval metric against training seconds (evaluations excluded), one line per group: the
+    time-to-result view."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(grouped), figsize=(7 * len(grouped), 4.5), squeeze=False)
+    for axis, (task, task_groups) in zip(axes[0], sorted(grouped.items())):
+        main_metric = next(iter(next(iter(task_groups.groups.values()))[0].metrics))
+        for label, runs in task_groups.groups.items():
+            seconds, means, stds = time_series(runs, main_metric)
+            if not seconds:
+                continue
+            line, = axis.plot(seconds, [100 * mean for mean in means], marker="o", markersize=3,
+                              label=f"{label} (n={len(runs)})")
+            axis.fill_between(seconds, [100 * (m - s) for m, s in zip(means, stds)],
+                              [100 * (m + s) for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
+        axis.set_title(f"{task}: dev {main_metric.removeprefix('eval_')} against training time")
+        axis.set_xlabel("training seconds (evaluations excluded)")
+        axis.set_ylabel(f"{main_metric.removeprefix('eval_')} ×100")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def add_to_model_card(run: Run, table: str) -> None:
+    """Puts the seeds' table under the model card run_glue.py wrote for `run` (replacing an earlier one), as the
+    M-FAC authors' cards give mean ± std over seeds beside the best run."""
+    from mfac_optim.hf_trainer import MODEL_CARD
+
+    card = run.path / MODEL_CARD
+    if not card.is_file():
+        raise NotARunError(f"--model_card {run.path}: no model card ({MODEL_CARD}) in it; run_glue.py writes one")
+    text = card.read_text()
+    if SEEDS_SECTION in text:
+        text = text[:text.index(SEEDS_SECTION)].rstrip() + "\n"
+    card.write_text(f"{text}\n{SEEDS_SECTION}\n\n{table}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders written by run_glue.py")
+    parser.add_argument("--plot", type=Path, help="write a PNG of loss and eval metric over steps")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    parser.add_argument("--reference", type=Path,
+                        help="folder holding the reference group's runs (default: each task's first group)")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                        help=f"equivalence margin δ in points (×100) for the TOST (default {DEFAULT_MARGIN:g})")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, metavar="N",
+                        help=f"bootstrap resamples over seeds × examples (default {DEFAULT_RESAMPLES}; 0: none)")
+    parser.add_argument("--time_plot", type=Path,
+                        help="write a PNG of the main eval metric against training seconds (time to result)")
+    parser.add_argument("--model_card", type=Path, metavar="RUN",
+                        help="add the run's task table (Markdown) to the model card in this run folder")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.margin > 0 or args.bootstrap < 0:
+        parser.error(f"--margin must be > 0 and --bootstrap ≥ 0 (got {args.margin:g} and {args.bootstrap})")
+    try:
+        runs = [load_run(path) for path in args.runs]
+        card_run = load_run(args.model_card) if args.model_card else None
+        grouped = group_runs(runs)
+        references = {task: reference_label(task_groups, args.reference) for task, task_groups in grouped.items()}
+        if card_run is not None and card_run.task not in grouped:
+            raise NotARunError(f"--model_card {args.model_card}: its task {card_run.task} is not among the runs")
+    except NotARunError as error:
+        parser.error(str(error))
+
+    def table(task: str, markdown: bool) -> str:
+        task_groups = grouped[task]
+        rows = table_rows(task_groups.groups, references[task], args.margin / 100, args.bootstrap)
+        return format_table(task, rows, task_groups.shared,
+                            references[task], markdown)
+
+    print("\n\n".join(table(task, args.markdown) for task in sorted(grouped)))
+    if card_run is not None:
+        try:
+            add_to_model_card(card_run, table(card_run.task, markdown=True))
+        except NotARunError as error:
+            parser.error(str(error))
+        print(f"\ntable added to the model card in {card_run.path}")
+    if args.plot:
+        plot(grouped, args.plot)
+        print(f"\nplot written to {args.plot}")
+    if args.time_plot:
+        time_plot(grouped, args.time_plot)
+        print(f"\ntime-to-result plot written to {args.time_plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
