@@ -28,9 +28,10 @@ updated by the C++ kernel; on a GPU it is made by Cholesky at every step (algebr
 `--panel_update` times the device-generic O(m²) panel update instead.
 
 On a GPU, the comparison the README reports, in one run (the authors' optim.py from a folder you fetched; with
-their hinv_cuda built in that folder, as the README says, their code uses its CUDA kernels):
+their hinv_cuda built in that folder, as their README says, and the folder on PYTHONPATH, their code uses its CUDA
+kernels):
 
-    python scripts/bench_mfac.py --model_config ../shared/data/models/bert-mini-config \
+    PYTHONPATH=path/to/M-FAC python scripts/bench_mfac.py --model_config ../shared/data/models/bert-mini-config \
         --train_file ../shared/data/glue/SST-2/train.tsv --num_grads 1024 --steps 20 --compare_all \
         --authors_optim path/to/M-FAC
 
@@ -49,7 +50,6 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,10 +58,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mfac_optim import MFAC, algebra  # noqa: E402
-from mfac_optim.hyperparameters import GRAD_DTYPES  # noqa: E402
-from mfac_optim.window import PHASE_PREFIX, PHASES  # noqa: E402
+from mfac_optim import MFAC, algebra
+from mfac_optim.hyperparameters import GRAD_DTYPES
+from mfac_optim.window import PHASE_PREFIX, PHASES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -262,7 +261,7 @@ def authors_mfac(folder: Path, model: torch.nn.Module, num_grads: int, device: t
     """The authors' M-FAC (their optim.py, imported from `folder`): fp32 window, m × m coefficients per step."""
     import importlib.util
 
-    sys.path.insert(0, str(folder))  # their hinv_cuda, if built there (python setup_cuda.py build_ext --inplace)
+    # Their hinv_cuda, built in `folder` (python setup_cuda.py build_ext --inplace), is found through PYTHONPATH.
     spec = importlib.util.spec_from_file_location("authors_mfac_optim", folder / "optim.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
