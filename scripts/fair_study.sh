@@ -12,10 +12,9 @@
 #
 #   GLUE_DIR=path/to/glue bash scripts/fair_study.sh          # GLUE's TSV folders: STS-B/, RTE/, MRPC/, ...
 #   TASKS="stsb" BUDGET=6 OUTPUT_ROOT=runs/study MODEL=path/to/model ...
-#   EVIDENCE_DIR=docs/results/study ...   # each task's study storage, split record and seed records live there
-#   WORKERS=4 ...                         # trials of one search at once (a GPU, or a machine with many cores)
-# Then: python scripts/tune.py --report runs/study/stsb/tune --storage sqlite:///EVIDENCE_DIR/stsb/study.db, and
-# scripts/compare.py on EVIDENCE_DIR/stsb/seeds/*/seed*.
+#   EVIDENCE_DIR=docs/results/full_budget ...   # each task's study storage, split record, controls and seed records
+#   WORKERS=4 ...                                # trials of one search at once (a GPU, or many cores)
+# Then: python scripts/tune.py --report EVIDENCE_DIR/stsb, and scripts/compare.py on EVIDENCE_DIR/stsb/seeds/*/seed*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +25,6 @@ BUDGET=${BUDGET:-6}
 WORKERS=${WORKERS:-1}
 OUTPUT_ROOT=${OUTPUT_ROOT:-runs/study}
 EVIDENCE_DIR=${EVIDENCE_DIR:-$OUTPUT_ROOT/evidence}
-SEEDS=(1234 1235 1236 1237 1238)
 PROTOCOL=configs/study/protocol.json
 
 declare -A FOLDER=([stsb]=STS-B [rte]=RTE [mrpc]=MRPC [sst2]=SST-2 [cola]=CoLA [qnli]=QNLI)
@@ -35,31 +33,6 @@ declare -A FOLDER=([stsb]=STS-B [rte]=RTE [mrpc]=MRPC [sst2]=SST-2 [cola]=CoLA [
 CARDS_MFAC='{"optim": "MFAC", "learning_rate": 1e-4, "optim_args": {"lr": 1e-4, "num_grads": 512, "damp": 1e-6, "grad_dtype": "bfloat16"}}'
 # Seed runs evaluate on dev about 10 times during training, for the curves only (selection never reads dev).
 SEED_FLAGS=(--eval_strategy steps --eval_steps 0.1)
-
-# A seed run's records, without weights: what compare.py reads (run_info, results, log history with the training
-# seconds at each evaluation) and the per-example dev predictions for the bootstrap.
-keep_seed_run() {
-  local run=$1 target=$2
-  mkdir -p "$target"
-  cp "$run"/{run_info,all_results,trainer_state}.json "$run"/eval_predictions*.tsv "$target/"
-}
-
-# The seeds of one config, one at a time, each kept as soon as it finishes; runs kept already count as finished
-# (a fresh checkout resumes from the evidence).
-run_seeds() {
-  local task=$1 config=$2 seed run kept
-  shift 2
-  for seed in "${SEEDS[@]}"; do
-    run=$OUTPUT_ROOT/$task/seeds/$(basename "$config" .json)/seed$seed
-    kept=$EVIDENCE_DIR/$task/seeds/$(basename "$config" .json)/seed$seed
-    if [ -f "$kept/all_results.json" ]; then
-      echo "$(basename "$config" .json) seed $seed: kept already"
-      continue
-    fi
-    python scripts/sweep.py "$config" --seeds "$seed" --output_root "$OUTPUT_ROOT/$task/seeds" -- "$@"
-    keep_seed_run "$run" "$kept"
-  done
-}
 
 for task in $TASKS; do
   data=$GLUE_DIR/${FOLDER[$task]}
@@ -85,12 +58,12 @@ for task in $TASKS; do
   done
   python scripts/tune.py --report "$study" --storage "$storage" | tee "$EVIDENCE_DIR/$task/search.txt"
   cp "$study/tuning.png" "$EVIDENCE_DIR/$task/"
-  for space in adamw mfac mfac_compressed; do
-    run_seeds "$task" "$study/${task}_${space}_tuned.json" "${SEED_FLAGS[@]}"
-  done
+  # Each seed run's records (no weights) go to the evidence as soon as it ends; runs kept there count as done.
+  seeds=(--output_root "$OUTPUT_ROOT/$task/seeds" --keep_records "$EVIDENCE_DIR/$task/seeds")
+  python scripts/sweep.py "$study/${task}"_{adamw,mfac,mfac_compressed}_tuned.json "${seeds[@]}" -- "${SEED_FLAGS[@]}"
   # The cards' M-FAC trains on the same training part as the tuned configs.
   python -c "import json, sys; print(json.dumps({**json.load(open(sys.argv[1])), **json.loads(sys.argv[2])}))" \
     "$PROTOCOL" "$CARDS_MFAC" > "$study/${task}_mfac_cards.json"
-  run_seeds "$task" "$study/${task}_mfac_cards.json" "${task_flags[@]}" --train_file "$study/data/train.jsonl" \
-    "${SEED_FLAGS[@]}"
+  python scripts/sweep.py "$study/${task}_mfac_cards.json" "${seeds[@]}" -- "${task_flags[@]}" \
+    --train_file "$study/data/train.jsonl" "${SEED_FLAGS[@]}"
 done

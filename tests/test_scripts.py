@@ -3,6 +3,7 @@ benchmark's one-run comparison."""
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,18 @@ def test_sweep_runs_each_seed_once_and_resumes(tmp_path, tiny_bert, glue_dir, ca
     assert "[1/2] tiny_sst2_mfac seed 1: finished already, skipped (eval_accuracy" in second
     assert "[2/2] tiny_sst2_mfac seed 2: done in" in second
     assert (runs[0] / "all_results.json").stat().st_mtime_ns == finished
+
+    # Records kept apart: every finished run's, without weights; a checkout holding only them resumes the sweep.
+    kept = tmp_path / "evidence"
+    assert sweep.main([*argv[:6], "--keep_records", str(kept), *argv[6:]]) == 0
+    for seed in (1, 2):
+        names = sorted(path.name for path in (kept / "tiny_sst2_mfac" / f"seed{seed}").iterdir())
+        assert names == ["all_results.json", "eval_predictions_sst2.tsv", "run_info.json", "trainer_state.json"]
+    shutil.rmtree(tmp_path / "runs")
+    capsys.readouterr()
+    assert sweep.main([*argv[:6], "--keep_records", str(kept), *argv[6:]]) == 0
+    assert capsys.readouterr().out.count("finished already, skipped (eval_accuracy") == 2
+    assert not (tmp_path / "runs").exists()
 
 
 # --- compare -----------------------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@
 
 Each run goes to OUTPUT_ROOT/<config name>/seed<S>. A run counts as finished when run_glue.py has written its
 all_results.json; an interrupted run is started again and run_glue.py resumes it from its last checkpoint.
-Arguments after `--` go to every run, last, so they override the config.
+With --keep_records DIR each finished run's records (no weights: what compare.py reads) are copied to
+DIR/<config name>/seed<S> as soon as it ends, and a run whose records are kept there counts as finished: a fresh
+checkout that holds the records resumes the sweep. Arguments after `--` go to every run, last, so they override
+the config.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from ..glue import UsageError
 from ..glue.command_line import expand_json_config
-from ..glue.records import ALL_RESULTS
+from ..glue.records import ALL_RESULTS, copy_records
 from .compare import eval_metrics
 
 DEFAULT_SEEDS = [1234, 1235, 1236, 1237, 1238]
@@ -38,6 +41,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("configs", nargs="+", type=Path, help="run_glue.py JSON config files")
     parser.add_argument("--seeds", nargs="+", type=int, default=DEFAULT_SEEDS, help="seeds (default: 1234 to 1238)")
     parser.add_argument("--output_root", type=Path, default=Path("runs"), help="parent of the run folders")
+    parser.add_argument("--keep_records", type=Path, metavar="DIR",
+                        help="copy each finished run's records, without weights, under DIR (and skip runs kept there)")
     args = parser.parse_args(argv)
     for config in args.configs:
         if config.suffix != ".json":
@@ -70,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for number, (config, seed) in enumerate(runs, start=1):
         run_dir = args.output_root / config.stem / f"seed{seed}"
+        kept = args.keep_records / config.stem / f"seed{seed}" if args.keep_records else None
         prefix = f"[{number}/{len(runs)}] {config.stem} seed {seed}:"
-        if is_finished(run_dir):
-            print(f"{prefix} finished already, skipped ({headline(run_dir)})", flush=True)
+        done = next((folder for folder in (kept, run_dir) if folder is not None and is_finished(folder)), None)
+        if done is not None:
+            if kept is not None and done == run_dir:
+                copy_records(run_dir, kept)
+            print(f"{prefix} finished already, skipped ({headline(done)})", flush=True)
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -80,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             code = subprocess.call(run_command(config, seed, run_dir, extra), stdout=log, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - start
         if code == 0 and is_finished(run_dir):
+            if kept is not None:
+                copy_records(run_dir, kept)
             print(f"{prefix} done in {seconds:.0f} s ({headline(run_dir)})", flush=True)
         else:
             failures += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -102,3 +103,13 @@ def write_eval_predictions(output_dir: str, task: Optional[str], predictions, la
             handle.write(f"{index}\t{prediction:.9g}\t{label:.9g}\n" if is_regression else
                          f"{index}\t{int(prediction)}\t{int(label)}\n")
     return path
+
+
+def copy_records(run_dir: Path, target: Path) -> None:
+    """A finished run's records without its weights (run_info, results, the Trainer's log history, the dev
+    predictions): all that the comparison reads, small enough to keep in a repository."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in [run_dir / RUN_INFO, run_dir / ALL_RESULTS, run_dir / TRAINER_STATE,
+                 *sorted(run_dir.glob(EVAL_PREDICTIONS.format(task="*")))]:
+        if path.is_file():
+            shutil.copy2(path, target / path.name)
