@@ -346,8 +346,11 @@ def test_time_to_result_series_and_plot(tmp_path):
         run = make_run(tmp_path / f"seed{seed}", seed, score[-1], MFAC_RECORD)
         history = [{"eval_accuracy": value, "step": 50 * (index + 1), "train_seconds": seconds}
                    for index, (seconds, value) in enumerate(zip(clock, score))]
+        history.append({"train_runtime": clock[-1] + 9.0, "train_seconds": clock[-1] + 1.0, "step": 100})
         (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
         runs.append(compare.load_run(run))
+        # The table's training time is the clock's last reading, the evaluations' time left out.
+        assert runs[-1].train_seconds == clock[-1] + 1.0
     seconds, means, stds = compare.time_series(runs, "eval_accuracy")
     assert seconds == pytest.approx([11.0, 22.0]) and means == pytest.approx([0.65, 0.85])
     assert stds == pytest.approx([0.1 / 2 ** 0.5] * 2)

@@ -15,8 +15,8 @@ folder; else the task's first group):
   each adjusted by Holm–Bonferroni over every comparison of the task's table (groups × metrics);
 - the verdict: "separates" when both Welch's and Mann–Whitney's adjusted p are below 0.05; "equivalent within
   ±δ" when the adjusted TOST p is; "inconclusive" otherwise.
-The table also gives each group's mean training time, optimizer state, and the highest 1-minute load average seen
-at its evaluations (above the core count, the runs shared the CPU and their times are not comparable).
+The table also gives each group's mean training time (evaluations excluded, where the runs recorded that
+clock), optimizer state, and the highest 1-minute load average seen at its evaluations (above the core count, the runs shared the CPU and their times are not comparable).
 `--plot` draws the training loss and the main eval metric over steps per group; `--time_plot` the main eval
 metric against training seconds (evaluations excluded), both as the mean over seeds with a band of ± one
 standard deviation.
@@ -85,6 +85,15 @@ class Run:
             return None
         table = np.loadtxt(path, delimiter="\t", skiprows=1, ndmin=2)
         return table[:, 1], table[:, 2]
+
+    @property
+    def train_seconds(self) -> Optional[float]:
+        """Training time with the evaluations' time taken out, where the run's Trainer recorded that clock (its last
+        reading, at the end of training); else the Trainer's train_runtime, evaluations included."""
+        from mfac_optim.hf_trainer import TRAIN_SECONDS
+
+        ends = [entry[TRAIN_SECONDS] for entry in self.log_history if "train_runtime" in entry and TRAIN_SECONDS in entry]
+        return ends[-1] if ends else self.results.get("train_runtime")
 
     @property
     def max_load(self) -> Optional[float]:
@@ -301,14 +310,18 @@ class Row:
     summary: Summary
     difference: Optional[Difference]  # against the reference group; None for the reference itself or too few runs
     is_reference: bool
-    train_seconds: Optional[float]  # mean train_runtime over the group's runs
+    train_seconds: Optional[float]  # mean training time over the group's runs, evaluations excluded where recorded
     optimizer_bytes: Optional[float]  # mean optimizer state after the first step
     max_load: Optional[float]  # the highest 1-minute load average at any evaluation of the group's runs
 
 
 def mean_result(runs: list[Run], key: str) -> Optional[float]:
-    values = [run.results[key] for run in runs if run.results.get(key) is not None]
-    return statistics.mean(values) if values else None
+    return mean_of([run.results.get(key) for run in runs])
+
+
+def mean_of(values: list[Optional[float]]) -> Optional[float]:
+    known = [value for value in values if value is not None]
+    return statistics.mean(known) if known else None
 
 
 def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resamples: int) -> list[Row]:
@@ -328,7 +341,7 @@ def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resa
                                                           resamples)
             loads = [run.max_load for run in runs if run.max_load is not None]
             rows.append(Row(metric.removeprefix("eval_"), label, summary, difference, label == reference,
-                            mean_result(runs, "train_runtime"), mean_result(runs, "optimizer_state_bytes"),
+                            mean_of([run.train_seconds for run in runs]), mean_result(runs, "optimizer_state_bytes"),
                             max(loads) if loads else None))
     compared = [row.difference for row in rows if row.difference is not None]
     for adjusted in zip(*(holm([getattr(difference, name) for difference in compared])

@@ -49,7 +49,9 @@ def mean_pooled(model, tokenizer, sentences: list[str], max_length: int) -> np.n
 def zero_shot_similarity(model_path: str, dev: dict[str, list], max_length: int) -> np.ndarray:
     """Cosine similarity of each dev pair's mean-pooled encodings: the checkpoint's own STS-B answer."""
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # one line per control, no loading bar
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModel.from_pretrained(model_path).eval()
     first, second = (mean_pooled(model, tokenizer, dev[key], max_length) for key in TASK_TO_KEYS["stsb"])
