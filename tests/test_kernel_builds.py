@@ -48,11 +48,11 @@ def test_a_cpu_without_avx2_builds_and_loads_its_own_portable_module(cpu, monkey
     if real_machine.lower() not in ("x86_64", "amd64"):
         pytest.skip("simulates an older x86-64 CPU")
     native = kernels.cpu_passes()
-    assert native is not None and native.__name__ == f"mfac_cpu_kernels_{kernels.instruction_set()}"
+    assert native is not None and native.__name__ == kernels.module_name(kernels.instruction_set())
     cpu(real_machine, OLDER_X86)
     monkeypatch.setattr(kernels, "_cpu_passes", None)  # as in a fresh process on the older CPU
     portable = kernels.cpu_passes()
-    assert portable is not None and portable.__name__ == "mfac_cpu_kernels_portable" and portable is not native
+    assert portable is not None and portable.__name__ == kernels.module_name("portable") and portable is not native
     # Its passes (scalar code: no AVX2 is compiled in) against float64.
     generator = torch.Generator().manual_seed(0)
     window = torch.randn(5, 3000, generator=generator)
@@ -96,7 +96,7 @@ def own_build_folder(tmp_path: Path, monkeypatch) -> str:
     machine that loads the kernels meanwhile never sees this test's locks, nor removes them."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    name = f"mfac_cpu_kernels_{kernels.instruction_set()}"
+    name = kernels.module_name(kernels.instruction_set())
     assert kernels.cpu_passes() is not None  # built (or found) in the shared folder
     shared = _get_build_directory(name, False)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
@@ -160,8 +160,15 @@ def test_the_first_build_says_so_in_the_log_and_a_cached_one_does_not(tmp_path, 
         assert kernels.cpu_passes() is built
     assert "compiling the fused CPU kernels, once for this machine" in caplog.text and str(tmp_path) in caplog.text
     caplog.clear()
-    (tmp_path / f"mfac_cpu_kernels_{kernels.instruction_set()}.so").touch()  # what a finished build leaves
+    (tmp_path / f"{kernels.module_name(kernels.instruction_set())}.so").touch()  # what a finished build leaves
     monkeypatch.setattr(kernels, "_cpu_passes", None)
     with caplog.at_level("WARNING", logger="mfac_optim.kernels"):
         assert kernels.cpu_passes() is built
     assert "compiling" not in caplog.text
+
+
+def test_each_copy_of_the_sources_builds_a_module_of_its_own(monkeypatch):
+    own = kernels.module_name("x86_64_v3")
+    assert own.startswith("mfac_cpu_kernels_x86_64_v3_") and own == kernels.module_name("x86_64_v3")
+    monkeypatch.setattr(kernels, "SOURCES", Path("/elsewhere/mfac_optim/kernels"))
+    assert kernels.module_name("x86_64_v3") != own  # another checkout: another build folder, no rebuilds in turn

@@ -10,6 +10,7 @@ companions (x86-64-v3) gets the AVX2 kernels; any other CPU a portable build. Ea
 its own name, so one cache holds both and a CPU only ever loads the one it can run."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
@@ -66,6 +67,14 @@ def architecture_flags(target: str) -> list[str]:
     return ["-march=x86-64"] if is_x86_64() else []
 
 
+def module_name(target: str) -> str:
+    """The compiled module's name, also its build folder's: per instruction set, and per copy of the sources (a
+    hash of their folder). torch rebuilds a module whose sources lie elsewhere than at its last build, so two
+    checkouts or installs sharing one build cache would rebuild each other's kernels at every load."""
+    copy = hashlib.sha256(str(SOURCES).encode()).hexdigest()[:8]
+    return f"mfac_cpu_kernels_{target}_{copy}"
+
+
 def cpu_passes():
     """The compiled CPU kernels (the fused window passes of cpu_passes.cpp, the factor update of factor_update.cpp)
     for this CPU's instruction set, or None if they cannot be built here."""
@@ -75,7 +84,7 @@ def cpu_passes():
             from torch.utils.cpp_extension import _get_build_directory, load
 
             target = instruction_set()
-            name = f"mfac_cpu_kernels_{target}"
+            name = module_name(target)
             # The folder torch builds in (per Python and torch flavour); private, but stable since torch 1.x.
             build_directory = _get_build_directory(name, False)
             with exclusive_build(build_directory):
