@@ -314,7 +314,8 @@ class Search:
         self.storage_url = args.storage or default_storage(args.study_dir)
         self.study = optuna.create_study(
             study_name=space.name, storage=shared_storage(self.storage_url), load_if_exists=True,
-            direction="minimize" if self.metric in MINIMIZED else "maximize", pruner=successive_halving(self.setting()))
+            direction="minimize" if self.metric in MINIMIZED else "maximize",
+            pruner=successive_halving(vars(args)))  # its rungs only: the full setting hashes the model's weights
         self.check_same_setting()
 
     def setting(self) -> dict[str, Any]:

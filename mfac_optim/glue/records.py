@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from transformers.trainer import TRAINER_STATE_NAME
 
 from ..hf_arguments import MFAC_NAME
 
 # The run folder's files that the tools read: this module names them, and no other.
 RUN_INFO = "run_info.json"
 ALL_RESULTS = "all_results.json"  # the Trainer's metrics of training and evaluation; written last, so a run is done
-TRAINER_STATE = "trainer_state.json"  # the Trainer's log history
+TRAINER_STATE = TRAINER_STATE_NAME  # the Trainer's log history, under the Trainer's own name for it
 EVAL_PREDICTIONS = "eval_predictions_{task}.tsv"  # one row per evaluation example: index, prediction, label
 
 
