@@ -93,6 +93,9 @@ class GramSystem:
     λ the factor was made for (NaN: no factor yet), and `refactorizations`, how often it was made from S. All are
     state tensors, updated in place, so that a resumed run continues bit for bit."""
 
+    # The entries the host reads at every step: kept on the CPU, as torch.optim keeps "step".
+    HOST_KEYS = ("factor_damp", "refactorizations")
+
     def __init__(self, gram: Tensor, factor: Tensor, factor_damp: Tensor, refactorizations: Tensor,
                  damp: float) -> None:
         self.gram = gram
@@ -110,6 +113,17 @@ class GramSystem:
     @classmethod
     def from_state(cls, saved: dict[str, Tensor], damp: float) -> GramSystem:
         return cls(saved["gram"], saved["factor"], saved["factor_damp"], saved["refactorizations"], damp)
+
+    @staticmethod
+    def saved_in(state: dict[str, Tensor]) -> bool:
+        return "gram" in state
+
+    @classmethod
+    def upgrade_saved(cls, saved: dict[str, Tensor]) -> None:
+        """In place: state saved before the Cholesky factor was kept gets an empty one (made from S at the next
+        step)."""
+        if "factor" not in saved:
+            saved.update(cls.empty_factor(saved["gram"]))
 
     @staticmethod
     def empty_factor(gram: Tensor) -> dict[str, Tensor]:

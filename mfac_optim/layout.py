@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -34,9 +34,15 @@ def nonzero_rows(matrix: Tensor) -> Tensor:
     return (matrix != 0).any(dim=1).nonzero().squeeze(1)
 
 
-def row_sparse_pays(rows_used: int, rows: int, columns: int, element_size: int, margin: float = 1.0) -> bool:
-    """Whether `rows_used` rows plus their int64 indices take less than `margin` × the dense block."""
-    return rows_used * (columns * element_size + 8) < margin * rows * columns * element_size
+# A block is stored row-sparse while its rows plus their int64 indices take less than this fraction of it dense:
+# past half, the few bytes saved do not pay for the gathers and scatters of the row-sparse passes.
+ROW_SPARSE_MARGIN = 0.5
+
+
+def row_sparse_pays(rows_used: int, rows: int, columns: int, element_size: int) -> bool:
+    """The row-sparse rule, for choosing a block's storage and for keeping it: whether `rows_used` of its `rows`
+    rows plus their indices take less than ROW_SPARSE_MARGIN of the dense block."""
+    return rows_used * (columns * element_size + 8) < ROW_SPARSE_MARGIN * rows * columns * element_size
 
 
 @dataclass(frozen=True)
@@ -98,11 +104,11 @@ class Layout:
             yield index, slice(offset, offset + math.prod(shape))
             offset += math.prod(shape)
 
-    def with_row_sparse_where_it_pays(self, grad: Tensor, element_size: int) -> Layout:
-        """Row-sparse storage for each matrix block whose first gradient has few non-zero rows: where rows plus
-        their indices take at most half the dense size (word embeddings; not under weight decay)."""
-        chosen = {block.index for block in self.blocks if block.is_matrix and row_sparse_pays(
-            len(nonzero_rows(self.matrix(grad, block))), block.rows, block.columns, element_size, margin=0.5)}
+    def with_row_sparse_where_it_pays(self, rows_used: Callable[[Block], int], element_size: int) -> Layout:
+        """Row-sparse storage for each matrix block whose gradient uses few enough rows (`rows_used(block)`) for
+        the row-sparse rule (word embeddings; not under weight decay)."""
+        chosen = {block.index for block in self.blocks
+                  if block.is_matrix and row_sparse_pays(rows_used(block), block.rows, block.columns, element_size)}
         return replace(self, row_sparse=frozenset(chosen))
 
     def without_row_sparse(self, index: int) -> Layout:

@@ -10,8 +10,9 @@ import torch
 from .algebra import GramSystem, accumulate_dtype
 from .compressed import CompressedRows
 from .hyperparameters import GRAD_DTYPES, resolve_grad_dtype
-from .layout import Block, Layout, row_sparse_pays
+from .layout import Block, Layout
 from .storage import DenseRows, RowSparseRows
+from .window import window_makeup
 
 
 def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_grads: int,
@@ -22,17 +23,18 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
 
     `shapes` are the parameters' shapes in order. `max_rows[i]` bounds how many rows of matrix parameter i one
     gradient can touch (an embedding: the tokens in a batch), so that its row-sparse storage is bounded with its
-    capacity's growth; every other parameter is counted as dense. With density < 1 the compressed window replaces
-    both.
+    capacity's growth. Every other parameter is counted as dense: its gradients are taken to touch all rows. With
+    density < 1 the compressed window replaces both.
     """
     element_size = GRAD_DTYPES[resolve_grad_dtype(grad_dtype)].itemsize
-    layout = Layout(tuple(shapes), world_size=world_size)
-    total, local = layout.total_size, layout.largest_local_size
+    layouts = [Layout(tuple(shapes), rank, world_size) for rank in range(world_size)]
+    total, local = layouts[0].total_size, layouts[0].largest_local_size
     accumulate_size = accumulate_dtype(num_grads, total).itemsize
     if density < 1:
         window, row_sparse = CompressedRows.bound_bytes(num_grads, local, density, element_size), False
     else:
-        window, row_sparse = dense_window_bound(layout, max_rows, num_grads, element_size, accumulate_size)
+        bounds = [dense_window_bound(layout, max_rows, num_grads, element_size, accumulate_size) for layout in layouts]
+        window, row_sparse = max(bytes_ for bytes_, _ in bounds), any(sparse for _, sparse in bounds)
     buffers = (8 * total  # the flat gradient and its fp32 pieces
                + 4 * local * momentum  # the momentum
                + 4 * local * row_sparse)  # the direction put together from the dense and row-sparse parts
@@ -43,21 +45,23 @@ def memory_bound_bytes(shapes: list[torch.Size], max_rows: dict[int, int], num_g
 
 def dense_window_bound(layout: Layout, max_rows: dict[int, int], num_grads: int, element_size: int,
                        accumulate_size: int) -> tuple[int, bool]:
-    """(bytes, whether any part is row-sparse) of the dense and row-sparse window of the process with the largest
-    shard of each parameter."""
-    dense_columns, sparse_bytes, row_sparse = 0, 0, False
-    for index, shards in enumerate(zip(*(layout.blocks_of(rank) for rank in range(layout.world_size)))):
-        largest: Block = max(shards, key=lambda block: block.size)
-        if index in max_rows and largest.is_matrix:
-            sparse = RowSparseRows.bound_bytes(num_grads, max_rows[index], largest.rows, largest.columns,
-                                               element_size, accumulate_size)
-            capacity = RowSparseRows.capacity_bound(max_rows[index], largest.rows)
-            if row_sparse_pays(capacity, largest.rows, largest.columns, element_size):
-                sparse_bytes, row_sparse = sparse_bytes + sparse, True
-                continue
-            sparse_bytes += sparse  # it may start row-sparse and move to dense storage later
-        dense_columns += largest.size
-    return DenseRows.bound_bytes(num_grads, dense_columns, element_size, accumulate_size) + sparse_bytes, row_sparse
+    """(bytes, whether any part may be row-sparse) of one process's dense window with its row-sparse parts.
+
+    The makeup is window_makeup's, from the bound of each block's rows. A matrix whose bound pays is row-sparse
+    from its first gradient on, and no later gradient moves it (the same rule keeps it). One in `max_rows` whose
+    bound does not pay may still start row-sparse, if its first gradient touches few rows, and move to dense
+    storage later: it is counted both ways, plus the move's peak, when the old and the new dense window coexist.
+    """
+    def rows_bound(block: Block) -> int:
+        return min(max_rows.get(block.index, block.rows), block.rows)
+
+    made = window_makeup(layout, 1.0, element_size, rows_bound)
+    may_move = [block for block in made.dense_blocks if block.index in max_rows and block.is_matrix]
+    sparse = sum(RowSparseRows.bound_bytes(num_grads, rows_bound(block), block.rows, block.columns, element_size,
+                                           accumulate_size) for block in made.sparse_blocks + may_move)
+    dense = DenseRows.bound_bytes(num_grads, made.dense_size, element_size, accumulate_size)
+    move_peak = num_grads * made.dense_size * element_size if may_move else 0
+    return dense + sparse + move_peak, bool(made.row_sparse or may_move)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -12,18 +12,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .algebra import GramSystem
 from .distributed import DirectionGather, check_shard_position, shard_position, sum_over_processes
 from .hyperparameters import DEFAULTS, check_group_hyperparameters, check_window_settings, resolve_grad_dtype
 from .layout import Layout
 from .memory import optimizer_state_bytes
 from .window import GradientWindow, WindowSettings, phase
 
-# State entries the host reads every step (counters, the shard position, the λ the factor was made for): kept on
-# the CPU, as torch.optim keeps "step".
-HOST_ENTRIES = ("step", "skipped_steps", "shard_rank", "shard_world_size", "factor_damp", "refactorizations")
-# Per-parameter state entries of a row-sparse part of the window.
-ROW_SPARSE_ENTRIES = ("row_indices", "row_values")
+# The optimizer's own state entries, beside the window's: counters and the shard position. The host reads them at
+# every step, so they stay on the CPU, as torch.optim keeps "step" (and so do the window's HOST_KEYS).
+COUNTERS = ("step", "skipped_steps", "shard_rank", "shard_world_size")
 
 
 class MFAC(Optimizer):
@@ -81,14 +78,12 @@ class MFAC(Optimizer):
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         for index, param in zip(saved_ids, self._params()):
             if index in state_dict["state"]:
-                self.state[param] = {key: value.to(device=param.device, copy=True) if key not in HOST_ENTRIES else value.clone()
+                self.state[param] = {key: value.clone() if on_host(key) else value.to(device=param.device, copy=True)
                                      for key, value in state_dict["state"][index].items()}
         self._window = None  # made again from the loaded state at the next step
-        if self._params() and "gram" in self._shared_state():
-            shared = self._shared_state()
-            if "factor" not in shared:  # saved before the Cholesky factor was kept
-                shared.update(GramSystem.empty_factor(shared["gram"]))
-            check_shard_position(shared, self._stored_layout())
+        if self._params() and GradientWindow.saved_in(self._shared_state()):
+            GradientWindow.upgrade_saved(self._shared_state())
+            check_shard_position(self._shared_state(), self._stored_layout())
 
     def __setstate__(self, state: dict) -> None:
         """Param groups saved before a setting existed get its default (torch.optim's place for upgrades)."""
@@ -117,7 +112,7 @@ class MFAC(Optimizer):
         """The window as float32 rows over all parameters in flat order (the parameters of all groups, flattened and
         concatenated): row j is slot j, and the gradient stored by step t (1-based, skipped steps not counted) is in
         slot (t − 1) mod num_grads. A sharded process fills its own columns, the others stay zero."""
-        if "gram" not in self._shared_state():
+        if not GradientWindow.saved_in(self._shared_state()):
             total = sum(p.numel() for p in self._params())
             return torch.zeros(self.param_groups[0]["num_grads"], total, device=self._params()[0].device)
         return self._current_window().stored_rows()
@@ -178,11 +173,11 @@ class MFAC(Optimizer):
         settings = WindowSettings.of(self.param_groups[0])
         layout, shared = self._stored_layout(), self._shared_state()
         sum_shards = sum_over_processes if layout.world_size > 1 else None
-        if "gram" in shared:
+        if GradientWindow.saved_in(shared):
             check_shard_position(shared, layout)
         if self._window is not None:
             self._window.follow(settings)
-        elif "gram" in shared:
+        elif GradientWindow.saved_in(shared):
             params = self._params()
             parts = {index: self.state[params[index]] for index in layout.row_sparse}
             self._window = GradientWindow.from_state(layout, settings, shared, parts, sum_shards)
@@ -198,21 +193,15 @@ class MFAC(Optimizer):
     def _save_window_state(self, window: GradientWindow) -> None:
         """The window's tensors into the optimizer's state, for state_dict(): a step may have replaced some (a
         row-sparse part that grew, or moved to dense storage)."""
-        shared, parts = window.state()
-        self._shared_state().update(shared)
-        for index, param in enumerate(self._params()):
-            if index in parts:
-                self.state[param].update(parts[index])
-            elif ROW_SPARSE_ENTRIES[0] in self.state[param]:
-                for entry in ROW_SPARSE_ENTRIES:
-                    del self.state[param][entry]
+        window.save_into(self._shared_state(), [self.state[param] for param in self._params()])
 
     def _stored_layout(self) -> Layout:
         """This process's layout as the state records it: row-sparse parameters hold row indices."""
         params = self._params()
         rank, world_size = shard_position(self.param_groups[0]["shard"])
         return Layout(tuple(p.shape for p in params), rank, world_size,
-                      frozenset(index for index, p in enumerate(params) if ROW_SPARSE_ENTRIES[0] in self.state[p]))
+                      frozenset(index for index, p in enumerate(params)
+                                if GradientWindow.holds_row_sparse_part(self.state[p])))
 
     def _skip_nonfinite(self) -> None:
         # Counted under the first parameter, where the window state will be made: before the first stored gradient
@@ -248,3 +237,8 @@ class MFAC(Optimizer):
             steps = [piece.view_as(p).to(p.dtype) for piece, p in zip(pieces[start:start + len(params)], params)]
             torch._foreach_add_(params, steps, alpha=-group["lr"])
             start += len(params)
+
+
+def on_host(key: str) -> bool:
+    """Whether a state entry stays on the CPU when loaded (the host reads it at every step)."""
+    return key in COUNTERS or key in GradientWindow.HOST_KEYS

@@ -44,6 +44,10 @@ class DenseRows:
     def from_state(cls, saved: dict[str, Tensor], accumulate_dtype: torch.dtype) -> DenseRows:
         return cls(saved["window"], accumulate_dtype)
 
+    @staticmethod
+    def saved_in(state: dict[str, Tensor]) -> bool:
+        return "window" in state
+
     @property
     def dtype(self) -> torch.dtype:
         return self.window.dtype
@@ -116,6 +120,8 @@ class RowSparseRows:
     # A slot with more rows than the capacity grows it by at least this factor (5/4), so that a slowly rising
     # row count does not reallocate the window at every step.
     GROWTH_NUMERATOR, GROWTH_DENOMINATOR = 5, 4
+    # The state entries of a part, saved under its parameter: (row indices, row values).
+    KEYS = ("row_indices", "row_values")
 
     def __init__(self, indices: Tensor, values: Tensor, num_rows: int, accumulate_dtype: torch.dtype) -> None:
         self.indices = indices  # (m, capacity) int64
@@ -136,7 +142,17 @@ class RowSparseRows:
 
     @classmethod
     def from_state(cls, saved: dict[str, Tensor], num_rows: int, accumulate_dtype: torch.dtype) -> RowSparseRows:
-        return cls(saved["row_indices"], saved["row_values"], num_rows, accumulate_dtype)
+        return cls(saved[cls.KEYS[0]], saved[cls.KEYS[1]], num_rows, accumulate_dtype)
+
+    @classmethod
+    def saved_in(cls, state: dict[str, Tensor]) -> bool:
+        return cls.KEYS[0] in state
+
+    @classmethod
+    def forget(cls, state: dict[str, Tensor]) -> None:
+        """In place: a parameter's state without the entries of a row-sparse part (it moved to dense storage)."""
+        for key in cls.KEYS:
+            state.pop(key, None)
 
     @staticmethod
     def _slots(num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
@@ -146,8 +162,8 @@ class RowSparseRows:
     @classmethod
     def bound_bytes(cls, num_grads: int, max_rows: int, rows: int, columns: int, element_size: int,
                     accumulate_size: int) -> int:
-        """Slots of at most `max_rows` rows (the capacity grows by 5/4 past them, up to all rows), their int64
-        indices, and the scratch matrix."""
+        """Slots of at most `max_rows` rows (the capacity grows by at most 5/4 past them), their int64 indices, and
+        the scratch matrix."""
         return num_grads * cls.capacity_bound(max_rows, rows) * (columns * element_size + 8) + \
             rows * columns * accumulate_size
 
@@ -173,7 +189,9 @@ class RowSparseRows:
         return True
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, self.indices.shape[1] * self.GROWTH_NUMERATOR // self.GROWTH_DENOMINATOR)
+        # Growth happens only when `needed` exceeds the capacity, so the capacity stays below 5/4 of the most rows
+        # one gradient has touched (capacity_bound).
+        capacity = min(self.num_rows, max(needed, self.indices.shape[1] * self.GROWTH_NUMERATOR // self.GROWTH_DENOMINATOR))
         indices, values = self._slots(self.indices.shape[0], capacity, self.values.shape[2], self.values.dtype,
                                       self.values.device)
         indices[:, :self.indices.shape[1]] = self.indices
@@ -207,7 +225,7 @@ class RowSparseRows:
         return result.float()
 
     def state(self) -> dict[str, Tensor]:
-        return {"row_indices": self.indices, "row_values": self.values}
+        return dict(zip(self.KEYS, (self.indices, self.values)))
 
     def _scratch_matrix(self) -> Tensor:
         if self._scratch is None:
@@ -215,12 +233,17 @@ class RowSparseRows:
                                         device=self.values.device)
         return self._scratch
 
-    def to_dense(self) -> Tensor:
-        """The same window as dense rows (m × rows·columns), exactly."""
-        dense = torch.zeros(self.indices.shape[0], self.num_rows, self.values.shape[2], dtype=self.values.dtype,
-                            device=self.values.device)
+    @property
+    def columns(self) -> int:
+        return self.values.shape[2]
+
+    def to_dense(self, out: Optional[Tensor] = None) -> Tensor:
+        """The same window as dense rows (m × rows·columns), exactly; written into `out` (a view may do) if given."""
+        if out is None:
+            out = self.values.new_empty(self.indices.shape[0], self.num_rows * self.columns)
+        dense = out.view(self.indices.shape[0], self.num_rows, self.columns).zero_()
         dense.scatter_add_(1, self.indices[:, :, None].expand_as(self.values), self.values)  # padding adds zeros
-        return dense.reshape(self.indices.shape[0], -1)
+        return out
 
     def _slot_chunks(self) -> Iterator[slice]:
         for start in range(0, self.indices.shape[0], self.SLOTS_PER_CHUNK):

@@ -7,8 +7,8 @@ gradient ĝ as slot i and returns F⁻¹ĝ = m · Gᵀ K⁻¹ eᵢ for the colum
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Union
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from torch.profiler import record_function
 from .algebra import GramSystem, accumulate_dtype
 from .compressed import CompressedRows, kept_per_block
 from .hyperparameters import GRAD_DTYPES, WINDOW_KEYS, resolve_grad_dtype
-from .layout import Layout, nonzero_rows
+from .layout import Block, Layout, nonzero_rows
 from .storage import DenseRows, RowSparseRows
 
 # The names under which a step's phases appear in torch.profiler (scripts/bench_mfac.py reads them).
@@ -32,6 +32,13 @@ def phase(name: str) -> record_function:
 
 class StorageKind(Protocol):
     """What the window asks of each storage part. Every part covers some of the window's columns in every slot."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the slots are stored in."""
+
+    def memory_bytes(self) -> int:
+        """The bytes the part holds: its state and its scratch buffers."""
 
     def store(self, slot: int, gradient: Tensor) -> bool:
         """Stores the part's columns of a gradient in slot `slot`; False (nothing stored) where the part cannot hold
@@ -73,8 +80,24 @@ class WindowSettings:
         return self.dtype.itemsize
 
 
+def window_makeup(layout: Layout, density: float, element_size: int, rows_used: Callable[[Block], int]) -> Layout:
+    """The one place that decides what the window is made of, for a window being made (from its first gradient)
+    and for the memory bound (from a bound of the rows a gradient uses): a compressed window covers every
+    coordinate and has no row-sparse parts; a dense one keeps row-sparse each matrix block for which the
+    `rows_used(block)` rows pay (layout.row_sparse_pays)."""
+    if density < 1:
+        return replace(layout, row_sparse=frozenset())
+    return layout.with_row_sparse_where_it_pays(rows_used, element_size)
+
+
 class GradientWindow:
-    def __init__(self, layout: Layout, settings: WindowSettings, dense: Union[DenseRows, CompressedRows],
+    """The window and its m × m system. It owns the names and places of its state: the optimizer saves what
+    `save_into` writes, and asks `saved_in`, `HOST_KEYS` and `upgrade_saved` about it, without knowing the keys."""
+
+    # Window entries the host reads at every step: kept on the CPU.
+    HOST_KEYS = GramSystem.HOST_KEYS
+
+    def __init__(self, layout: Layout, settings: WindowSettings, dense: StorageKind,
                  sparse: dict[int, RowSparseRows], system: GramSystem,
                  sum_shards: Optional[Callable[[Tensor], Tensor]] = None) -> None:
         self.layout = layout  # which blocks are row-sparse changes when a part moves to dense storage
@@ -95,10 +118,11 @@ class GradientWindow:
         has few non-zero rows (where that pays), unless the window is compressed (it covers every coordinate)."""
         m, dtype, device = settings.num_grads, settings.dtype, first_gradient.device
         accumulate = accumulate_dtype(m, layout.total_size)
+        layout = window_makeup(layout, settings.density, settings.element_size,
+                               lambda block: len(nonzero_rows(layout.matrix(first_gradient, block))))
         if settings.density < 1:
             dense = CompressedRows.allocate(m, layout.local_size, settings.density, dtype, accumulate, device)
         else:
-            layout = layout.with_row_sparse_where_it_pays(first_gradient, settings.element_size)
             dense = DenseRows.allocate(m, layout.dense_size, dtype, accumulate, device)
         sparse = {block.index: RowSparseRows.allocate(
             m, max(len(nonzero_rows(layout.matrix(first_gradient, block))), 1), block.rows, block.columns, dtype,
@@ -113,7 +137,7 @@ class GradientWindow:
         """The window over saved tensors (used as they are, not copied). `layout` names the row-sparse blocks,
         `parts` their tensors by parameter index; `shared` holds the rest."""
         accumulate = accumulate_dtype(settings.num_grads, layout.total_size)
-        dense = DenseRows.from_state(shared, accumulate) if "window" in shared else \
+        dense = DenseRows.from_state(shared, accumulate) if DenseRows.saved_in(shared) else \
             CompressedRows.from_state(shared, layout.local_size, settings.density, accumulate)
         sparse = {block.index: RowSparseRows.from_state(parts[block.index], block.rows, accumulate)
                   for block in layout.sparse_blocks}
@@ -122,9 +146,35 @@ class GradientWindow:
         return cls(layout, settings, dense, sparse, system, sum_shards)
 
     def state(self) -> tuple[dict[str, Tensor], dict[int, dict[str, Tensor]]]:
-        """(the window's own tensors, each row-sparse part's tensors by parameter index): what the optimizer
-        saves, the first under its first parameter, the others under their parameters."""
+        """(the window's own tensors, each row-sparse part's tensors by parameter index)."""
         return {**self.dense.state(), **self.system.state()}, {index: part.state() for index, part in self.sparse.items()}
+
+    def save_into(self, shared: dict[str, Tensor], param_states: list[dict[str, Tensor]]) -> None:
+        """In place: the window's tensors into the optimizer's state, its own under the first parameter (`shared`)
+        and each row-sparse part's under its parameter (`param_states`, in parameter order); a part that moved to
+        dense storage leaves its parameter's state. A step may have replaced tensors (a part grew or moved)."""
+        own, parts = self.state()
+        shared.update(own)
+        for index, state in enumerate(param_states):
+            if index in parts:
+                state.update(parts[index])
+            else:
+                RowSparseRows.forget(state)
+
+    @staticmethod
+    def saved_in(shared: dict[str, Tensor]) -> bool:
+        """Whether the optimizer's shared state holds a window (it is made at the first stored gradient)."""
+        return GramSystem.saved_in(shared)
+
+    @staticmethod
+    def upgrade_saved(shared: dict[str, Tensor]) -> None:
+        """In place: a window saved by an earlier version gets the entries this one needs."""
+        GramSystem.upgrade_saved(shared)
+
+    @staticmethod
+    def holds_row_sparse_part(param_state: dict[str, Tensor]) -> bool:
+        """Whether a parameter's saved state holds a row-sparse part of the window."""
+        return RowSparseRows.saved_in(param_state)
 
     # ---------------------------------------------------------------------------------------------- using it
     @property
@@ -172,10 +222,13 @@ class GradientWindow:
         storage, at its block's place among the dense columns."""
         part = self.sparse.pop(index)
         self.layout = self.layout.without_row_sparse(index)
-        column = self.layout.dense_column(index)
-        window = self.dense.window
-        self.dense = DenseRows(torch.cat([window[:, :column], part.to_dense(), window[:, column:]], dim=1),
-                               self.dense.accumulate_dtype)
+        column, size = self.layout.dense_column(index), part.num_rows * part.columns
+        old = self.dense.window  # a compressed window has no row-sparse parts
+        window = old.new_empty(old.shape[0], old.shape[1] + size)
+        window[:, :column] = old[:, :column]
+        window[:, column + size:] = old[:, column:]
+        part.to_dense(out=window[:, column:column + size])  # no third copy: the peak is the old and new windows
+        self.dense = DenseRows(window, self.dense.accumulate_dtype)
 
     def stored_bytes(self) -> int:
         """The bytes of the stored slots (each part's rows and their indices, not a compressed window's error
@@ -195,7 +248,7 @@ class GradientWindow:
         return self.layout.to_flat(self.dense.to_dense(), {index: part.to_dense() for index, part in self.sparse.items()})
 
 
-def check_saved_window_matches(dense: Union[DenseRows, CompressedRows], system: GramSystem,
+def check_saved_window_matches(dense: StorageKind, system: GramSystem,
                                settings: WindowSettings) -> None:
     """A saved window fixes num_grads, grad_dtype and density (damp may change: the factor is remade for it). A
     different setting would be ignored, so it is an error naming the key."""

@@ -40,3 +40,39 @@ def test_bound_covers_what_the_optimizer_holds_on_bert_mini(bert_mini, settings)
                                density=settings.get("density", 1.0))
     measured = optimizer.memory_bytes(with_buffers=True)
     assert measured <= bound <= 1.5 * measured, (measured, bound, bound / measured)
+
+
+ROWS, COLUMNS, CORNER_GRADS = 200, 64, 16
+MOST_ROWS = 140  # the bound's rows per gradient: 0.7 of the matrix, past the row-sparse rule's half
+
+
+def embedding_steps(optimizer: MFAC, weights: list[torch.Tensor], rows_per_step: list[int]) -> list[int]:
+    """Steps whose embedding gradient touches the given number of rows (the other weight's is dense); returns
+    the bytes held after each step and, at a step that moved the embedding to dense storage, the move's peak
+    (everything held before it, plus the new dense window allocated beside the old one)."""
+    generator = torch.Generator().manual_seed(0)
+    held = []
+    for rows in rows_per_step:
+        weights[0].grad = torch.zeros(ROWS, COLUMNS)
+        weights[0].grad[torch.randperm(ROWS, generator=generator)[:rows]] = torch.randn(rows, COLUMNS, generator=generator)
+        weights[1].grad = torch.randn(weights[1].shape, generator=generator)
+        before, was_sparse = optimizer.memory_bytes(with_buffers=True), "row_indices" in optimizer.state[weights[0]]
+        optimizer.step()
+        if was_sparse and "row_indices" not in optimizer.state[weights[0]]:
+            window = optimizer.state[weights[0]]["window"]
+            held.append(before + window.numel() * window.element_size())
+        held.append(optimizer.memory_bytes(with_buffers=True))
+    return held
+
+
+@pytest.mark.parametrize("first_rows,moves", [(ROWS // 2, False), (ROWS // 10, True)])
+def test_bound_holds_where_the_rows_bound_is_past_the_row_sparse_rule(first_rows, moves):
+    # The corner: max_rows at 0.7 of the rows. A first gradient on half the rows makes the embedding dense from the
+    # start; one on a tenth makes it row-sparse, and a later one on 0.7 of the rows moves it to dense storage.
+    weights = [torch.zeros(ROWS, COLUMNS, requires_grad=True), torch.zeros(32, 48, requires_grad=True)]
+    optimizer = MFAC(weights, num_grads=CORNER_GRADS, grad_dtype="bfloat16")
+    rows_per_step = [first_rows] + [MOST_ROWS // 2, MOST_ROWS] * CORNER_GRADS
+    held = embedding_steps(optimizer, weights, rows_per_step)
+    assert ("row_indices" not in optimizer.state[weights[0]]) and len(held) == len(rows_per_step) + moves
+    bound = memory_bound_bytes([w.shape for w in weights], {0: MOST_ROWS}, CORNER_GRADS, "bfloat16")
+    assert max(held) <= bound, (max(held), bound)
