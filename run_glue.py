@@ -57,7 +57,8 @@ from transformers.utils.versions import require_version
 
 # M-FAC fork: the optimizer's arguments and Trainer, and what the script adds to HF's (mfac_optim.glue).
 from mfac_optim.glue.command_line import parse_and_check_inputs, refuse_a_window_that_cannot_fit
-from mfac_optim.glue.data import TASK_LABELS, TASK_TO_KEYS, check_data_arguments, sentence_keys
+from mfac_optim.glue.data import (GLUE_ON_THE_HUB, TASK_LABELS, TASK_TO_KEYS, check_data_arguments, hub_split_name,
+                                   sentence_keys)
 from mfac_optim.glue.metrics import GlueMetric
 from mfac_optim.glue.model_types import check_model_arguments, hub_options, load_config, load_tokenizer
 from mfac_optim.glue.records import model_source_record, write_eval_predictions, write_run_info
@@ -281,7 +282,7 @@ def main(argv=None, callbacks=None):
     elif data_args.task_name is not None:
         # Downloading and loading a dataset from the hub.
         raw_datasets = load_dataset(
-            "nyu-mll/glue",
+            GLUE_ON_THE_HUB,  # M-FAC fork: the name of glue/data.py, which tune.py also loads from
             data_args.task_name,
             cache_dir=model_args.cache_dir,
             token=model_args.token,
@@ -428,9 +429,10 @@ def main(argv=None, callbacks=None):
         print_class_distribution(train_dataset, "train")
 
     if training_args.do_eval:
-        if "validation" not in raw_datasets and "validation_matched" not in raw_datasets:
+        # M-FAC fork: MNLI's split names from glue/data.py, where local files and tune.py take them too.
+        if hub_split_name(data_args.task_name, "validation") not in raw_datasets:
             raise ValueError("--do_eval requires a validation dataset")
-        eval_dataset = raw_datasets["validation_matched" if data_args.task_name == "mnli" else "validation"]
+        eval_dataset = raw_datasets[hub_split_name(data_args.task_name, "validation")]
         if data_args.max_eval_samples is not None:
             max_eval_samples = min(len(eval_dataset), data_args.max_eval_samples)
             eval_dataset = eval_dataset.select(range(max_eval_samples))
@@ -439,9 +441,9 @@ def main(argv=None, callbacks=None):
     # M-FAC fork: only with --do_predict (HF's script also demands a test split for any --task_name, which local
     # GLUE files without test.tsv do not have).
     if training_args.do_predict:
-        if "test" not in raw_datasets and "test_matched" not in raw_datasets:
+        if hub_split_name(data_args.task_name, "test") not in raw_datasets:
             raise ValueError("--do_predict requires a test dataset")
-        predict_dataset = raw_datasets["test_matched" if data_args.task_name == "mnli" else "test"]
+        predict_dataset = raw_datasets[hub_split_name(data_args.task_name, "test")]
         if data_args.max_predict_samples is not None:
             max_predict_samples = min(len(predict_dataset), data_args.max_predict_samples)
             predict_dataset = predict_dataset.select(range(max_predict_samples))

@@ -27,6 +27,9 @@ OUTPUT_ROOT=${OUTPUT_ROOT:-runs/study}
 EVIDENCE_DIR=${EVIDENCE_DIR:-$OUTPUT_ROOT/evidence}
 PROTOCOL=configs/study/protocol.json
 
+# A path in a study folder, named by the module that owns the folder's layout.
+study_path() { python -m mfac_optim.experiments.study_folder "$@"; }
+
 declare -A FOLDER=([stsb]=STS-B [rte]=RTE [mrpc]=MRPC [sst2]=SST-2 [cola]=CoLA [qnli]=QNLI)
 # The cards' untuned M-FAC: lr 1e-4, damp 1e-6, num_grads 512, in a bf16 window (fp32 at 512 does not fit in
 # 24 GiB for MiniLM-L6).
@@ -37,15 +40,16 @@ SEED_FLAGS=(--eval_strategy steps --eval_steps 0.1)
 for task in $TASKS; do
   data=$GLUE_DIR/${FOLDER[$task]}
   study=$OUTPUT_ROOT/$task/tune
-  mkdir -p "$EVIDENCE_DIR/$task/data" "$study/data"
-  storage=sqlite:///$(cd "$EVIDENCE_DIR/$task" && pwd)/study.db
+  evidence=$EVIDENCE_DIR/$task  # kept as a study folder: its storage, split record and plot
+  mkdir -p "$(dirname "$(study_path "$evidence" split_record)")"
+  storage=$(study_path "$evidence" storage_url)
   task_flags=(--task_name "$task" --model_name_or_path "$MODEL" --train_file "$data/train.tsv"
               --validation_file "$data/dev.tsv")
   # The score to beat without training: STS-B's zero-shot cosine, the majority class elsewhere.
   control_flags=(--train_file "$data/train.tsv")
   [ "$task" != stsb ] || control_flags=(--model_name_or_path "$MODEL")
   python scripts/controls.py --task_name "$task" --validation_file "$data/dev.tsv" "${control_flags[@]}" \
-    --output "$EVIDENCE_DIR/$task/controls.json"
+    --output "$evidence/controls.json"
   for space in adamw mfac mfac_compressed; do
     workers=()
     for _ in $(seq "$WORKERS"); do
@@ -54,16 +58,19 @@ for task in $TASKS; do
       workers+=($!)
     done
     for worker in "${workers[@]}"; do wait "$worker"; done  # a failed worker stops the study (set -e)
-    cp "$study/data/split.json" "$EVIDENCE_DIR/$task/data/"  # the split is carved again, identically, on resume
+    # The split is carved again, identically, on resume.
+    cp "$(study_path "$study" split_record)" "$(study_path "$evidence" split_record)"
   done
-  python scripts/tune.py --report "$study" --storage "$storage" | tee "$EVIDENCE_DIR/$task/search.txt"
-  cp "$study/tuning.png" "$EVIDENCE_DIR/$task/"
+  python scripts/tune.py --report "$study" --storage "$storage" | tee "$evidence/search.txt"
+  cp "$(study_path "$study" plot)" "$(study_path "$evidence" plot)"
   # Each seed run's records (no weights) go to the evidence as soon as it ends; runs kept there count as done.
-  seeds=(--output_root "$OUTPUT_ROOT/$task/seeds" --keep_records "$EVIDENCE_DIR/$task/seeds")
-  python scripts/sweep.py "$study/${task}"_{adamw,mfac,mfac_compressed}_tuned.json "${seeds[@]}" -- "${SEED_FLAGS[@]}"
+  seeds=(--output_root "$OUTPUT_ROOT/$task/seeds" --keep_records "$evidence/seeds")
+  tuned=()
+  for space in adamw mfac mfac_compressed; do tuned+=("$(study_path "$study" tuned_config "$task" "$space")"); done
+  python scripts/sweep.py "${tuned[@]}" "${seeds[@]}" -- "${SEED_FLAGS[@]}"
   # The cards' M-FAC trains on the same training part as the tuned configs.
   python -c "import json, sys; print(json.dumps({**json.load(open(sys.argv[1])), **json.loads(sys.argv[2])}))" \
-    "$PROTOCOL" "$CARDS_MFAC" > "$study/${task}_mfac_cards.json"
-  python scripts/sweep.py "$study/${task}_mfac_cards.json" "${seeds[@]}" -- "${task_flags[@]}" \
-    --train_file "$study/data/train.jsonl" "${SEED_FLAGS[@]}"
+    "$PROTOCOL" "$CARDS_MFAC" > "$OUTPUT_ROOT/$task/${task}_mfac_cards.json"
+  python scripts/sweep.py "$OUTPUT_ROOT/$task/${task}_mfac_cards.json" "${seeds[@]}" -- "${task_flags[@]}" \
+    --train_file "$(study_path "$study" train_part)" "${SEED_FLAGS[@]}"
 done

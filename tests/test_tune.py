@@ -21,6 +21,7 @@ from mfac_optim.glue import data as glue_data
 
 ROOT = Path(__file__).resolve().parent.parent
 from mfac_optim.experiments import search_space, sweep, tune, tune_report, tune_trial  # noqa: E402
+from mfac_optim.experiments.study_folder import StudyFolder  # noqa: E402
 
 
 # --- search space files ------------------------------------------------------------------------------------------
@@ -100,21 +101,22 @@ def test_validation_split_is_stratified_seeded_and_disjoint(tmp_path):
     # 300 positive, 100 negative sentences, each unique.
     train.write_text("sentence\tlabel\n" + "".join(f"sentence number {i}\t{int(i % 4 != 0)}\n" for i in range(400)))
     config = {"task_name": "sst2", "train_file": str(train)}
-    record = tune.carve_validation(config, 40, seed=3, folder=tmp_path / "a")
+    folders = {name: StudyFolder(tmp_path / name) for name in "abc"}
+    record = tune.carve_validation(config, 40, seed=3, study=folders["a"])
     digest = hashlib.sha256(train.read_bytes()).hexdigest()[:16]
     assert record == {"source": f"train.tsv@sha256:{digest}", "train": 360, "validation": 40, "stratified": True,
                       "seed": 3}
-    rows = {name: [json.loads(line) for line in (tmp_path / "a" / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("train", "validation")}
+    rows = {name: [json.loads(line) for line in path.read_text().splitlines()]
+            for name, path in (("train", folders["a"].train_part), ("validation", folders["a"].validation_split))}
     assert sum(row["label"] for row in rows["validation"]) == 30  # 3 : 1, as in the file
     sentences = [{row["sentence"] for row in rows[name]} for name in ("train", "validation")]
     assert not sentences[0] & sentences[1] and len(sentences[0] | sentences[1]) == 400
     numbers = [int(row["sentence"].split()[-1]) for row in rows["train"]]
     assert numbers == sorted(numbers)  # file order kept: max_train_samples takes the file's first examples
-    tune.carve_validation(config, 40, seed=3, folder=tmp_path / "b")
-    assert (tmp_path / "a" / "validation.jsonl").read_text() == (tmp_path / "b" / "validation.jsonl").read_text()
-    tune.carve_validation(config, 0.1, seed=4, folder=tmp_path / "c")
-    assert (tmp_path / "a" / "validation.jsonl").read_text() != (tmp_path / "c" / "validation.jsonl").read_text()
+    tune.carve_validation(config, 40, seed=3, study=folders["b"])
+    assert folders["a"].validation_split.read_text() == folders["b"].validation_split.read_text()
+    tune.carve_validation(config, 0.1, seed=4, study=folders["c"])
+    assert folders["a"].validation_split.read_text() != folders["c"].validation_split.read_text()
 
 
 # --- a small study end to end ------------------------------------------------------------------------------------
@@ -242,6 +244,14 @@ def test_small_study_spends_its_budget_resumes_never_reads_dev_and_writes_a_conf
     assert f"{best_adamw.value:.4f}" in adamw_row and f"{spent(load(small_study, 'adamw')):.2f}" in adamw_row
     assert f"adamw: best learning_rate {best_adamw.params['learning_rate']:.3g}: " in report
     assert (small_study.study_dir / "tuning.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The paths scripts/fair_study.sh asks for are the files the search wrote.
+    for name, expected in (("tuned_config", best_config), ("split_record", small_study.study_dir / "data" / "split.json"),
+                           ("plot", small_study.study_dir / "tuning.png")):
+        arguments = [str(small_study.study_dir), name] + (["sst2", "mfac"] if name == "tuned_config" else [])
+        printed = subprocess.run([sys.executable, "-m", "mfac_optim.experiments.study_folder", *arguments],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        assert Path(printed) == expected and expected.is_file()
 
 
 @pytest.mark.slow

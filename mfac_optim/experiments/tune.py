@@ -49,12 +49,13 @@ from run_glue import DataTrainingArguments, parse_arguments
 
 from ..glue import UsageError
 from ..glue.command_line import config_flags, exit_with_usage_error, read_json_object
-from ..glue.data import load_local_datasets
+from ..glue.data import GLUE_ON_THE_HUB, glue_split_from_hub, load_local_datasets
 from ..glue.records import ALL_RESULTS, file_source_record, model_source_record
 from ..hf_arguments import typed_value
 from .search_space import SearchSpace, load_search_space
+from .study_folder import StudyFolder, tuned_name
 from .sweep import DEFAULT_SEEDS, split_at_double_dash
-from .tune_report import (DATA_FOLDER, TRAINED_FRACTION, default_storage, format_params, report, successive_halving,
+from .tune_report import (TRAINED_FRACTION, format_params, report, successive_halving,
                           trial_cost)
 from .tune_trial import PRUNED_EXIT, MetricError, score
 
@@ -169,13 +170,7 @@ def training_examples(config: dict[str, Any]):
         return load_local_datasets(data_args, config.get("cache_dir"))["train"]
     if task is None:
         raise UsageError("--train_file: needed (or --task_name for GLUE from the Hub) to carve a validation split")
-    return glue_from_hub(config, "train")
-
-
-def glue_from_hub(config: dict[str, Any], split: str):
-    from datasets import load_dataset
-
-    return load_dataset("nyu-mll/glue", config["task_name"].lower(), split=split, cache_dir=config.get("cache_dir"))
+    return glue_split_from_hub(task, "train", config.get("cache_dir"))
 
 
 def write_jsonl(examples, rows: Iterable[int], path: Path) -> None:
@@ -188,25 +183,25 @@ def write_jsonl(examples, rows: Iterable[int], path: Path) -> None:
     os.replace(partial, path)
 
 
-def dev_set_file(config: dict[str, Any], data: Path) -> str:
+def dev_set_file(config: dict[str, Any], study: StudyFolder) -> str:
     """The seed runs' evaluation data: the configuration's --validation_file, else GLUE's validation split from the
-    Hub, written to data/dev.jsonl once the search is over (trials never read it)."""
+    Hub, written into the study folder once the search is over (trials never read it)."""
     if "validation_file" in config:
         return config["validation_file"]
-    path = data / "dev.jsonl"
+    path = study.dev_set
     if not path.is_file():
-        dev = glue_from_hub(config, "validation_matched" if config["task_name"].lower() == "mnli" else "validation")
+        dev = glue_split_from_hub(config["task_name"], "validation", config.get("cache_dir"))
         write_jsonl(dev, range(len(dev)), path)
     return str(path)
 
 
-def carve_validation(config: dict[str, Any], size: float, seed: int, folder: Path) -> dict[str, Any]:
-    """Splits the training data once into folder/train.jsonl and folder/validation.jsonl (file order kept in
-    both), stratified by label for classification; returns what was done (also kept in folder/split.json). A
+def carve_validation(config: dict[str, Any], size: float, seed: int, study: StudyFolder) -> dict[str, Any]:
+    """Splits the training data once into the study's training part and validation split (file order kept in
+    both), stratified by label for classification; returns what was done (also kept in the split record). A
     folder that holds a split already is used as it is; one that holds only its record (a study's kept evidence)
     is carved again, identically."""
-    record_file = folder / "split.json"
-    if all((folder / name).is_file() for name in ("split.json", "train.jsonl", "validation.jsonl")):
+    record_file = study.split_record
+    if all(path.is_file() for path in study.split_files):
         return json.loads(record_file.read_text())
     from sklearn.model_selection import train_test_split
 
@@ -218,15 +213,15 @@ def carve_validation(config: dict[str, Any], size: float, seed: int, folder: Pat
         raise UsageError(f"--validation_size: {count} examples of {len(examples)} leaves nothing to train on")
     train_rows, validation_rows = train_test_split(list(range(len(examples))), test_size=count, random_state=seed,
                                                    stratify=labels if stratified else None)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train_rows), ("validation", validation_rows)):
-        write_jsonl(examples, sorted(rows), folder / f"{name}.jsonl")
+    study.data.mkdir(parents=True, exist_ok=True)
+    for path, rows in ((study.train_part, train_rows), (study.validation_split, validation_rows)):
+        write_jsonl(examples, sorted(rows), path)
     source = config.get("train_file")
-    record = {"source": file_source_record(source) if source else f"nyu-mll/glue {config.get('task_name')} train",
+    record = {"source": file_source_record(source) if source else f"{GLUE_ON_THE_HUB} {config.get('task_name')} train",
               "train": len(train_rows), "validation": len(validation_rows), "stratified": stratified, "seed": seed}
     partial = record_file.with_name(f"{record_file.name}.{os.getpid()}.partial")
     partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, record_file)  # last: a folder with split.json holds the whole split
+    os.replace(partial, record_file)  # last: a folder with the record holds the whole split
     return record
 
 
@@ -244,22 +239,22 @@ def trial_config(base: dict[str, Any], values: dict[str, dict[str, Any]], space:
     return config
 
 
-def search_run_config(config: dict[str, Any], data: Path, output_dir: Path, seed: int) -> dict[str, Any]:
+def search_run_config(config: dict[str, Any], study: StudyFolder, output_dir: Path, seed: int) -> dict[str, Any]:
     """A trial's run: the carved training part and validation split, at the selection seed, scored at the end of
     each epoch for successive halving, nothing saved but the results."""
-    run = {**config, "do_train": True, "do_eval": True, "train_file": str(data / "train.jsonl"),
-           "validation_file": str(data / "validation.jsonl"), "output_dir": str(output_dir), "save_strategy": "no",
+    run = {**config, "do_train": True, "do_eval": True, "train_file": str(study.train_part),
+           "validation_file": str(study.validation_split), "output_dir": str(output_dir), "save_strategy": "no",
            "eval_strategy": "epoch", "seed": seed}
     for key in ("do_predict", "test_file", "eval_steps"):
         run.pop(key, None)
     return run
 
 
-def final_config(config: dict[str, Any], data: Path, name: str) -> dict[str, Any]:
+def final_config(config: dict[str, Any], study: StudyFolder, name: str) -> dict[str, Any]:
     """The selected setting for the seed runs: the same training part, evaluated on the dev set; the seed is the
     sweep's to give."""
-    final = {**config, "do_train": True, "do_eval": True, "train_file": str(data / "train.jsonl"),
-             "validation_file": dev_set_file(config, data), "output_dir": f"runs/{name}"}
+    final = {**config, "do_train": True, "do_eval": True, "train_file": str(study.train_part),
+             "validation_file": dev_set_file(config, study), "output_dir": f"runs/{name}"}
     final.pop("seed", None)
     return final
 
@@ -310,8 +305,8 @@ class Search:
     def __init__(self, args: argparse.Namespace, base: dict[str, Any], space: SearchSpace) -> None:
         self.args, self.base, self.space = args, base, space
         self.metric = args.metric or main_metric(base.get("task_name"))
-        self.data = args.study_dir / DATA_FOLDER
-        self.storage_url = args.storage or default_storage(args.study_dir)
+        self.folder = StudyFolder(args.study_dir)
+        self.storage_url = args.storage or self.folder.storage_url
         self.study = optuna.create_study(
             study_name=space.name, storage=shared_storage(self.storage_url), load_if_exists=True,
             direction="minimize" if self.metric in MINIMIZED else "maximize",
@@ -363,7 +358,7 @@ class Search:
                 self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
     def run(self) -> None:
-        carve_validation(self.base, self.args.validation_size, self.args.sampler_seed, self.data)
+        carve_validation(self.base, self.args.validation_size, self.args.sampler_seed, self.folder)
         self.check_trial_arguments()
         self.requeue_interrupted()
         while self.spent() < self.args.budget:
@@ -373,25 +368,25 @@ class Search:
         """run_glue.py's own checks of a trial's arguments (flags, M-FAC's keys, data columns, the model's config),
         with each range at its low end, before any trial runs: a mistake ends with one line, no model loaded."""
         lowest = {name: lowest_value(distribution) for name, (_, distribution) in self.space.sampled.items()}
-        run = search_run_config(trial_config(self.base, self.space.arrange(lowest), self.space), self.data,
-                                self.args.study_dir / "trials" / self.space.name / "check", self.args.trial_seed)
+        run = search_run_config(trial_config(self.base, self.space.arrange(lowest), self.space), self.folder,
+                                self.folder.trial(self.space.name, "check"), self.args.trial_seed)
         datasets.disable_progress_bars()  # the check reads the carved files: no bars between tune.py's lines
         parse_arguments(config_flags(run))
 
     def objective(self, trial: optuna.Trial) -> float:
         self.study.sampler = trial_sampler(self.args.sampler_seed, trial.number)
         values = self.space.suggest(trial)
-        output_dir = self.args.study_dir / "trials" / self.space.name / str(trial.number)
+        output_dir = self.folder.trial(self.space.name, str(trial.number))
         shutil.rmtree(output_dir, ignore_errors=True)
         output_dir.mkdir(parents=True)
-        run = search_run_config(trial_config(self.base, values, self.space), self.data, output_dir,
+        run = search_run_config(trial_config(self.base, values, self.space), self.folder, output_dir,
                                 self.args.trial_seed)
         # Optuna's Trial takes the storage's id of the trial (its number counts within the study only).
         command = [sys.executable, "-m", TRIAL_MODULE, self.storage_url, self.space.name, str(trial._trial_id),
                    self.metric, *config_flags(run)]
         start, cpu_start = time.perf_counter(), children_cpu_seconds()
         try:
-            with open(output_dir / "trial.log", "w") as log:
+            with open(StudyFolder.trial_log(output_dir), "w") as log:
                 code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
@@ -407,10 +402,10 @@ class Search:
                   flush=True)
             raise optuna.TrialPruned()
         if code == USAGE_EXIT:  # a mistake in the arguments (run_glue.py's checks, or --metric): its one line
-            raise UsageError(f"{prefix}: {last_line(output_dir / 'trial.log')}")
+            raise UsageError(f"{prefix}: {last_line(StudyFolder.trial_log(output_dir))}")
         results_file = output_dir / ALL_RESULTS
         if code != 0 or not results_file.is_file():
-            raise TrialFailed(f"{prefix}: run_glue.py failed (exit {code}); see {output_dir / 'trial.log'}")
+            raise TrialFailed(f"{prefix}: run_glue.py failed (exit {code}); see {StudyFolder.trial_log(output_dir)}")
         results = json.loads(results_file.read_text())
         trial.set_user_attr("optimizer_state_bytes", results.get("optimizer_state_bytes"))
         trial.set_user_attr(TRAINED_FRACTION, 1.0)
@@ -423,9 +418,10 @@ class Search:
 
     def write_best_config(self) -> Path:
         best = self.study.best_trial
-        name = f"{self.base.get('task_name') or 'custom'}_{self.space.name}_tuned"
-        config = final_config(trial_config(self.base, self.space.arrange(best.params), self.space), self.data, name)
-        path = self.args.study_dir / f"{name}.json"
+        task = self.base.get("task_name")
+        config = final_config(trial_config(self.base, self.space.arrange(best.params), self.space), self.folder,
+                              tuned_name(task, self.space.name))
+        path = self.folder.tuned_config(task, self.space.name)
         path.write_text(json.dumps(config, indent=2) + "\n")
         return path
 

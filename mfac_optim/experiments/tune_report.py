@@ -20,17 +20,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..glue import UsageError
 from .search_space import SearchSpace, search_space_from
+from .study_folder import StudyFolder
 
-STORAGE_FILE = "study.db"
-DATA_FOLDER = "data"  # the carved training part and validation split
 TRAINED_FRACTION = "trained_fraction"  # a trial's user attribute: the share of a full run's steps it trained
 SHARED_NAMES = {"learning_rate": "lr"}  # the same hyperparameter under the flag's name and M-FAC's key
 # A best lr within this share of the searched log-range of a bound lies at the edge: the range should grow.
 EDGE_SHARE = 0.1
-
-
-def default_storage(study_dir: Path) -> str:
-    return f"sqlite:///{(study_dir / STORAGE_FILE).resolve()}"
 
 
 def successive_halving(setting: dict[str, Any]) -> optuna.pruners.SuccessiveHalvingPruner:
@@ -120,9 +115,10 @@ class StudySummary:
 
 def load_summaries(study_dir: Path, storage: Optional[str] = None) -> list[StudySummary]:
     if storage is None:
-        if not (study_dir / STORAGE_FILE).is_file():
-            raise UsageError(f"--report: {study_dir} holds no study ({STORAGE_FILE} not found)")
-        storage = default_storage(study_dir)
+        folder = StudyFolder(study_dir)
+        if not folder.storage.is_file():
+            raise UsageError(f"--report: {study_dir} holds no study ({folder.storage.name} not found)")
+        storage = folder.storage_url
     summaries = []
     for name in sorted(optuna.get_all_study_names(storage)):
         study = optuna.load_study(study_name=name, storage=storage)
@@ -149,7 +145,7 @@ def format_params(params: dict) -> str:
 
 
 def report_lines(study_dir: Path, summaries: list[StudySummary]) -> list[str]:
-    split = json.loads((study_dir / DATA_FOLDER / "split.json").read_text())
+    split = json.loads(StudyFolder(study_dir).split_record.read_text())
     used = sorted({min(summary.max_train_samples or split["train"], split["train"]) for summary in summaries})
     lines = [f"{study_dir}: trials train on {' or '.join(map(str, used))} of the {split['train']} examples of the "
              f"training part and are scored on a validation split of {split['validation']} carved from "
@@ -278,7 +274,7 @@ def last_value(trial: FrozenTrial) -> Optional[float]:
 def report(study_dir: Path, storage: Optional[str] = None) -> int:
     summaries = load_summaries(study_dir, storage)
     print("\n".join(report_lines(study_dir, summaries)))
-    path = study_dir / "tuning.png"
+    path = StudyFolder(study_dir).plot
     plot(summaries, " / ".join(sorted({summary.task or study_dir.name for summary in summaries})), path)
     print(f"plot written to {path}")
     return 0

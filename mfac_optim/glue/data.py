@@ -9,6 +9,8 @@ from typing import Optional
 
 from . import UsageError
 
+GLUE_ON_THE_HUB = "nyu-mll/glue"
+
 # HF `glue` column names of each task's sentence(s).
 TASK_TO_KEYS = {
     "cola": ("sentence", None),
@@ -84,11 +86,25 @@ def check_data_arguments(data_args) -> None:
         raise UsageError("--validation_file: required with --train_file when no --task_name is given")
 
 
+def hub_split_name(task: Optional[str], split: str) -> str:
+    """A GLUE split's name on the Hub: MNLI has matched and mismatched validation and test splits, and the plain
+    names mean the matched ones (as in HF's script)."""
+    return f"{split}_matched" if task == "mnli" and split in ("validation", "test") else split
+
+
+def glue_split_from_hub(task: str, split: str, cache_dir: Optional[str] = None):
+    """One split of a GLUE task from the Hub (or its cache), by its plain name ("train", "validation", "test")."""
+    from datasets import load_dataset
+
+    return load_dataset(GLUE_ON_THE_HUB, task.lower(), split=hub_split_name(task.lower(), split), cache_dir=cache_dir)
+
+
 def local_data_files(data_args) -> dict[str, str]:
     """Split name -> local file, for the files given; MNLI's splits named as on the Hub (validation_matched, ...)."""
-    matched = "_matched" if data_args.task_name == "mnli" else ""
-    splits = {"train": data_args.train_file, f"validation{matched}": data_args.validation_file,
-              "validation_mismatched": data_args.validation_mismatched_file, f"test{matched}": data_args.test_file}
+    task = data_args.task_name
+    splits = {"train": data_args.train_file, hub_split_name(task, "validation"): data_args.validation_file,
+              "validation_mismatched": data_args.validation_mismatched_file,
+              hub_split_name(task, "test"): data_args.test_file}
     return {split: path for split, path in splits.items() if path is not None}
 
 
