@@ -56,7 +56,8 @@ from transformers.utils import check_min_version
 from transformers.utils.versions import require_version
 
 # M-FAC fork: the optimizer's arguments and Trainer, and what the script adds to HF's (mfac_optim.glue).
-from mfac_optim.glue.command_line import parse_and_check_inputs, refuse_a_window_that_cannot_fit
+from mfac_optim.glue.command_line import check_before_loading_weights, parse_and_check_inputs
+from mfac_optim.glue.adapters import check_lora_arguments
 from mfac_optim.glue.data import (GLUE_ON_THE_HUB, TASK_LABELS, TASK_TO_KEYS, check_data_arguments, hub_split_name,
                                    sentence_keys)
 from mfac_optim.glue.metrics import GlueMetric
@@ -213,8 +214,25 @@ class ModelArguments:
         metadata={"help": "Will enable to load a pretrained model whose head dimensions are different."},
     )
 
+    # M-FAC fork: LoRA adapters through PEFT (mfac_optim.glue.adapters).
+    lora_r: int = field(
+        default=0, metadata={"help": "LoRA rank: 0 (the default) trains the whole model; r > 0 trains rank-r adapters "
+                                     "on --lora_target_modules, and the classification head in full."}
+    )
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA's scale numerator: updates are scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input, in [0, 1)."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules that get adapters, by name or its last parts (BERT: query value); "
+                                        "default: PEFT's for the model type."}
+    )
+    lora_train_pooler: str = field(
+        default="auto", metadata={"help": "Train the pooler in full: true, false, or auto (when the checkpoint's "
+                                          "pooler was never trained: missing, or its bias all zeros)."}
+    )
+
     def __post_init__(self):
         check_model_arguments(self)  # M-FAC fork
+        check_lora_arguments(self)  # M-FAC fork
 
 
 # M-FAC fork: main() and the experiment tools (mfac_optim.experiments.tune) parse and check the same way, before any
@@ -325,10 +343,10 @@ def main(argv=None, callbacks=None):
     # download model & vocab.
     # M-FAC fork: a config.json without "model_type" (prajjwal1/bert-mini) gets the type transformers 4 inferred.
     config = load_config(model_args, num_labels=num_labels, finetuning_task=data_args.task_name)
-    # M-FAC fork: an M-FAC window that cannot fit in the training device's memory is refused before the weights load.
-    optimizer_memory_bound = refuse_a_window_that_cannot_fit(
-        config, AutoModelForSequenceClassification, training_args, data_args.max_seq_length,
-        model_args.trust_remote_code,
+    # M-FAC fork: before the weights load, LoRA's target modules are checked against the model, and an M-FAC window
+    # that cannot fit in the training device's memory is refused.
+    preflight = check_before_loading_weights(
+        config, AutoModelForSequenceClassification, model_args, training_args, data_args.max_seq_length
     )
     tokenizer = load_tokenizer(model_args)
     if model_args.model_name_or_path is None:  # M-FAC fork: random initialisation from --config_name
@@ -342,6 +360,9 @@ def main(argv=None, callbacks=None):
             trust_remote_code=model_args.trust_remote_code,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         )
+    if preflight.lora is not None:  # M-FAC fork: LoRA adapters through PEFT (mfac_optim.glue.adapters)
+        model = preflight.lora.apply(model)
+        model.print_trainable_parameters()
 
     # Preprocessing the raw_datasets
     # M-FAC fork: HF's rule for the sentence columns, shared with the check of local files before loading.
@@ -491,7 +512,7 @@ def main(argv=None, callbacks=None):
         compute_metrics=compute_metrics,
         processing_class=tokenizer,
         data_collator=data_collator,
-        optimizer_memory_bound=optimizer_memory_bound,
+        optimizer_memory_bound=preflight.optimizer_memory_bound,
         callbacks=callbacks,
     )
     # M-FAC fork: run_info.json, what scripts/compare.py groups runs by.

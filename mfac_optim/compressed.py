@@ -99,6 +99,9 @@ class CompressedRows:
     def dtype(self) -> torch.dtype:
         return self.values.dtype
 
+    def covers(self, columns: int) -> bool:
+        return self.values.shape[0] == num_blocks(columns)
+
     @property
     def kept(self) -> int:
         """Entries a slot stores per block."""

@@ -15,7 +15,7 @@ import re
 import time
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -120,11 +120,17 @@ class MFACTrainer(Trainer):
             return
         card = Path(self.args.output_dir, MODEL_CARD)
         if local_base is not None:
-            card.write_text(card.read_text(encoding="utf-8").replace(
+            text = card.read_text(encoding="utf-8").replace(
                 "This model was trained from scratch on", f"This model is a fine-tuned version of the local model "
-                f"`{local_base}` on", 1), encoding="utf-8")
-        if self.args.optim == MFAC_NAME:
-            with open(card, "a", encoding="utf-8") as handle:
+                f"`{local_base}` on", 1)
+            base_path = getattr(next(iter(getattr(self.model, "peft_config", {}).values()), None),
+                                "base_model_name_or_path", None)
+            if base_path:  # PEFT's card names the base model by its path: the record names it instead
+                text = text.replace(base_path, local_base)
+            card.write_text(text, encoding="utf-8")
+        with open(card, "a", encoding="utf-8") as handle:
+            handle.write(adapter_card_section(self.model))
+            if self.args.optim == MFAC_NAME:
                 handle.write(mfac_card_section(self.args.mfac.kwargs()))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -152,6 +158,22 @@ def mfac_card_section(settings: dict) -> str:
     return ("\n## Optimizer: M-FAC\n\nTrained with M-FAC (Frantar, Kurtic, Alistarh, \"M-FAC: Efficient Matrix-Free "
             "Approximations of Second-Order Information\", NeurIPS 2021), package `mfac-optim`, with these "
             f"arguments:\n\n| argument | value |\n|---|---|\n{rows}")
+
+
+def adapter_card_section(model: torch.nn.Module) -> str:
+    """The model card's lines on the adapters of a PEFT model ("" for any other model)."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return ""
+    config = next(iter(configs.values()))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    module_names = [name for name, _ in model.named_modules()]
+    full = [name for name in sorted(config.modules_to_save or [])  # PEFT names heads of other models too
+            if any(module == name or module.endswith("." + name) for module in module_names)]
+    return (f"\n\n## Adapters: LoRA\n\nTrained as LoRA adapters (PEFT) with r = {config.r}, lora_alpha = "
+            f"{config.lora_alpha:g}, lora_dropout = {config.lora_dropout:g} on {', '.join(sorted(config.target_modules))}; "
+            f"trained in full: {', '.join(full)}. {trainable:,} of {total:,} parameters train.\n")
 
 
 def sharded_state_world_sizes(checkpoint: Path) -> list[int]:
@@ -218,15 +240,19 @@ def check_optimizer_state_matches(checkpoint: Path, training_args) -> None:
 
 
 def mfac_memory_bound(config, model_class, training_args, tokens_per_example: int,
-                      trust_remote_code: bool = False) -> Optional[int]:
-    """For --optim MFAC, an upper bound of the optimizer's bytes in each process, from the parameter shapes of
-    `model_class.from_config(config)` (built on the meta device: no weights, no memory) and the M-FAC arguments;
-    None for other optimizers. Embedding rows stored per gradient are bounded by the tokens of one batch, unless
-    weight decay makes the embedding gradients dense."""
+                      trust_remote_code: bool = False,
+                      adapt: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None) -> Optional[int]:
+    """For --optim MFAC, an upper bound of the optimizer's bytes in each process, from the shapes of the parameters
+    that train in `model_class.from_config(config)` (built on the meta device: no weights, no memory), after
+    `adapt` if given (adapters: only they and the modules trained in full), and the M-FAC arguments; None for
+    other optimizers. Embedding rows stored per gradient are bounded by the tokens of one batch, unless weight decay
+    makes the embedding gradients dense."""
     if training_args.optim != MFAC_NAME:
         return None
     with torch.device("meta"):
         model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+        if adapt is not None:
+            model = adapt(model)
     arguments = training_args.mfac
     tokens_per_batch = training_args.per_device_train_batch_size * tokens_per_example
     embedding_rows = {} if arguments.weight_decay > 0 else {

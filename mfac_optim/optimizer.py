@@ -76,7 +76,7 @@ class MFAC(Optimizer):
         a bf16 window and the fp32 momentum to each parameter's dtype."""
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
-        for index, param in zip(saved_ids, self._params()):
+        for index, param in zip(saved_ids, [p for group in self.param_groups for p in group["params"]]):
             if index in state_dict["state"]:
                 self.state[param] = {key: value.clone() if on_host(key) else value.to(device=param.device, copy=True)
                                      for key, value in state_dict["state"][index].items()}
@@ -144,7 +144,9 @@ class MFAC(Optimizer):
         return loss
 
     def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+        """The parameters the window covers, in flat order: those of all groups that require grad. A frozen one
+        (an adapter's base model) never has a gradient; torch.optim's optimizers skip it too."""
+        return [p for group in self.param_groups for p in trained(group)]
 
     def _shared_state(self) -> dict:
         """The state of the one window (kept under the first parameter, as torch.optim.LBFGS does)."""
@@ -154,7 +156,7 @@ class MFAC(Optimizer):
         """g over all groups in order: each parameter's gradient (zeros if None) plus its group's wd · p."""
         pieces = []
         for group in self.param_groups:
-            for p in group["params"]:
+            for p in trained(group):
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("MFAC does not support sparse gradients; use dense embedding gradients")
                 grad = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
@@ -176,6 +178,9 @@ class MFAC(Optimizer):
         if GradientWindow.saved_in(shared):
             check_shard_position(shared, layout)
         if self._window is not None:
+            if self._window.layout.shapes != layout.shapes:
+                raise ValueError("MFAC: the parameters that require grad changed since the window was made; the "
+                                 "window covers a fixed set of parameters (make a new optimizer for another)")
             self._window.follow(settings)
         elif GradientWindow.saved_in(shared):
             params = self._params()
@@ -215,7 +220,7 @@ class MFAC(Optimizer):
     def _with_momentum(self, layout: Layout, direction: Tensor) -> Tensor:
         """This rank's update: per group with momentum μ > 0, v ← μv + (1 − μ)u (kept for this rank's blocks),
         written over u; u itself elsewhere."""
-        momenta = [group["momentum"] for group in self.param_groups for _ in group["params"]]
+        momenta = [group["momentum"] for group in self.param_groups for _ in trained(group)]
         if not any(momenta):
             return direction
         buffer = self._shared_state().setdefault("momentum_buffer", torch.zeros_like(direction))
@@ -233,7 +238,7 @@ class MFAC(Optimizer):
         pieces = [update[flat] for _, flat in layout.param_slices()]
         start = 0
         for group in self.param_groups:
-            params = group["params"]
+            params = trained(group)
             steps = [piece.view_as(p).to(p.dtype) for piece, p in zip(pieces[start:start + len(params)], params)]
             torch._foreach_add_(params, steps, alpha=-group["lr"])
             start += len(params)
@@ -242,3 +247,8 @@ class MFAC(Optimizer):
 def on_host(key: str) -> bool:
     """Whether a state entry stays on the CPU when loaded (the host reads it at every step)."""
     return key in COUNTERS or key in GradientWindow.HOST_KEYS
+
+
+def trained(group: dict) -> list[Tensor]:
+    """A param group's parameters that require grad."""
+    return [p for p in group["params"] if p.requires_grad]

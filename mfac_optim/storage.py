@@ -52,6 +52,9 @@ class DenseRows:
     def dtype(self) -> torch.dtype:
         return self.window.dtype
 
+    def covers(self, columns: int) -> bool:
+        return self.window.shape[1] == columns
+
     def state(self) -> dict[str, Tensor]:
         return {"window": self.window}
 

@@ -37,6 +37,9 @@ class StorageKind(Protocol):
     def dtype(self) -> torch.dtype:
         """The dtype the slots are stored in."""
 
+    def covers(self, columns: int) -> bool:
+        """Whether the part is made for `columns` columns (a saved part, against the parameters it is loaded for)."""
+
     def memory_bytes(self) -> int:
         """The bytes the part holds: its state and its scratch buffers."""
 
@@ -84,10 +87,11 @@ def window_makeup(layout: Layout, density: float, element_size: int, rows_used: 
     """The one place that decides what the window is made of, for a window being made (from its first gradient)
     and for the memory bound (from a bound of the rows a gradient uses): a compressed window covers every
     coordinate and has no row-sparse parts; a dense one keeps row-sparse each matrix block for which the
-    `rows_used(block)` rows pay (layout.row_sparse_pays)."""
+    `rows_used(block)` rows pay (layout.row_sparse_pays). A block no row of which is used (a gradient that is zero
+    there: LoRA's A while B is still zero) says nothing about its rows, and stays dense."""
     if density < 1:
         return replace(layout, row_sparse=frozenset())
-    return layout.with_row_sparse_where_it_pays(rows_used, element_size)
+    return layout.with_row_sparse_where_it_pays(lambda block: rows_used(block) or block.rows, element_size)
 
 
 class GradientWindow:
@@ -142,7 +146,7 @@ class GradientWindow:
         sparse = {block.index: RowSparseRows.from_state(parts[block.index], block.rows, accumulate)
                   for block in layout.sparse_blocks}
         system = GramSystem.from_state(shared, settings.damp)
-        check_saved_window_matches(dense, system, settings)
+        check_saved_window_matches(dense, layout.dense_size, system, settings)
         return cls(layout, settings, dense, sparse, system, sum_shards)
 
     def state(self) -> tuple[dict[str, Tensor], dict[int, dict[str, Tensor]]]:
@@ -248,10 +252,13 @@ class GradientWindow:
         return self.layout.to_flat(self.dense.to_dense(), {index: part.to_dense() for index, part in self.sparse.items()})
 
 
-def check_saved_window_matches(dense: StorageKind, system: GramSystem,
+def check_saved_window_matches(dense: StorageKind, columns: int, system: GramSystem,
                                settings: WindowSettings) -> None:
     """A saved window fixes num_grads, grad_dtype and density (damp may change: the factor is remade for it). A
     different setting would be ignored, so it is an error naming the key."""
+    if not dense.covers(columns):
+        raise ValueError(f"MFAC: the saved window was not made for these parameters ({columns} coordinates require "
+                         "grad): they must be the ones that required grad when it was made")
     made = {"num_grads": system.num_grads, "grad_dtype": resolve_grad_dtype(dense.dtype)}
     for key, value in made.items():
         if getattr(settings, key) != value:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from ..hf_arguments import parse_optim_args
 from ..hf_trainer import check_mfac_fits, check_optimizer_state_matches, last_complete_checkpoint, mfac_memory_bound
 from . import UsageError
+from .adapters import LoraPlan, lora_plan
 from .data import check_columns, check_splits_given, load_local_datasets, local_data_files
 from .model_types import check_model_configs
 
@@ -113,15 +115,25 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
     return training_args.resume_from_checkpoint
 
 
-def refuse_a_window_that_cannot_fit(config, model_class, training_args, tokens_per_example: int,
-                                    trust_remote_code: bool = False) -> Optional[int]:
-    """For --optim MFAC, the optimizer's memory bound from the model config (None for other optimizers); a window
-    that cannot fit in the training device's memory ends the run with one line naming both figures, before any
-    weights load."""
-    bound = mfac_memory_bound(config, model_class, training_args, tokens_per_example, trust_remote_code)
-    if bound is not None:
-        try:
+@dataclass(frozen=True)
+class Preflight:
+    """What run_glue.py settles from the model config before the weights load."""
+
+    lora: Optional[LoraPlan]  # the adapters of --lora_r > 0, checked against the model
+    optimizer_memory_bound: Optional[int]  # for --optim MFAC: the bound of its memory in each process
+
+
+def check_before_loading_weights(config, model_class, model_args, training_args,
+                                 tokens_per_example: int) -> Preflight:
+    """The LoRA plan, checked against the model built from `config` on the meta device, and for --optim MFAC the
+    optimizer's memory bound over what will train; a bad target module, or a window that cannot fit in the training
+    device's memory, ends the run with one line, before any weights load."""
+    try:
+        lora = lora_plan(model_args, config, model_class)
+        bound = mfac_memory_bound(config, model_class, training_args, tokens_per_example,
+                                  model_args.trust_remote_code, adapt=lora.apply if lora is not None else None)
+        if bound is not None:
             check_mfac_fits(bound, training_args)
-        except ValueError as error:
-            exit_with_usage_error(str(error))
-    return bound
+    except ValueError as error:
+        exit_with_usage_error(str(error))
+    return Preflight(lora, bound)

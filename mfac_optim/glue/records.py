@@ -45,7 +45,18 @@ def run_record(model_args, data_args, training_args) -> dict[str, Any]:
         "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
         "warmup_steps": training_args.warmup_steps,
         "optimizer": optimizer_record(training_args),
+        **adapters_record(model_args),
     }
+
+
+def adapters_record(model_args) -> dict[str, Any]:
+    """LoRA's settings under "adapters" (nothing for a run that trains the whole model, as records made before
+    adapters existed say)."""
+    if not getattr(model_args, "lora_r", 0):
+        return {}
+    return {"adapters": {"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha,
+                         "lora_dropout": model_args.lora_dropout, "lora_target_modules": model_args.lora_target_modules,
+                         "lora_train_pooler": model_args.lora_train_pooler}}
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first a folder holds is what its hash stands for
