@@ -75,10 +75,13 @@ def test_optimizer_arguments_after_params_are_keyword_only():
 @pytest.mark.slow
 def test_console_scripts_and_run_glue_work_from_the_installed_copy(installed, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(installed)}
-    for tool in ("mfac-tune", "mfac-sweep", "mfac-compare", "mfac-controls"):
-        result = subprocess.run([str(installed / "bin" / tool), "--help"], cwd=tmp_path, capture_output=True,
-                                text=True, timeout=300, env=env)
-        assert result.returncode == 0 and result.stdout.startswith(f"usage: {tool}"), result.stderr[-2000:]
+    tools = ("mfac-tune", "mfac-sweep", "mfac-compare", "mfac-controls")
+    # Started together, so that on several cores they import side by side.
+    running = {tool: subprocess.Popen([str(installed / "bin" / tool), "--help"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env) for tool in tools}
+    for tool, process in running.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0 and out.startswith(f"usage: {tool}"), err[-2000:]
     where = subprocess.run([sys.executable, "-c", "import run_glue, mfac_optim.experiments.tune as tune; "
                             "print(run_glue.__file__); print(tune.__file__)"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=300, env=env)
