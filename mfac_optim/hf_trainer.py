@@ -210,7 +210,7 @@ def last_complete_checkpoint(output_dir: str) -> Optional[str]:
     """The newest checkpoint in `output_dir` that was written to the end, warning in one line about each newer one
     skipped (a run killed while saving leaves such a folder; HF's resume would stop at it)."""
     folders = [path for path in Path(output_dir).iterdir()
-               if path.is_dir() and (match := CHECKPOINT_FOLDER.fullmatch(path.name))]
+               if path.is_dir() and CHECKPOINT_FOLDER.fullmatch(path.name)]
     for folder in sorted(folders, key=lambda path: int(CHECKPOINT_FOLDER.fullmatch(path.name).group(1)), reverse=True):
         reason = incomplete_checkpoint_reason(folder)
         if reason is None:

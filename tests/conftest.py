@@ -138,3 +138,23 @@ def update_form(request, monkeypatch):
         from mfac_optim import algebra
         monkeypatch.setattr(algebra, "cpu_passes", lambda: None)
     return request.param
+
+
+@pytest.fixture(scope="session")
+def learnable_task(tmp_path_factory, tiny_bert):
+    """Generated SST-2-like data (the label is the sentiment word's), always learnable, and a tiny BERT initialised
+    wider than BERT's 0.02 so that non-adaptive steps (SGD, M-FAC) also move it within a few hundred steps. Saved as
+    a checkpoint, its pooler's bias is zero, as initialised: never trained."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("learnable")
+    glue = write_generated_glue(root / "glue")
+    model = root / "bert"
+    model.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        (model / name).write_text((tiny_bert / name).read_text())
+    config = BertConfig.from_pretrained(tiny_bert)
+    config.initializer_range = 0.2
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(model)
+    return model, glue

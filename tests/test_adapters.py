@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import run_glue
-from conftest import write_generated_glue
 from mfac_optim.glue import data as glue_data
 
 QUICK = ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--max_seq_length", "32",
@@ -25,25 +24,6 @@ class EndOfTraining(TrainerCallback):
         self.model, self.optimizer = model, getattr(optimizer, "optimizer", optimizer)
 
 
-@pytest.fixture(scope="module")
-def learnable(tmp_path_factory, tiny_bert):
-    """Generated SST-2-like data (the label is the sentiment word's) and a tiny BERT initialised wider than BERT's
-    0.02, saved as a checkpoint (its pooler's bias is zero, as initialised: never trained)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    root = tmp_path_factory.mktemp("lora")
-    glue = write_generated_glue(root / "glue")
-    model = root / "bert"
-    model.mkdir()
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        (model / name).write_text((tiny_bert / name).read_text())
-    config = BertConfig.from_pretrained(tiny_bert)
-    config.initializer_range = 0.2
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(model)
-    return model, glue
-
-
 def train(output: Path, model: Path, glue: Path, *extra: str, callbacks=None) -> dict:
     run_glue.main(["--model_name_or_path", str(model), "--task_name", "sst2",
                    "--train_file", str(glue / "SST-2" / "train.tsv"), "--validation_file", str(glue / "SST-2" / "dev.tsv"),
@@ -52,8 +32,8 @@ def train(output: Path, model: Path, glue: Path, *extra: str, callbacks=None) ->
 
 
 @pytest.mark.slow
-def test_mfac_learns_through_adapters_and_changes_only_adapters_head_and_pooler(tmp_path, learnable):
-    model, glue = learnable
+def test_mfac_learns_through_adapters_and_changes_only_adapters_head_and_pooler(tmp_path, learnable_task):
+    model, glue = learnable_task
     end = EndOfTraining()
     # Rank 8 on all three attention maps of the frozen random layer: the rule is the sentiment word's, which the
     # [CLS] position must learn to attend to.
@@ -99,12 +79,12 @@ def test_mfac_learns_through_adapters_and_changes_only_adapters_head_and_pooler(
     assert json.loads((tmp_path / "out" / "run_info.json").read_text())["adapters"]["lora_r"] == 8
 
 
-def test_pooler_trains_only_when_the_checkpoint_never_trained_it(tmp_path, learnable, tiny_bert):
+def test_pooler_trains_only_when_the_checkpoint_never_trained_it(tmp_path, learnable_task, tiny_bert):
     from transformers import AutoModelForSequenceClassification, BertConfig
 
     from mfac_optim.glue.adapters import lora_plan
 
-    model, _ = learnable
+    model, _ = learnable_task
     config = BertConfig.from_pretrained(model)
     arguments = run_glue.ModelArguments(model_name_or_path=str(model), lora_r=4)
     assert lora_plan(arguments, config, AutoModelForSequenceClassification).full_modules == ("bert.pooler",)
@@ -146,8 +126,8 @@ def test_bad_lora_values_are_one_line_and_exit_2_before_the_weights_load(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", [["--optim", "MFAC", "--optim_args", '{"num_grads": 4, "damp": 1e-4}'],
                                        ["--optim", "adamw_torch"]])
-def test_a_resumed_lora_run_ends_with_the_same_adapter(tmp_path, learnable, optimizer):
-    model, glue = learnable
+def test_a_resumed_lora_run_ends_with_the_same_adapter(tmp_path, learnable_task, optimizer):
+    model, glue = learnable_task
     common = [*optimizer, "--learning_rate", "1e-3", "--max_steps", "6", "--max_train_samples", "96",
               "--max_eval_samples", "32", "--lora_dropout", "0.1"]  # dropout: the resumed run's RNG must match too
     train(tmp_path / "a", model, glue, *common, "--save_strategy", "steps", "--save_steps", "3")

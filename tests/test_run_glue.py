@@ -22,7 +22,7 @@ from mfac_optim.glue import data as glue_data
 from mfac_optim.glue.records import model_source_record
 from mfac_optim.glue.metrics import GlueMetric
 from mfac_optim.hf_arguments import MFACArguments
-from conftest import SHARED_GLUE, write_generated_glue
+from conftest import SHARED_GLUE
 
 SEED_COMMAND = (
     "--seed 1234 --model_name_or_path prajjwal1/bert-mini --task_name sst2 --do_train --do_eval "
@@ -379,25 +379,6 @@ def test_sst2_end_to_end(tmp_path, tiny_bert, glue_dir, optimizer):
     trained, initial = load_file(output / "model.safetensors"), load_file(tiny_bert / "model.safetensors")
     assert not torch.equal(trained["bert.encoder.layer.0.output.dense.weight"],
                            initial["bert.encoder.layer.0.output.dense.weight"])
-
-
-@pytest.fixture(scope="module")
-def learnable_task(tmp_path_factory, tiny_bert):
-    """Generated SST-2-like data (the label is the sentiment word's), always learnable, and a tiny BERT initialised
-    wider than BERT's 0.02 so that non-adaptive steps (SGD, M-FAC) also move it within a few hundred steps."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    root = tmp_path_factory.mktemp("learnable")
-    glue = write_generated_glue(root / "glue")
-    model = root / "bert"
-    model.mkdir()
-    for name in ("vocab.txt", "tokenizer_config.json"):
-        (model / name).write_text((tiny_bert / name).read_text())
-    config = BertConfig.from_pretrained(tiny_bert)
-    config.initializer_range = 0.2
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(model)
-    return model, glue
 
 
 @pytest.mark.parametrize("optimizer,learns", [
