@@ -30,6 +30,9 @@ def test_shipped_search_spaces_load(path):
     space = search_space.load_search_space(path)
     assert space.name == path.stem
     lr = space.sampled.get("lr", space.sampled.get("learning_rate"))[1]
+    if space.grid:  # a small grid: at least 3 points, so that its best can lie inside
+        assert len(lr.choices) >= 3 and all(a < b for a, b in zip(lr.choices, lr.choices[1:]))
+        return
     assert lr.log and lr.low <= 1e-5 and lr.high >= 3e-3  # the study's range at least
     if space.optim == "MFAC":  # the window is fixed per memory class; lr and damp are searched
         assert set(space.sampled) == {"lr", "damp"} and space.sampled["damp"][1].log
@@ -40,8 +43,12 @@ def test_shipped_search_spaces_load(path):
 
 
 BAD_SPACES = [
-    ({"optim": "MFAC", "optim_args": {"lr": {"low": 1e-4, "high": 1e-2}}, "sampler": "tpe"},
-     "unknown key(s) sampler (allowed: optim, flags, optim_args, description)"),
+    ({"optim": "MFAC", "optim_args": {"lr": {"low": 1e-4, "high": 1e-2}}, "seed": 3},
+     "unknown key(s) seed (allowed: optim, flags, optim_args, description, sampler)"),
+    ({"optim": "MFAC", "optim_args": {"lr": {"low": 1e-4, "high": 1e-2}}, "sampler": "random"},
+     "sampler: 'random' (allowed: tpe, grid)"),
+    ({"optim": "MFAC", "optim_args": {"lr": {"low": 1e-4, "high": 1e-2}, "damp": {"choices": [1e-4]}},
+      "sampler": "grid"}, "sampler \"grid\" needs choice lists, not ranges (lr)"),
     ({"optim": "sgd-ish", "flags": {"learning_rate": {"low": 1e-4, "high": 1e-2}}},
      "optim: 'sgd-ish' is not an optimizer"),
     ({"optim": "adamw_torch", "flags": {"lerning_rate": {"low": 1e-4, "high": 1e-2}}},
@@ -252,6 +259,26 @@ def test_small_study_spends_its_budget_resumes_never_reads_dev_and_writes_a_conf
         printed = subprocess.run([sys.executable, "-m", "mfac_optim.experiments.study_folder", *arguments],
                                  capture_output=True, text=True, check=True).stdout.strip()
         assert Path(printed) == expected and expected.is_file()
+
+
+@pytest.mark.slow
+def test_a_grid_runs_each_point_once_and_stops_when_covered(small_study, capsys):
+    space = small_study.tmp / "grid.json"
+    space.write_text(json.dumps({"optim": "adamw_torch", "sampler": "grid",
+                                 "flags": {"learning_rate": {"choices": [1e-3, 1e-2, 1e-1]}}}))
+    arguments = [str(small_study.config), "--space", str(space), "--study_dir", str(small_study.study_dir),
+                 "--budget", "10", "--min_epochs", "2", "--validation_size", "48", *small_study.extra]
+    assert tune.main(arguments) == 0
+    assert tune.main(arguments) == 0  # resumed: nothing left to run
+    trials = load(small_study, "grid").trials
+    assert sorted(trial.params["learning_rate"] for trial in trials) == [1e-3, 1e-2, 1e-1]
+    assert all(trial.state == TrialState.COMPLETE for trial in trials)  # min_epochs = the epochs: no pruning
+    capsys.readouterr()
+    assert tune.main(["--report", str(small_study.study_dir)]) == 0
+    best = max(trials, key=lambda trial: trial.value).params["learning_rate"]
+    edge = "AT THE EDGE of the range" if best in (1e-3, 1e-1) else "inside the range"
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("grid: best learning_rate"))
+    assert line.startswith(f"grid: best learning_rate {best:.3g}: ") and edge in line
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ ranges, and which it fixes. Read from an editable JSON file (configs/search/*.js
                     "grad_dtype": "bfloat16"},                          # fixed
      "flags": {"warmup_ratio": {"low": 0.0, "high": 0.2}}}              # uniform float
 
-A range whose bounds are both integers samples integers; "step" sets a grid. Each trial's `--optim_args` is the
+A range whose bounds are both integers samples integers; "step" sets a grid. `"sampler": "grid"` runs every
+combination of the choice lists once (each sampled entry must then be a choice list), instead of TPE. Each trial's `--optim_args` is the
 whole "optim_args" object, sampled: nothing of a base config's `--optim_args` leaks in.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ from ..glue import UsageError
 from ..glue.command_line import read_json_object
 from ..hf_arguments import HF_OPTIMIZERS, MFAC_NAME, MFACArguments, MFACTrainingArguments
 
-SECTIONS = ("optim", "flags", "optim_args", "description")
+SECTIONS = ("optim", "flags", "optim_args", "description", "sampler")
+SAMPLERS = ("tpe", "grid")
 RANGE_KEYS = {"low", "high", "log", "step"}
 # Flags that tune.py itself sets for every trial: a search space cannot move them.
 CONTROLLED_FLAGS = {"optim", "optim_args", "train_file", "validation_file", "output_dir", "seed", "do_train",
@@ -50,6 +52,11 @@ class SearchSpace:
     optim: str
     sampled: dict[str, tuple[str, BaseDistribution]]  # parameter -> (section, distribution)
     fixed: dict[str, tuple[str, Fixed]]  # parameter -> (section, value)
+    grid: bool = False  # every combination of the choice lists once, instead of TPE
+
+    def grid_points(self) -> dict[str, list[Any]]:
+        """Each sampled parameter's choices (a grid space's)."""
+        return {name: list(distribution.choices) for name, (_, distribution) in self.sampled.items()}
 
     def suggest(self, trial: optuna.Trial) -> dict[str, dict[str, Any]]:
         """This trial's values as {"flags": {...}, "optim_args": {...}}, fixed ones included."""
@@ -115,7 +122,14 @@ def search_space_from(spec: dict[str, Any], name: str, path: Union[Path, str]) -
                 raise UsageError(f"{where}: {entry!r} is neither a range, a choice list nor a value")
     if not sampled:
         raise UsageError(f"{path}: nothing to search: give at least one range or choice list")
-    return SearchSpace(name, "MFAC" if is_mfac else optim, sampled, fixed)
+    sampler = spec.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"{path}: sampler: {sampler!r} (allowed: {', '.join(SAMPLERS)})")
+    ranges = sorted(name for name, (_, distribution) in sampled.items()
+                    if not isinstance(distribution, CategoricalDistribution))
+    if sampler == "grid" and ranges:
+        raise UsageError(f"{path}: sampler \"grid\" needs choice lists, not ranges ({', '.join(ranges)})")
+    return SearchSpace(name, "MFAC" if is_mfac else optim, sampled, fixed, grid=sampler == "grid")
 
 
 def distribution_of(entry: dict, where: str) -> BaseDistribution:

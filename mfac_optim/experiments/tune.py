@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -310,7 +311,9 @@ class Search:
         self.study = optuna.create_study(
             study_name=space.name, storage=shared_storage(self.storage_url), load_if_exists=True,
             direction="minimize" if self.metric in MINIMIZED else "maximize",
-            pruner=successive_halving(vars(args)))  # its rungs only: the full setting hashes the model's weights
+            pruner=successive_halving(vars(args)),  # its rungs only: the full setting hashes the model's weights
+            # A grid's points are handed out through the storage, so workers and a resumed search share one grid.
+            sampler=optuna.samplers.GridSampler(space.grid_points(), seed=args.sampler_seed) if space.grid else None)
         self.check_same_setting()
 
     def setting(self) -> dict[str, Any]:
@@ -361,8 +364,16 @@ class Search:
         carve_validation(self.base, self.args.validation_size, self.args.sampler_seed, self.folder)
         self.check_trial_arguments()
         self.requeue_interrupted()
-        while self.spent() < self.args.budget:
+        while self.spent() < self.args.budget and not self.grid_covered():
             self.study.optimize(self.objective, n_trials=1)
+
+    def grid_covered(self) -> bool:
+        """For a grid space: whether every point has a finished trial (TPE spaces are never covered)."""
+        if not self.space.grid:
+            return False
+        finished = {tuple(sorted(trial.params.items())) for trial in self.study.get_trials(deepcopy=False)
+                    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+        return len(finished) >= math.prod(len(choices) for choices in self.space.grid_points().values())
 
     def check_trial_arguments(self) -> None:
         """run_glue.py's own checks of a trial's arguments (flags, M-FAC's keys, data columns, the model's config),
@@ -374,7 +385,8 @@ class Search:
         parse_arguments(config_flags(run))
 
     def objective(self, trial: optuna.Trial) -> float:
-        self.study.sampler = trial_sampler(self.args.sampler_seed, trial.number)
+        if not self.space.grid:
+            self.study.sampler = trial_sampler(self.args.sampler_seed, trial.number)
         values = self.space.suggest(trial)
         output_dir = self.folder.trial(self.space.name, str(trial.number))
         shutil.rmtree(output_dir, ignore_errors=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
@@ -26,6 +27,17 @@ TRAINED_FRACTION = "trained_fraction"  # a trial's user attribute: the share of 
 SHARED_NAMES = {"learning_rate": "lr"}  # the same hyperparameter under the flag's name and M-FAC's key
 # A best lr within this share of the searched log-range of a bound lies at the edge: the range should grow.
 EDGE_SHARE = 0.1
+
+
+def at_the_edge(value: float, distribution: BaseDistribution) -> bool:
+    """Whether a value lies within EDGE_SHARE of a range's bound (on its log scale for a log range), or is the
+    smallest or largest of a choice list."""
+    if isinstance(distribution, CategoricalDistribution):
+        return value in (min(distribution.choices), max(distribution.choices))
+    low, high = (math.log(distribution.low), math.log(distribution.high)) if distribution.log else \
+        (distribution.low, distribution.high)
+    position = ((math.log(value) if distribution.log else value) - low) / (high - low)
+    return min(position, 1 - position) < EDGE_SHARE
 
 
 def successive_halving(setting: dict[str, Any]) -> optuna.pruners.SuccessiveHalvingPruner:
@@ -92,10 +104,7 @@ class StudySummary:
         lr, distribution = best.params[name], self.space.sampled[name][1]
         below = sum(trial.params[name] < lr for trial in self.trials)
         above = sum(trial.params[name] > lr for trial in self.trials)
-        low, high = (math.log(distribution.low), math.log(distribution.high)) if distribution.log else \
-            (distribution.low, distribution.high)
-        position = ((math.log(lr) if distribution.log else lr) - low) / (high - low)
-        edge = "AT THE EDGE of the range: widen it" if min(position, 1 - position) < EDGE_SHARE else "inside the range"
+        edge = "AT THE EDGE of the range: widen it" if at_the_edge(lr, distribution) else "inside the range"
         sides = "finished trials on both sides" if below and above else "NOT bracketed by finished trials"
         return f"{self.name}: best {name} {lr:.3g}: {below} finished trials below, {above} above ({sides}); {edge}"
 
