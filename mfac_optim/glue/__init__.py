@@ -5,7 +5,8 @@ marked blocks, and so that the scripts beside it (tune, sweep) share the same ch
 - data: GLUE's .tsv files as distributed, and local files checked for the task's columns;
 - model_types: configs without "model_type" (prajjwal1/bert-mini) read as transformers 4 read them;
 - metrics: GLUE's metrics computed locally (scikit-learn, scipy) under HF's keys;
-- records: the run's run_info.json.
+- records: the run's run_info.json;
+- adapters: LoRA adapters through PEFT (`--lora_r`), and what trains in full beside them.
 
 They import transformers and datasets, so `mfac_optim` itself never imports them.
 """
