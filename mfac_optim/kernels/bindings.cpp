@@ -1,4 +1,6 @@
 // The Python module torch's extension builder makes of the kernels (loaded by mfac_optim/kernels/__init__.py).
+#include <torch/extension.h>
+
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,6 +1,7 @@
 // The functions the compiled module exports (bindings.cpp); their documentation is beside their definitions.
 #pragma once
-#include <torch/extension.h>
+// torch's tensor types alone: the Python bindings' headers, which double a file's compile time, are bindings.cpp's.
+#include <torch/types.h>
 
 // cpu_passes.cpp: the window passes.
 torch::Tensor window_dots(torch::Tensor window, int64_t slot);
