@@ -24,7 +24,9 @@ COUNTERS = ("step", "skipped_steps", "shard_rank", "shard_world_size")
 
 
 class MFAC(Optimizer):
-    """M-FAC with a window of the last `num_grads` gradients over all parameters of all groups.
+    """M-FAC with a window of the last `num_grads` gradients over the parameters of all groups that require grad
+    (frozen ones, such as an adapter's base model, are left out, as torch.optim leaves them; the set is fixed when
+    the window is made, at the first step).
 
     Args:
         params: tensors or param-group dicts. `lr`, `weight_decay` and `momentum` may differ per group;
@@ -109,8 +111,8 @@ class MFAC(Optimizer):
 
     @torch.no_grad()
     def stored_gradients(self) -> Tensor:
-        """The window as float32 rows over all parameters in flat order (the parameters of all groups, flattened and
-        concatenated): row j is slot j, and the gradient stored by step t (1-based, skipped steps not counted) is in
+        """The window as float32 rows over the windowed parameters in flat order (those of all groups that require
+        grad, flattened and concatenated): row j is slot j, and the gradient stored by step t (1-based, skipped steps not counted) is in
         slot (t − 1) mod num_grads. A sharded process fills its own columns, the others stay zero."""
         if not GradientWindow.saved_in(self._shared_state()):
             total = sum(p.numel() for p in self._params())
