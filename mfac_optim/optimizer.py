@@ -112,8 +112,9 @@ class MFAC(Optimizer):
     @torch.no_grad()
     def stored_gradients(self) -> Tensor:
         """The window as float32 rows over the windowed parameters in flat order (those of all groups that require
-        grad, flattened and concatenated): row j is slot j, and the gradient stored by step t (1-based, skipped steps not counted) is in
-        slot (t − 1) mod num_grads. A sharded process fills its own columns, the others stay zero."""
+        grad, flattened and concatenated): row j is slot j, and the gradient stored by step t (1-based, skipped
+        steps not counted) is in slot (t − 1) mod num_grads. A sharded process fills its own columns, the others
+        stay zero."""
         if not GradientWindow.saved_in(self._shared_state()):
             total = sum(p.numel() for p in self._params())
             return torch.zeros(self.param_groups[0]["num_grads"], total, device=self._params()[0].device)
