@@ -160,6 +160,12 @@ def mfac_card_section(settings: dict) -> str:
             f"arguments:\n\n| argument | value |\n|---|---|\n{rows}")
 
 
+def names_module(module: str, target: str) -> bool:
+    """Whether a target module name, as PEFT matches them, names the module `module` (its whole name or its last
+    parts)."""
+    return module == target or module.endswith("." + target)
+
+
 def adapter_card_section(model: torch.nn.Module) -> str:
     """The model card's lines on the adapters of a PEFT model ("" for any other model)."""
     configs = getattr(model, "peft_config", None)
@@ -170,7 +176,7 @@ def adapter_card_section(model: torch.nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     module_names = [name for name, _ in model.named_modules()]
     full = [name for name in sorted(config.modules_to_save or [])  # PEFT names heads of other models too
-            if any(module == name or module.endswith("." + name) for module in module_names)]
+            if any(names_module(module, name) for module in module_names)]
     return (f"\n\n## Adapters: LoRA\n\nTrained as LoRA adapters (PEFT) with r = {config.r}, lora_alpha = "
             f"{config.lora_alpha:g}, lora_dropout = {config.lora_dropout:g} on {', '.join(sorted(config.target_modules))}; "
             f"trained in full: {', '.join(full)}. {trainable:,} of {total:,} parameters train.\n")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..hf_trainer import names_module
 from . import UsageError
 
 POOLER_CHOICES = ("auto", "true", "false")
@@ -79,7 +81,7 @@ def check_target_modules(model: torch.nn.Module, targets: tuple[str, ...]) -> No
     leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                      if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d))})
     for target in targets:
-        if not any(name == target or name.endswith("." + target) for name in names):
+        if not any(names_module(name, target) for name in names):
             raise UsageError(f"--lora_target_modules: {target!r} names no module of this model; its layers are "
                              f"named {', '.join(leaves)}")
 
@@ -116,7 +118,7 @@ def checkpoint_tensor(model_args, keys: list[str]) -> Optional[torch.Tensor]:
 
     index = weight_file("model.safetensors.index.json")
     if index is not None:
-        weight_map = json.loads(open(index).read())["weight_map"]
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
         key = next((key for key in keys if key in weight_map), None)
         if key is None:
             return None
