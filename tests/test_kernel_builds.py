@@ -48,11 +48,11 @@ def test_a_cpu_without_avx2_builds_and_loads_its_own_portable_module(cpu, monkey
     if real_machine.lower() not in ("x86_64", "amd64"):
         pytest.skip("simulates an older x86-64 CPU")
     native = kernels.cpu_passes()
-    assert native is not None and native.__name__ == kernels.module_name(kernels.instruction_set())
+    assert native is not None and native.name == kernels.module_name(kernels.instruction_set())
     cpu(real_machine, OLDER_X86)
     monkeypatch.setattr(kernels, "_cpu_passes", None)  # as in a fresh process on the older CPU
     portable = kernels.cpu_passes()
-    assert portable is not None and portable.__name__ == kernels.module_name("portable") and portable is not native
+    assert portable is not None and portable.name == kernels.module_name("portable") and portable is not native
     # Its passes (scalar code: no AVX2 is compiled in) against float64.
     generator = torch.Generator().manual_seed(0)
     window = torch.randn(5, 3000, generator=generator)
@@ -152,18 +152,19 @@ def test_a_build_in_progress_is_waited_for_and_its_lock_left_alone(tmp_path):
 def test_the_first_build_says_so_in_the_log_and_a_cached_one_does_not(tmp_path, monkeypatch, caplog):
     import torch.utils.cpp_extension as extension
 
-    built = object()
+    loads = []
     monkeypatch.setattr(extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
-    monkeypatch.setattr(extension, "load", lambda **kwargs: built)
+    monkeypatch.setattr(extension, "load", lambda **kwargs: loads.append(kwargs["name"]))
     monkeypatch.setattr(kernels, "_cpu_passes", None)  # as in a fresh process
+    name = kernels.module_name(kernels.instruction_set())
     with caplog.at_level("WARNING", logger="mfac_optim.kernels"):
-        assert kernels.cpu_passes() is built
+        assert kernels.cpu_passes().name == name and loads == [name]
     assert "compiling the fused CPU kernels, once for this machine" in caplog.text and str(tmp_path) in caplog.text
     caplog.clear()
-    (tmp_path / f"{kernels.module_name(kernels.instruction_set())}.so").touch()  # what a finished build leaves
+    (tmp_path / f"{name}.so").touch()  # what a finished build leaves
     monkeypatch.setattr(kernels, "_cpu_passes", None)
     with caplog.at_level("WARNING", logger="mfac_optim.kernels"):
-        assert kernels.cpu_passes() is built
+        assert kernels.cpu_passes().name == name and loads == [name, name]
     assert "compiling" not in caplog.text
 
 

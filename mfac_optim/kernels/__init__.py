@@ -1,5 +1,5 @@
-"""The window passes' kernels. On the CPU: compiled from the C++ sources beside this file on first use (about a
-minute, then cached by torch) and found relative to the installed package. On a GPU: the Triton kernels of
+"""The window passes' kernels. On the CPU: compiled from the C++ sources beside this file on first use (some
+seconds, then cached by torch) and found relative to the installed package. On a GPU: the Triton kernels of
 triton_passes.py, which cover the dots and the combine of every storage kind. Where neither applies, the callers'
 torch passes serve instead.
 
@@ -77,7 +77,7 @@ def module_name(target: str) -> str:
 
 def cpu_passes():
     """The compiled CPU kernels (the fused window passes of cpu_passes.cpp, the factor update of factor_update.cpp)
-    for this CPU's instruction set, or None if they cannot be built here."""
+    for this CPU's instruction set, as torch operators, or None if they cannot be built here."""
     global _cpu_passes
     if _cpu_passes is None:
         try:
@@ -89,11 +89,12 @@ def cpu_passes():
             build_directory = _get_build_directory(name, False)
             with exclusive_build(build_directory):
                 if not os.path.exists(os.path.join(build_directory, f"{name}.so")):
-                    logger.warning("MFAC: compiling the fused CPU kernels, once for this machine (a few minutes on "
+                    logger.warning("MFAC: compiling the fused CPU kernels, once for this machine (about 20 s on "
                                    "2 cores; later runs load them from %s)", build_directory)
-                _cpu_passes = load(name=name, sources=[str(SOURCES / source) for source in CPP_SOURCES],
-                                   extra_cflags=["-O3", *architecture_flags(target), "-fopenmp"],
-                                   extra_ldflags=["-fopenmp"])
+                load(name=name, sources=[str(SOURCES / source) for source in CPP_SOURCES],
+                     extra_cflags=["-O3", *architecture_flags(target), "-fopenmp"], extra_ldflags=["-fopenmp"],
+                     is_python_module=False)
+            _cpu_passes = getattr(torch.ops, name)  # bindings.cpp registers the kernels under the module's name
         except Exception as error:  # no compiler, no ninja, unsupported platform (no fcntl: Windows)
             warnings.warn(f"MFAC: fused CPU kernels unavailable ({type(error).__name__}: {error}); using torch passes")
             _cpu_passes = False

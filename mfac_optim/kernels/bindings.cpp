@@ -1,16 +1,29 @@
-// The Python module torch's extension builder makes of the kernels (loaded by mfac_optim/kernels/__init__.py).
-#include <torch/extension.h>
+// The kernels as torch operators, torch.ops.<module name>.<function> (loaded by mfac_optim/kernels/__init__.py).
+// A registration library rather than a Python module: torch/library.h compiles in a fraction of pybind11's time.
+// The schemas mark the tensors a kernel writes in place (Tensor(a!)).
+#include <torch/library.h>
 
 #include "kernels.h"
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("window_dots", &window_dots, "G g in float64, g = row `slot` of the dense window");
-  m.def("window_combine", &window_combine, "result = G^T c in fp32");
-  m.def("sparse_dots", &sparse_dots, "dots of every row-sparse slot with a dense matrix, in float64");
-  m.def("sparse_combine", &sparse_combine, "result = sum_j c_j * (row-sparse slot j scattered), in fp32");
-  m.def("compressed_store", &compressed_store, "error feedback and top-k per block into slot `slot`");
-  m.def("compressed_dots", &compressed_dots, "dots of every compressed slot with slot `slot`, in float64");
-  m.def("compressed_combine", &compressed_combine, "result = sum_j c_j * compressed slot j, in fp32");
-  m.def("factor_drop_oldest_append_newest", &factor_drop_oldest_append_newest,
-        "in place: the upper Cholesky factor without its first row and column, plus a last one for `column`");
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  // G g in float64, g = row `slot` of the dense window
+  m.def("window_dots(Tensor window, int slot) -> Tensor", &window_dots);
+  // result = G^T c in fp32
+  m.def("window_combine(Tensor window, Tensor coefficients, Tensor(a!) result) -> ()", &window_combine);
+  // dots of every row-sparse slot with a dense matrix, in float64
+  m.def("sparse_dots(Tensor indices, Tensor values, Tensor dense) -> Tensor", &sparse_dots);
+  // result = sum_j c_j * (row-sparse slot j scattered), in fp32
+  m.def("sparse_combine(Tensor indices, Tensor values, Tensor coefficients, Tensor(a!) result) -> ()",
+        &sparse_combine);
+  // error feedback and top-k per block into slot `slot`
+  m.def("compressed_store(Tensor(a!) error, Tensor grad, Tensor(b!) values, Tensor(c!) offsets, int slot, int block, "
+        "int last_kept) -> ()", &compressed_store);
+  // dots of every compressed slot with slot `slot`, in float64
+  m.def("compressed_dots(Tensor values, Tensor offsets, int slot, int block) -> Tensor", &compressed_dots);
+  // result = sum_j c_j * compressed slot j, in fp32
+  m.def("compressed_combine(Tensor values, Tensor offsets, Tensor coefficients, Tensor(a!) result, int block) -> ()",
+        &compressed_combine);
+  // in place: the upper Cholesky factor without its first row and column, plus a last one for `column`
+  m.def("factor_drop_oldest_append_newest(Tensor(a!) factor, Tensor column, float diagonal) -> ()",
+        &factor_drop_oldest_append_newest);
 }

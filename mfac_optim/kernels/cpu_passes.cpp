@@ -4,6 +4,8 @@
 // Built on first use by mfac_optim.kernels (torch's extension builder); the Python side is mfac_optim/storage.py.
 #include "kernels.h"
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -103,7 +105,7 @@ static void axpy_rows(const float* a, const T* const* rows, int count_rows, floa
 // Calls visit(first column, column count, first row, row pointers, row count) for every tile of a column block
 // and up to R rows; column blocks are split over threads, and one thread visits a block's rows in order.
 template <typename T, typename Visit>
-static void for_each_tile(const torch::Tensor& window, Visit visit) {
+static void for_each_tile(const at::Tensor& window, Visit visit) {
   const int64_t m = window.size(0), n = window.size(1), blocks = (n + kBlock - 1) / kBlock;
   const T* w = reinterpret_cast<const T*>(window.data_ptr());
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
@@ -121,10 +123,10 @@ static void for_each_tile(const torch::Tensor& window, Visit visit) {
 
 // G g for g = row `slot` of the window itself (the stored gradient).
 template <typename T>
-static torch::Tensor dots_impl(const torch::Tensor& window, int64_t slot) {
+static at::Tensor dots_impl(const at::Tensor& window, int64_t slot) {
   const int64_t m = window.size(0);
   const T* v = reinterpret_cast<const T*>(window.data_ptr()) + slot * window.size(1);
-  auto partial = torch::zeros({at::get_num_threads(), m}, torch::kFloat64);
+  auto partial = at::zeros({at::get_num_threads(), m}, at::kDouble);
   double* p = partial.data_ptr<double>();
   for_each_tile<T>(window, [&](int64_t k0, int64_t count, int64_t j, const T* const* rows, int rows_here) {
     double* mine = p + at::get_thread_num() * m + j;
@@ -138,7 +140,7 @@ static torch::Tensor dots_impl(const torch::Tensor& window, int64_t slot) {
 
 // Gᵀ c into `result` (reused across steps: a fresh buffer of this size costs page faults every step).
 template <typename T>
-static void combine_impl(const torch::Tensor& window, const torch::Tensor& coefficients, torch::Tensor& result) {
+static void combine_impl(const at::Tensor& window, const at::Tensor& coefficients, at::Tensor& result) {
   const float* c = coefficients.data_ptr<float>();
   float* out = result.data_ptr<float>();
   for_each_tile<T>(window, [&](int64_t k0, int64_t count, int64_t j, const T* const* rows, int rows_here) {
@@ -151,9 +153,9 @@ static void combine_impl(const torch::Tensor& window, const torch::Tensor& coeff
 
 // s_j = Σ_r ⟨values[j, r], dense[indices[j, r]]⟩, slots split over threads.
 template <typename T>
-static torch::Tensor sparse_dots_impl(const torch::Tensor& indices, const torch::Tensor& values, const torch::Tensor& dense) {
+static at::Tensor sparse_dots_impl(const at::Tensor& indices, const at::Tensor& values, const at::Tensor& dense) {
   const int64_t m = values.size(0), capacity = values.size(1), columns = values.size(2);
-  auto result = torch::empty({m}, torch::kFloat64);
+  auto result = at::empty({m}, at::kDouble);
   double* out = result.data_ptr<double>();
   const int64_t* index = indices.data_ptr<int64_t>();
   const T* v = reinterpret_cast<const T*>(values.data_ptr());
@@ -172,8 +174,8 @@ static torch::Tensor sparse_dots_impl(const torch::Tensor& indices, const torch:
 // result = Σ_j c_j · (slot j scattered into rows × columns); columns split over threads, so no two threads
 // ever add into the same element.
 template <typename T>
-static void sparse_combine_impl(const torch::Tensor& indices, const torch::Tensor& values,
-                                const torch::Tensor& coefficients, torch::Tensor& result) {
+static void sparse_combine_impl(const at::Tensor& indices, const at::Tensor& values,
+                                const at::Tensor& coefficients, at::Tensor& result) {
   const int64_t m = values.size(0), capacity = values.size(1), columns = values.size(2);
   const int64_t* index = indices.data_ptr<int64_t>();
   const T* v = reinterpret_cast<const T*>(values.data_ptr());
@@ -187,22 +189,22 @@ static void sparse_combine_impl(const torch::Tensor& indices, const torch::Tenso
   });
 }
 
-torch::Tensor sparse_dots(torch::Tensor indices, torch::Tensor values, torch::Tensor dense) {
-  return values.scalar_type() == torch::kBFloat16 ? sparse_dots_impl<uint16_t>(indices, values, dense)
+at::Tensor sparse_dots(at::Tensor indices, at::Tensor values, at::Tensor dense) {
+  return values.scalar_type() == at::kBFloat16 ? sparse_dots_impl<uint16_t>(indices, values, dense)
                                                   : sparse_dots_impl<float>(indices, values, dense);
 }
 
-void sparse_combine(torch::Tensor indices, torch::Tensor values, torch::Tensor coefficients, torch::Tensor result) {
-  if (values.scalar_type() == torch::kBFloat16) sparse_combine_impl<uint16_t>(indices, values, coefficients, result);
+void sparse_combine(at::Tensor indices, at::Tensor values, at::Tensor coefficients, at::Tensor result) {
+  if (values.scalar_type() == at::kBFloat16) sparse_combine_impl<uint16_t>(indices, values, coefficients, result);
   else sparse_combine_impl<float>(indices, values, coefficients, result);
 }
 
-torch::Tensor window_dots(torch::Tensor window, int64_t slot) {
-  return window.scalar_type() == torch::kBFloat16 ? dots_impl<uint16_t>(window, slot) : dots_impl<float>(window, slot);
+at::Tensor window_dots(at::Tensor window, int64_t slot) {
+  return window.scalar_type() == at::kBFloat16 ? dots_impl<uint16_t>(window, slot) : dots_impl<float>(window, slot);
 }
 
-void window_combine(torch::Tensor window, torch::Tensor coefficients, torch::Tensor result) {
-  if (window.scalar_type() == torch::kBFloat16) combine_impl<uint16_t>(window, coefficients, result);
+void window_combine(at::Tensor window, at::Tensor coefficients, at::Tensor result) {
+  if (window.scalar_type() == at::kBFloat16) combine_impl<uint16_t>(window, coefficients, result);
   else combine_impl<float>(window, coefficients, result);
 }
 
@@ -212,10 +214,10 @@ void window_combine(torch::Tensor window, torch::Tensor coefficients, torch::Ten
 // s_j = Σ over blocks of ⟨slot j, slot `slot`⟩: the new slot is scattered into a zeroed block buffer and every slot
 // gathers from it. Accumulated in float64 (see CompressedRows.dots): the kept entries span a wide dynamic range.
 template <typename T>
-static torch::Tensor compressed_dots_impl(const torch::Tensor& values, const torch::Tensor& offsets, int64_t slot,
+static at::Tensor compressed_dots_impl(const at::Tensor& values, const at::Tensor& offsets, int64_t slot,
                                           int64_t block) {
   const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2);
-  auto partial = torch::zeros({at::get_num_threads(), m}, torch::kFloat64);
+  auto partial = at::zeros({at::get_num_threads(), m}, at::kDouble);
   double* p = partial.data_ptr<double>();
   const T* v = reinterpret_cast<const T*>(values.data_ptr());
   const uint16_t* o = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
@@ -239,8 +241,8 @@ static torch::Tensor compressed_dots_impl(const torch::Tensor& values, const tor
 
 // result (blocks · block, fp32) = Σ_j c_j · slot j; each thread owns whole blocks of the result.
 template <typename T>
-static void compressed_combine_impl(const torch::Tensor& values, const torch::Tensor& offsets,
-                                    const torch::Tensor& coefficients, torch::Tensor& result, int64_t block) {
+static void compressed_combine_impl(const at::Tensor& values, const at::Tensor& offsets,
+                                    const at::Tensor& coefficients, at::Tensor& result, int64_t block) {
   const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2);
   const T* v = reinterpret_cast<const T*>(values.data_ptr());
   const uint16_t* o = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
@@ -272,8 +274,8 @@ static inline void round_to(float x, uint16_t* out) { *out = round_to_bf16(x); }
 // error keeps a minus what was stored. The k-th largest |a| is found among candidates above a threshold taken from
 // a sample of the block (a full selection only when the sample misjudged), so a block costs about one pass.
 template <typename T>
-static void compressed_store_impl(torch::Tensor& error, const torch::Tensor& grad, torch::Tensor& values,
-                                  torch::Tensor& offsets, int64_t slot, int64_t block, int64_t last_kept) {
+static void compressed_store_impl(at::Tensor& error, const at::Tensor& grad, at::Tensor& values,
+                                  at::Tensor& offsets, int64_t slot, int64_t block, int64_t last_kept) {
   const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2), size = grad.numel();
   float* e = error.data_ptr<float>();
   const float* g = grad.data_ptr<float>();
@@ -325,20 +327,20 @@ static void compressed_store_impl(torch::Tensor& error, const torch::Tensor& gra
   });
 }
 
-void compressed_store(torch::Tensor error, torch::Tensor grad, torch::Tensor values, torch::Tensor offsets,
+void compressed_store(at::Tensor error, at::Tensor grad, at::Tensor values, at::Tensor offsets,
                       int64_t slot, int64_t block, int64_t last_kept) {
-  if (values.scalar_type() == torch::kBFloat16)
+  if (values.scalar_type() == at::kBFloat16)
     compressed_store_impl<uint16_t>(error, grad, values, offsets, slot, block, last_kept);
   else compressed_store_impl<float>(error, grad, values, offsets, slot, block, last_kept);
 }
 
-torch::Tensor compressed_dots(torch::Tensor values, torch::Tensor offsets, int64_t slot, int64_t block) {
-  return values.scalar_type() == torch::kBFloat16 ? compressed_dots_impl<uint16_t>(values, offsets, slot, block)
+at::Tensor compressed_dots(at::Tensor values, at::Tensor offsets, int64_t slot, int64_t block) {
+  return values.scalar_type() == at::kBFloat16 ? compressed_dots_impl<uint16_t>(values, offsets, slot, block)
                                                   : compressed_dots_impl<float>(values, offsets, slot, block);
 }
 
-void compressed_combine(torch::Tensor values, torch::Tensor offsets, torch::Tensor coefficients, torch::Tensor result,
+void compressed_combine(at::Tensor values, at::Tensor offsets, at::Tensor coefficients, at::Tensor result,
                         int64_t block) {
-  if (values.scalar_type() == torch::kBFloat16) compressed_combine_impl<uint16_t>(values, offsets, coefficients, result, block);
+  if (values.scalar_type() == at::kBFloat16) compressed_combine_impl<uint16_t>(values, offsets, coefficients, result, block);
   else compressed_combine_impl<float>(values, offsets, coefficients, result, block);
 }

@@ -10,14 +10,14 @@
 #include <cmath>
 #include <vector>
 
-void factor_drop_oldest_append_newest(torch::Tensor factor, torch::Tensor column, double diagonal) {
-  TORCH_CHECK(factor.device().is_cpu() && factor.scalar_type() == torch::kFloat64 && factor.is_contiguous(),
+void factor_drop_oldest_append_newest(at::Tensor factor, at::Tensor column, double diagonal) {
+  TORCH_CHECK(factor.device().is_cpu() && factor.scalar_type() == at::kDouble && factor.is_contiguous(),
               "factor: a contiguous CPU float64 matrix");
   const int64_t n = factor.size(0);
   TORCH_CHECK(column.numel() == n - 1, "column: the newest slot's n - 1 entries of K");
   double* R = factor.data_ptr<double>();
   std::vector<double> x(R + 1, R + n);  // the oldest slot's row beyond its diagonal, x[j] for column j + 1
-  auto remaining = column.to(torch::kFloat64).contiguous();
+  auto remaining = column.to(at::kDouble).contiguous();
   std::vector<double> c(remaining.data_ptr<double>(), remaining.data_ptr<double>() + n - 1);
   double norm_w = 0.0;
   for (int64_t k = 0; k + 1 < n; ++k) {

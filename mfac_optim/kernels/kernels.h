@@ -1,18 +1,20 @@
-// The functions the compiled module exports (bindings.cpp); their documentation is beside their definitions.
+// The functions the compiled library registers as torch operators (bindings.cpp); their documentation is beside their
+// definitions.
 #pragma once
-// torch's tensor types alone: the Python bindings' headers, which double a file's compile time, are bindings.cpp's.
-#include <torch/types.h>
+// ATen's tensor and the per-operator headers the sources call, not torch/types.h (all of ATen) nor
+// torch/extension.h (with pybind11): the build's time is mostly the headers', and it is paid at a user's first step.
+#include <ATen/core/Tensor.h>
 
 // cpu_passes.cpp: the window passes.
-torch::Tensor window_dots(torch::Tensor window, int64_t slot);
-void window_combine(torch::Tensor window, torch::Tensor coefficients, torch::Tensor result);
-torch::Tensor sparse_dots(torch::Tensor indices, torch::Tensor values, torch::Tensor dense);
-void sparse_combine(torch::Tensor indices, torch::Tensor values, torch::Tensor coefficients, torch::Tensor result);
-void compressed_store(torch::Tensor error, torch::Tensor grad, torch::Tensor values, torch::Tensor offsets,
+at::Tensor window_dots(at::Tensor window, int64_t slot);
+void window_combine(at::Tensor window, at::Tensor coefficients, at::Tensor result);
+at::Tensor sparse_dots(at::Tensor indices, at::Tensor values, at::Tensor dense);
+void sparse_combine(at::Tensor indices, at::Tensor values, at::Tensor coefficients, at::Tensor result);
+void compressed_store(at::Tensor error, at::Tensor grad, at::Tensor values, at::Tensor offsets,
                       int64_t slot, int64_t block, int64_t last_kept);
-torch::Tensor compressed_dots(torch::Tensor values, torch::Tensor offsets, int64_t slot, int64_t block);
-void compressed_combine(torch::Tensor values, torch::Tensor offsets, torch::Tensor coefficients, torch::Tensor result,
+at::Tensor compressed_dots(at::Tensor values, at::Tensor offsets, int64_t slot, int64_t block);
+void compressed_combine(at::Tensor values, at::Tensor offsets, at::Tensor coefficients, at::Tensor result,
                         int64_t block);
 
 // factor_update.cpp: the O(m²) update of the m × m Cholesky factor.
-void factor_drop_oldest_append_newest(torch::Tensor factor, torch::Tensor column, double diagonal);
+void factor_drop_oldest_append_newest(at::Tensor factor, at::Tensor column, double diagonal);
