@@ -58,8 +58,8 @@ from transformers.utils.versions import require_version
 # M-FAC fork: the optimizer's arguments and Trainer, and what the script adds to HF's (mfac_optim.glue).
 from mfac_optim.glue.command_line import check_before_loading_weights, parse_and_check_inputs
 from mfac_optim.glue.adapters import check_lora_arguments
-from mfac_optim.glue.data import (GLUE_ON_THE_HUB, TASK_LABELS, TASK_TO_KEYS, check_data_arguments, hub_split_name,
-                                   sentence_keys)
+from mfac_optim.glue.data import (GLUE_ON_THE_HUB, TASK_LABELS, TASK_TO_KEYS, check_data_arguments,
+                                   first_rows_of_each_split, hub_split_name, sentence_keys)
 from mfac_optim.glue.metrics import GlueMetric
 from mfac_optim.glue.model_types import check_model_arguments, hub_options, load_config, load_tokenizer
 from mfac_optim.glue.records import model_source_record, write_eval_predictions, write_run_info
@@ -423,6 +423,9 @@ def main(argv=None, callbacks=None):
             result["label"] = [(label_to_id[l] if l != -1 else -1) for l in examples["label"]]
         return result
 
+    # M-FAC fork: the --max_*_samples rows are cut before tokenizing, not after (the same rows and features; HF's
+    # order tokenizes a whole training file to keep 64 of its rows).
+    raw_datasets = first_rows_of_each_split(raw_datasets, data_args)
     with training_args.main_process_first(desc="dataset map pre-processing"):
         raw_datasets = raw_datasets.map(
             preprocess_function,

@@ -7,6 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+# Under pytest-xdist each worker, and each process it starts, gets its share of the cores: OpenMP teams of every
+# core in every worker oversubscribe the machine, and their threads then wait on each other (here, 2 workers of 2
+# threads on 2 cores took 4 times the CPU time of 2 workers of 1). The threaded splits of the kernels are
+# tested at several threads explicitly (`kernel_threads`).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # Nothing in the suite may wait on the network; set before huggingface_hub is imported, which reads it once.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -95,7 +103,8 @@ BERT_TINY_CONFIG = {**BERT_MINI_CONFIG, "hidden_size": 128, "num_attention_heads
 def hub_cache(tmp_path_factory, glue_dir) -> Path:
     """An HF_HOME holding prajjwal1/bert-mini and bert-tiny (config.json without model_type, vocab.txt, random
     weights in pytorch_model.bin) and nyu-mll/glue sst2 prepared by `datasets`, both laid out as the Hub's clients leave them.
-    The SST-2 rows are GLUE's real ones when ../shared is there."""
+    The SST-2 rows are GLUE's real ones when ../shared is there (hub_cache.sst2_splits: a part of the training
+    file)."""
     import io
     import json
 
@@ -103,8 +112,7 @@ def hub_cache(tmp_path_factory, glue_dir) -> Path:
     import torch
     from transformers import BertConfig, BertForPreTraining
 
-    from mfac_optim.glue import data as glue_data
-    from hub_cache import write_dataset_config, write_model_repo
+    from hub_cache import sst2_splits, write_dataset_config, write_model_repo
 
     hf_home = tmp_path_factory.mktemp("hf_home")
     shared_config = SHARED / "models" / "bert-mini-config" / "bert_config.json"
@@ -121,14 +129,18 @@ def hub_cache(tmp_path_factory, glue_dir) -> Path:
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["negative", "positive"]),
                                   "idx": datasets.Value("int32")})
-    splits = {}
-    for split, file in (("train", "train.tsv"), ("validation", "dev.tsv")):
-        columns = glue_data.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")
-        splits[split] = {**columns, "idx": list(range(len(columns["label"])))}
-    unlabelled = splits["validation"]["sentence"][:16]  # GLUE's test split has no labels: -1
-    splits["test"] = {"sentence": unlabelled, "label": [-1] * len(unlabelled), "idx": list(range(len(unlabelled)))}
-    write_dataset_config(hf_home, "nyu-mll/glue", "sst2", splits, features)
+    write_dataset_config(hf_home, "nyu-mll/glue", "sst2", sst2_splits(glue_dir), features)
     return hf_home
+
+
+@pytest.fixture(params=[1, 3], ids=lambda threads: f"{threads}-threads")
+def kernel_threads(request):
+    """Runs a test of the CPU kernels on one thread and on three (their column blocks or rows split unevenly
+    between the threads' partial sums), whatever the suite's own thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=["compiled", "panels"])

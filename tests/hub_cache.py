@@ -9,6 +9,25 @@ from pathlib import Path
 # Any 40-hex commit: the clients only need refs/main to name the snapshot folder.
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
+# The cache's SST-2 training split: the first rows of GLUE's file. Runs from the cache read, tokenize and carve all
+# of it; the whole file (67,349 rows) would cost the suite a minute without checking anything more.
+SST2_TRAIN_ROWS = 2000
+
+
+def sst2_splits(glue_dir: Path) -> dict[str, dict[str, list]]:
+    """nyu-mll/glue sst2 as the cache holds it: the first SST2_TRAIN_ROWS training rows and every dev row of the
+    TSV files in `glue_dir`, with GLUE's idx column, and a test split without labels (-1, as GLUE's)."""
+    from mfac_optim.glue import data as glue_data
+
+    splits = {}
+    for split, file, rows in (("train", "train.tsv", SST2_TRAIN_ROWS), ("validation", "dev.tsv", None)):
+        columns = {name: values[:rows] for name, values in
+                   glue_data.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2").items()}
+        splits[split] = {**columns, "idx": list(range(len(columns["label"])))}
+    unlabelled = splits["validation"]["sentence"][:16]
+    splits["test"] = {"sentence": unlabelled, "label": [-1] * len(unlabelled), "idx": list(range(len(unlabelled)))}
+    return splits
+
 
 def write_model_repo(hf_home: Path, repo_id: str, files: dict[str, bytes]) -> Path:
     """hub/models--org--name/: blobs named by their hash, snapshots/<revision>/ linking to them, refs/main."""

@@ -1,24 +1,28 @@
-"""run_glue.py that kills itself while saving one checkpoint, at one stage of the write, as a machine that loses
-power or a scheduler's SIGKILL would:
+"""run_glue.py killed while saving one checkpoint, at each stage of the write, as a machine that loses power or a
+scheduler's SIGKILL would:
 
-    python tests/killed_save.py STAGE STEP RUN_GLUE_ARGUMENTS...
+    python tests/killed_save.py STEP OUTPUT_ROOT STAGE[,STAGE...] RUN_GLUE_ARGUMENTS...
 
-STAGE is where in checkpoint-STEP's write the process dies, in the order the Trainer writes: after the model
-("model"), halfway through the optimizer state ("optimizer_cut"), after the optimizer and scheduler ("optimizer"),
-after the RNG states ("rng"), halfway through trainer_state.json ("state_cut"), or after it ("state", a complete
-checkpoint not yet rotated).
+For each STAGE, a process forked from this one (which has imported run_glue once) runs RUN_GLUE_ARGUMENTS with
+--output_dir OUTPUT_ROOT/STAGE and dies while writing checkpoint-STEP. The stages, in the order the Trainer writes:
+after the model ("model"), halfway through the optimizer state ("optimizer_cut"), after the optimizer and scheduler
+("optimizer"), after the RNG states ("rng"), halfway through trainer_state.json ("state_cut"), or after it ("state", a
+complete checkpoint not yet rotated). OUTPUT_ROOT/exits.json records how each process ended: -9 when it was killed.
 """
+import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerState
 
 import run_glue
 
-STAGE, STEP = sys.argv[1], int(sys.argv[2])
+STEP, OUTPUT_ROOT, STAGES, RUN_GLUE_ARGUMENTS = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3].split(","), sys.argv[4:]
 TARGET = f"checkpoint-{STEP}"
+STAGE = None  # set in each forked process
 
 
 def die() -> None:
@@ -69,4 +73,21 @@ def save_state(self, json_path):
 
 
 TrainerState.save_to_json = save_state
-run_glue.main(sys.argv[3:])
+
+
+def run_killed_at(stage: str) -> int:
+    """The exit status of a forked run that was to die at `stage`: -signal, or its exit code."""
+    child = os.fork()
+    if child == 0:  # imports only so far in the parent: no threads or open pools to inherit
+        global STAGE
+        STAGE = stage
+        try:
+            run_glue.main([*RUN_GLUE_ARGUMENTS, "--output_dir", str(OUTPUT_ROOT / stage)])
+        finally:
+            os._exit(0)  # not killed: the parent reports it
+    _, status = os.waitpid(child, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+exits = {stage: run_killed_at(stage) for stage in STAGES}
+(OUTPUT_ROOT / "exits.json").write_text(json.dumps(exits))

@@ -156,7 +156,7 @@ def test_state_dict_round_trip_nonfinite_skip_and_momentum():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_passes_equal_the_torch_passes_and_float64(dtype):
+def test_fused_passes_equal_the_torch_passes_and_float64(dtype, kernel_threads):
     generator = torch.Generator().manual_seed(5)
     blocks, m, kept, size = 3, 5, 40, 3 * BLOCK
     offsets = torch.stack([torch.randperm(BLOCK, generator=generator)[:kept].sort().values
@@ -179,7 +179,7 @@ def test_fused_passes_equal_the_torch_passes_and_float64(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_store_selects_and_feeds_back_as_the_torch_store(dtype):
+def test_fused_store_selects_and_feeds_back_as_the_torch_store(dtype, kernel_threads):
     size = 3 * BLOCK + 1000
     generator = torch.Generator().manual_seed(6)
     fused = CompressedRows.allocate(4, size, 0.01, dtype, torch.float32, "cpu")

@@ -143,7 +143,7 @@ EMBEDDING_SHAPES = [(120, 6), (6, 6), (6,)]  # a word-embedding-like matrix firs
 
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_grads,steps", [(16, 40), (200, 30)])  # m < d/4, and m > d/4 (float64 passes)
-def test_row_sparse_storage_matches_dense_reference(grad_dtype, num_grads, steps):
+def test_row_sparse_storage_matches_dense_reference(grad_dtype, num_grads, steps, kernel_threads):
     # The embedding's gradient touches 5 to 11 rows of 120 per step, so its rows are stored sparsely (and the
     # capacity grows past the first step's row count).
     rows = {0: 5}
@@ -216,7 +216,7 @@ def test_memory_bytes_counts_the_state():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_cpu_passes_against_float64(dtype):
+def test_fused_cpu_passes_against_float64(dtype, kernel_threads):
     # 3 column blocks of 8192 and a remainder, and m = 7 (not a multiple of the 4 rows taken at a time).
     kernels = cpu_passes()
     assert kernels is not None, "the fused CPU kernels must build on the CI machine"

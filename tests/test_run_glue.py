@@ -23,6 +23,7 @@ from mfac_optim.glue.records import model_source_record
 from mfac_optim.glue.metrics import GlueMetric
 from mfac_optim.hf_arguments import MFACArguments
 from conftest import SHARED_GLUE
+from hub_cache import sst2_splits
 
 SEED_COMMAND = (
     "--seed 1234 --model_name_or_path prajjwal1/bert-mini --task_name sst2 --do_train --do_eval "
@@ -173,6 +174,30 @@ def test_stage_without_its_local_file_is_rejected(glue_dir, capsys):
     assert "--validation_file: required for --do_eval when data comes from local files" in capsys.readouterr().err
 
 
+def test_samples_cut_before_tokenizing_are_the_rows_and_features_hf_keeps(tiny_bert, glue_dir):
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    columns = glue_data.read_glue_tsv(str(glue_dir / "SST-2" / "dev.tsv"), "sst2")
+    split = Dataset.from_dict({name: values[:300] for name, values in columns.items()})
+    raw = DatasetDict({"train": split, "validation_matched": split, "validation_mismatched": split,
+                       "test_matched": split})
+    limits = run_glue.DataTrainingArguments(task_name="mnli", max_train_samples=40, max_eval_samples=1000,
+                                            max_predict_samples=7)
+
+    def tokenize(examples):
+        return tokenizer(examples["sentence"], max_length=32, truncation=True)
+
+    cut = glue_data.first_rows_of_each_split(DatasetDict(raw), limits).map(tokenize, batched=True)
+    hfs = raw.map(tokenize, batched=True)  # HF's order: every row tokenized, the first ones kept afterwards
+    for name, rows in (("train", 40), ("validation_matched", 300), ("validation_mismatched", 300),
+                       ("test_matched", 7)):
+        assert cut[name].to_dict() == hfs[name].select(range(rows)).to_dict(), name
+    assert len(glue_data.first_rows_of_each_split(DatasetDict(raw), run_glue.DataTrainingArguments(
+        task_name="mnli"))["train"]) == 300  # no limit: every row
+
+
 def test_tokenizer_folder_without_vocabulary_is_refused(tmp_path):
     # transformers 5 builds a tokenizer of the 5 special tokens from such a folder and maps every word to [UNK].
     from transformers import BertConfig
@@ -194,8 +219,7 @@ def test_published_command_runs_offline_from_the_hub_cache(tmp_path, hub_cache, 
     output = result.stdout + result.stderr
     assert "prajjwal1/bert-mini: config.json has no \"model_type\"; inferred 'bert' from the name" in output
     results = json.loads((tmp_path / "out_dir" / "all_results.json").read_text())
-    cached = {split: len(glue_data.read_glue_tsv(str(glue_dir / "SST-2" / file), "sst2")["label"])
-              for split, file in (("train", "train.tsv"), ("validation", "dev.tsv"))}
+    cached = {split: len(columns["label"]) for split, columns in sst2_splits(glue_dir).items()}
     assert results["train_samples"] == cached["train"] and results["eval_samples"] == cached["validation"]
     assert json.loads((tmp_path / "out_dir" / "trainer_state.json").read_text())["global_step"] == 3
     record = json.loads((tmp_path / "out_dir" / "run_info.json").read_text())
@@ -468,6 +492,19 @@ def uninterrupted_run(tmp_path_factory, tiny_bert, glue_dir):
     return folder, command
 
 
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory, uninterrupted_run):
+    """The same command killed while writing checkpoint-6, once per stage of the write (tests/killed_save.py: one
+    process that imports run_glue once and forks a run per stage), each in the folder named by its stage."""
+    _, command = uninterrupted_run
+    root = tmp_path_factory.mktemp("killed")
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "killed_save.py"), "6", str(root),
+                           ",".join(KILL_STAGES), *command],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, json.loads((root / "exits.json").read_text())
+
+
 class StartingStep(TrainerCallback):
     """The global step training starts from: a resumed run's checkpoint step."""
 
@@ -477,12 +514,12 @@ class StartingStep(TrainerCallback):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", KILL_STAGES)
-def test_a_run_killed_while_saving_a_checkpoint_resumes_to_the_same_model(tmp_path, uninterrupted_run, stage, caplog):
+def test_a_run_killed_while_saving_a_checkpoint_resumes_to_the_same_model(uninterrupted_run, killed_runs, stage,
+                                                                          caplog):
     straight, command = uninterrupted_run
-    output = tmp_path / "run"
-    killed = subprocess.run([sys.executable, str(Path(__file__).parent / "killed_save.py"), stage, "6", *command,
-                             "--output_dir", str(output)], capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    root, exits = killed_runs
+    output = root / stage
+    assert exits[stage] == -9
     assert (output / "checkpoint-3").is_dir() and (output / "checkpoint-6").is_dir()
     # The same command again (in this process: the kill needed one of its own, the resume does not) resumes from
     # the newest complete checkpoint and ends where the uninterrupted run did.

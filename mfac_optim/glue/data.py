@@ -92,6 +92,20 @@ def hub_split_name(task: Optional[str], split: str) -> str:
     return f"{split}_matched" if task == "mnli" and split in ("validation", "test") else split
 
 
+def first_rows_of_each_split(raw_datasets, data_args):
+    """Each split cut to the rows --max_train_samples, --max_eval_samples and --max_predict_samples keep (its first
+    rows), so that only those are tokenized: the rows and their features are the ones HF's script keeps by cutting
+    after tokenizing every row of every split."""
+    limits = {"train": data_args.max_train_samples,
+              hub_split_name(data_args.task_name, "validation"): data_args.max_eval_samples,
+              "validation_mismatched": data_args.max_eval_samples,  # MNLI's, cut as its matched split
+              hub_split_name(data_args.task_name, "test"): data_args.max_predict_samples}
+    for split, limit in limits.items():
+        if split in raw_datasets and limit is not None and limit < len(raw_datasets[split]):
+            raw_datasets[split] = raw_datasets[split].select(range(limit))
+    return raw_datasets
+
+
 def glue_split_from_hub(task: str, split: str, cache_dir: Optional[str] = None):
     """One split of a GLUE task from the Hub (or its cache), by its plain name ("train", "validation", "test")."""
     from datasets import load_dataset
