@@ -89,7 +89,7 @@ def cpu_passes():
             build_directory = _get_build_directory(name, False)
             with exclusive_build(build_directory):
                 if not os.path.exists(os.path.join(build_directory, f"{name}.so")):
-                    logger.warning("MFAC: compiling the fused CPU kernels, once for this machine (about 20 s on "
+                    logger.warning("MFAC: compiling the fused CPU kernels, once for this machine (about 10 s on "
                                    "2 cores; later runs load them from %s)", build_directory)
                 load(name=name, sources=[str(SOURCES / source) for source in CPP_SOURCES],
                      extra_cflags=["-O3", *architecture_flags(target), "-fopenmp"], extra_ldflags=["-fopenmp"],
