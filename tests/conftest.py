@@ -9,7 +9,7 @@ import torch
 
 # Under pytest-xdist each worker, and each process it starts, gets its share of the cores: OpenMP teams of every
 # core in every worker oversubscribe the machine, and their threads then wait on each other (here, 2 workers of 2
-# threads on 2 cores took 4 times the CPU time of 2 workers of 1). The threaded splits of the kernels are
+# threads on 2 cores took nearly 5 times the CPU time of 2 workers of 1). The threaded splits of the kernels are
 # tested at several threads explicitly (`kernel_threads`).
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
