@@ -399,6 +399,17 @@ def test_resumed_study_with_other_settings_is_refused(small_study, capsys):
     assert "study 'adamw' was made with another metric" in capsys.readouterr().err
 
 
+def test_a_budget_summed_short_by_rounding_starts_no_further_trial():
+    third = 1 / 3  # a trial pruned after epoch 1 of 3
+    costs = [1.0, third, third, third, third, third, 1.0, 1.0, 1.0, third]  # 6 in exact arithmetic
+    spent = 0.0
+    for cost in costs:
+        spent += cost
+    assert spent < 6.0  # the float sum falls short
+    assert not tune.budget_left(spent, 6.0)
+    assert tune.budget_left(spent - third, 6.0) and tune.budget_left(0.0, 0.5)
+
+
 # --- pruning -----------------------------------------------------------------------------------------------------
 def test_successive_halving_prunes_after_the_first_epoch_and_records_the_share_trained():
     setting = {"min_epochs": 1, "reduction_factor": 3}
