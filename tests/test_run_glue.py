@@ -189,12 +189,12 @@ def test_samples_cut_before_tokenizing_are_the_rows_and_features_hf_keeps(tiny_b
     def tokenize(examples):
         return tokenizer(examples["sentence"], max_length=32, truncation=True)
 
-    cut = glue_data.first_rows_of_each_split(DatasetDict(raw), limits).map(tokenize, batched=True)
+    cut = glue_data.first_rows_of_each_split(raw, limits).map(tokenize, batched=True)
     hfs = raw.map(tokenize, batched=True)  # HF's order: every row tokenized, the first ones kept afterwards
     for name, rows in (("train", 40), ("validation_matched", 300), ("validation_mismatched", 300),
                        ("test_matched", 7)):
         assert cut[name].to_dict() == hfs[name].select(range(rows)).to_dict(), name
-    assert len(glue_data.first_rows_of_each_split(DatasetDict(raw), run_glue.DataTrainingArguments(
+    assert len(glue_data.first_rows_of_each_split(raw, run_glue.DataTrainingArguments(
         task_name="mnli"))["train"]) == 300  # no limit: every row
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from . import UsageError
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 GLUE_ON_THE_HUB = "nyu-mll/glue"
 
@@ -92,18 +95,22 @@ def hub_split_name(task: Optional[str], split: str) -> str:
     return f"{split}_matched" if task == "mnli" and split in ("validation", "test") else split
 
 
-def first_rows_of_each_split(raw_datasets, data_args):
-    """Each split cut to the rows --max_train_samples, --max_eval_samples and --max_predict_samples keep (its first
-    rows), so that only those are tokenized: the rows and their features are the ones HF's script keeps by cutting
-    after tokenizing every row of every split."""
+def first_rows_of_each_split(raw_datasets: DatasetDict, data_args) -> DatasetDict:
+    """The splits cut to the rows --max_train_samples, --max_eval_samples and --max_predict_samples keep (their
+    first rows), so that only those are tokenized: the rows and their features are the ones HF's script keeps by
+    cutting after tokenizing every row of every split."""
+    from datasets import DatasetDict
+
     limits = {"train": data_args.max_train_samples,
               hub_split_name(data_args.task_name, "validation"): data_args.max_eval_samples,
               "validation_mismatched": data_args.max_eval_samples,  # MNLI's, cut as its matched split
               hub_split_name(data_args.task_name, "test"): data_args.max_predict_samples}
-    for split, limit in limits.items():
-        if split in raw_datasets and limit is not None and limit < len(raw_datasets[split]):
-            raw_datasets[split] = raw_datasets[split].select(range(limit))
-    return raw_datasets
+
+    def first_rows(split: str, rows):
+        limit = limits.get(split)
+        return rows.select(range(limit)) if limit is not None and limit < len(rows) else rows
+
+    return DatasetDict({split: first_rows(split, rows) for split, rows in raw_datasets.items()})
 
 
 def glue_split_from_hub(task: str, split: str, cache_dir: Optional[str] = None):
