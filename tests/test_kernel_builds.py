@@ -43,12 +43,14 @@ def test_each_cpu_gets_the_instruction_set_it_runs(cpu):
 
 
 @pytest.mark.slow
-def test_a_cpu_without_avx2_builds_and_loads_its_own_portable_module(cpu, monkeypatch):
+def test_a_cpu_without_avx2_builds_and_loads_its_own_portable_module(cpu, monkeypatch, tmp_path):
     real_machine = kernels.platform.machine()
     if real_machine.lower() not in ("x86_64", "amd64"):
         pytest.skip("simulates an older x86-64 CPU")
     native = kernels.cpu_passes()
     assert native is not None and native.name == kernels.module_name(kernels.instruction_set())
+    # Built in a folder of its own: never beside a portable build that another process on the machine may load.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     cpu(real_machine, OLDER_X86)
     monkeypatch.setattr(kernels, "_cpu_passes", None)  # as in a fresh process on the older CPU
     portable = kernels.cpu_passes()

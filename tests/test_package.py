@@ -45,8 +45,11 @@ def installed(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_installed_package_imports_builds_its_kernels_and_steps(installed, tmp_path):
+    # Its kernels are built in a folder of its own: a copy installed under a temporary path would otherwise leave a
+    # build in the user's torch cache at every run.
     result = subprocess.run([sys.executable, "-c", STEP, str(installed)], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(installed)})
+                            text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(installed),
+                                                         "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "installed package OK" in result.stdout
 
