@@ -359,6 +359,34 @@ def test_time_to_result_series_and_plot(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runs_that_shared_the_cpu_are_left_out_of_the_times_not_the_scores(tmp_path, capsys):
+    # Three seeds: the second shared the cores (load 3.4 at its second evaluation); the third recorded no load.
+    runs = []
+    for seed, (clock, loads, score) in enumerate((((10.0, 20.0), (1.9, 2.1), 0.8), ((30.0, 60.0), (2.0, 3.4), 0.9),
+                                                  ((14.0, 28.0), None, 0.7))):
+        run = make_run(tmp_path / f"seed{seed}", seed, score, MFAC_RECORD)
+        history = [{"eval_accuracy": score, "step": 50 * (index + 1), "train_seconds": seconds,
+                    **({"load_average": loads[index]} if loads else {})} for index, seconds in enumerate(clock)]
+        history.append({"train_runtime": clock[-1] + 5.0, "train_seconds": clock[-1], "step": 100})
+        (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        runs.append(compare.load_run(run))
+    assert [run.had_the_cpu(2.5) for run in runs] == [True, False, False]
+    assert all(run.had_the_cpu(None) for run in runs)
+    seconds, means, _ = compare.time_series(compare.timed_runs(runs, 2.5), "eval_accuracy")
+    assert seconds == pytest.approx([10.0, 20.0]) and means == pytest.approx([0.8, 0.8])
+    rows = compare.table_rows({"all": runs}, "all", 0.01, 0, max_load=2.5)
+    # The scores are every seed's; the time is the one run's that had the cores.
+    assert rows[0].summary.mean == pytest.approx(0.8) and rows[0].train_seconds == pytest.approx(20.0)
+    assert compare.train_seconds_cell(rows[0]) == "20 (1 of 3 runs)"
+    everyone = compare.table_rows({"all": runs}, "all", 0.01, 0)[0]
+    assert everyone.train_seconds == pytest.approx((20.0 + 60.0 + 28.0) / 3) and compare.train_seconds_cell(everyone) == "36"
+    assert compare.main([str(run.path) for run in runs] + ["--max_load", "2.5", "--time_plot", str(tmp_path / "t.png")]) == 0
+    assert "20 (1 of 3 runs)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(runs[0].path), "--max_load", "0"])
+    assert exit_info.value.code == 2 and "--max_load must be > 0 (got 0)" in capsys.readouterr().err
+
+
 def test_compare_plot_and_loss_series(hand_made_runs, tmp_path):
     runs = [compare.load_run(path) for path in hand_made_runs[:3]]
     steps, means, stds = compare.series(runs, "loss")

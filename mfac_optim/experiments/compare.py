@@ -17,6 +17,9 @@ folder; else the task's first group):
   ±δ" when the adjusted TOST p is; "inconclusive" otherwise.
 The table also gives each group's mean training time (evaluations excluded, where the runs recorded that
 clock), optimizer state, and the highest 1-minute load average seen at its evaluations (above the core count, the runs shared the CPU and their times are not comparable).
+With `--max_load L`, a run whose load average went above L at any evaluation counts as having shared the CPU: the
+training time and the time plot leave it out (the table says from how many runs its time comes); its scores
+count as any other's.
 `--plot` draws the training loss and the main eval metric over steps per group; `--time_plot` the main eval
 metric against training seconds (evaluations excluded), both as the mean over seeds with a band of ± one
 standard deviation.
@@ -98,6 +101,16 @@ class Run:
     def max_load(self) -> Optional[float]:
         loads = [entry["load_average"] for entry in self.log_history if "load_average" in entry]
         return max(loads) if loads else None
+
+    def had_the_cpu(self, max_load: Optional[float]) -> bool:
+        """Whether the run's times are its own: no threshold, or no load above it at any evaluation (a run that
+        recorded no load cannot show it had the cores, so it counts only without a threshold)."""
+        return max_load is None or (self.max_load is not None and self.max_load <= max_load)
+
+
+def timed_runs(runs: list[Run], max_load: Optional[float]) -> list[Run]:
+    """The runs whose wall times measure the optimizer, not whatever shared the CPU with it."""
+    return [run for run in runs if run.had_the_cpu(max_load)]
 
 
 def load_run(path: Path) -> Run:
@@ -309,7 +322,8 @@ class Row:
     summary: Summary
     difference: Optional[Difference]  # against the reference group; None for the reference itself or too few runs
     is_reference: bool
-    train_seconds: Optional[float]  # mean training time over the group's runs, evaluations excluded where recorded
+    train_seconds: Optional[float]  # mean training time over the timed runs, evaluations excluded where recorded
+    timed: int  # how many of the group's runs the training time comes from (those that had the CPU)
     optimizer_bytes: Optional[float]  # mean optimizer state after the first step
     max_load: Optional[float]  # the highest 1-minute load average at any evaluation of the group's runs
 
@@ -323,8 +337,10 @@ def mean_of(values: list[Optional[float]]) -> Optional[float]:
     return statistics.mean(known) if known else None
 
 
-def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resamples: int) -> list[Row]:
-    """Every group against the reference in every metric, the p-values adjusted by Holm over all of them."""
+def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resamples: int,
+               max_load: Optional[float] = None) -> list[Row]:
+    """Every group against the reference in every metric, the p-values adjusted by Holm over all of them; the
+    training time from the runs that had the CPU (`max_load`)."""
     metrics = sorted({metric for runs in groups.values() for run in runs for metric in run.metrics})
     rows = []
     for metric in metrics:
@@ -339,9 +355,10 @@ def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resa
                 difference.bootstrap = bootstrap_interval(runs, groups[reference], metric.removeprefix("eval_"),
                                                           resamples)
             loads = [run.max_load for run in runs if run.max_load is not None]
+            timed = timed_runs(runs, max_load)
             rows.append(Row(metric.removeprefix("eval_"), label, summary, difference, label == reference,
-                            mean_of([run.train_seconds for run in runs]), mean_result(runs, "optimizer_state_bytes"),
-                            max(loads) if loads else None))
+                            mean_of([run.train_seconds for run in timed]), len(timed),
+                            mean_result(runs, "optimizer_state_bytes"), max(loads) if loads else None))
     compared = [row.difference for row in rows if row.difference is not None]
     for adjusted in zip(*(holm([getattr(difference, name) for difference in compared])
                           for name in ("p_welch", "p_mann_whitney", "p_tost"))):
@@ -361,6 +378,13 @@ def difference_cells(row: Row) -> list[str]:
             f"{mann_whitney:.2g}", f"{tost:.2g}", d.verdict]
 
 
+def train_seconds_cell(row: Row) -> str:
+    if row.train_seconds is None:
+        return "-"
+    seconds = f"{row.train_seconds:.0f}"
+    return seconds if row.timed == row.summary.n else f"{seconds} ({row.timed} of {row.summary.n} runs)"
+
+
 def format_table(task: str, rows: list[Row], shared: str, reference: str, markdown: bool) -> str:
     header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)", "Δ vs reference [Welch 95% CI]",
               "bootstrap 95% CI", "p Welch (Holm)", "p Mann–Whitney (Holm)", "p TOST (Holm)", "verdict", "train s",
@@ -371,7 +395,7 @@ def format_table(task: str, rows: list[Row], shared: str, reference: str, markdo
         body.append([row.metric, row.label,
                      f"{100 * s.mean:.2f} ± {100 * s.std:.2f}" if s.std is not None else f"{100 * s.mean:.2f}",
                      str(s.n), f"{100 * s.best:.2f} ({s.best_seed})", *difference_cells(row),
-                     f"{row.train_seconds:.0f}" if row.train_seconds is not None else "-",
+                     train_seconds_cell(row),
                      f"{row.optimizer_bytes / 2**30:.2f}" if row.optimizer_bytes is not None else "-",
                      f"{row.max_load:.1f}" if row.max_load is not None else "-"])
     context = f"(all runs: {shared}; reference: {reference})"
@@ -451,9 +475,9 @@ def time_series(runs: list[Run], key: str) -> tuple[list[float], list[float], li
     return seconds, [means[index] for index in timed], [stds[index] for index in timed]
 
 
-def time_plot(grouped: dict[str, TaskGroups], path: Path) -> None:
-    """Per task, the main eval metric against training seconds (evaluations excluded), one line per group: the
-    time-to-result view."""
+def time_plot(grouped: dict[str, TaskGroups], path: Path, max_load: Optional[float] = None) -> None:
+    """Per task, the main eval metric against training seconds (evaluations excluded), one line per group over
+    the runs that had the CPU (`max_load`): the time-to-result view."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -463,11 +487,12 @@ def time_plot(grouped: dict[str, TaskGroups], path: Path) -> None:
     for axis, (task, task_groups) in zip(axes[0], sorted(grouped.items())):
         main_metric = next(iter(next(iter(task_groups.groups.values()))[0].metrics))
         for label, runs in task_groups.groups.items():
-            seconds, means, stds = time_series(runs, main_metric)
+            timed = timed_runs(runs, max_load)
+            seconds, means, stds = time_series(timed, main_metric) if timed else ([], [], [])
             if not seconds:
                 continue
             line, = axis.plot(seconds, [100 * mean for mean in means], marker="o", markersize=3,
-                              label=f"{label} (n={len(runs)})")
+                              label=f"{label} (n={len(timed)})")
             axis.fill_between(seconds, [100 * (m - s) for m, s in zip(means, stds)],
                               [100 * (m + s) for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
         axis.set_title(f"{task}: dev {main_metric.removeprefix('eval_')} against training time")
@@ -507,11 +532,16 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"bootstrap resamples over seeds × examples (default {DEFAULT_RESAMPLES}; 0: none)")
     parser.add_argument("--time_plot", type=Path,
                         help="write a PNG of the main eval metric against training seconds (time to result)")
+    parser.add_argument("--max_load", type=float, metavar="L",
+                        help="runs whose 1-minute load average went above L at an evaluation shared the CPU: "
+                             "the training time and the time plot leave them out (default: none left out)")
     parser.add_argument("--model_card", type=Path, metavar="RUN",
                         help="add the run's task table (Markdown) to the model card in this run folder")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.margin > 0 or args.bootstrap < 0:
         parser.error(f"--margin must be > 0 and --bootstrap ≥ 0 (got {args.margin:g} and {args.bootstrap})")
+    if args.max_load is not None and not args.max_load > 0:
+        parser.error(f"--max_load must be > 0 (got {args.max_load:g})")
     try:
         runs = [load_run(path) for path in args.runs]
         card_run = load_run(args.model_card) if args.model_card else None
@@ -524,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def table(task: str, markdown: bool) -> str:
         task_groups = grouped[task]
-        rows = table_rows(task_groups.groups, references[task], args.margin / 100, args.bootstrap)
+        rows = table_rows(task_groups.groups, references[task], args.margin / 100, args.bootstrap, args.max_load)
         return format_table(task, rows, task_groups.shared,
                             references[task], markdown)
 
@@ -539,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(grouped, args.plot)
         print(f"\nplot written to {args.plot}")
     if args.time_plot:
-        time_plot(grouped, args.time_plot)
+        time_plot(grouped, args.time_plot, args.max_load)
         print(f"\ntime-to-result plot written to {args.time_plot}")
     return 0
 
