@@ -297,6 +297,23 @@ def test_compare_says_which_groups_separate_after_holm(tmp_path, capsys):
     assert "--reference" in capsys.readouterr().err
 
 
+def test_summary_is_one_line_per_group_with_the_full_tables_numbers(tmp_path, capsys):
+    adam = write_group(tmp_path / "adam", [0.80, 0.81, 0.82, 0.81, 0.80], ADAM_RECORD)
+    better = write_group(tmp_path / "better", [0.90, 0.91, 0.89, 0.90, 0.92], MFAC_RECORD)
+    runs = [str(path) for path in adam + better] + ["--reference", str(tmp_path / "adam"), "--markdown"]
+    assert compare.main(runs) == 0
+    full = {cells[2]: cells for line in capsys.readouterr().out.splitlines()
+            if (cells := [cell.strip() for cell in line.split("|")])[1:2] == ["accuracy"]}
+    assert compare.main(runs + ["--summary"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| group | n | accuracy ×100 | Δ accuracy [95% CI] | train s | optimizer GiB |"
+    summary = {cells[1]: cells[2:-1] for line in lines[4:] if (cells := [cell.strip() for cell in line.split("|")])}
+    # In points: Adam's mean 80.8, sample std √((0.64 + 0.04 + 1.44 + 0.04 + 0.64)/4) = 0.84;
+    # M-FAC's mean 90.4, std √(5.2/4) = 1.14.
+    assert summary["adamw_torch"] == ["5", "80.80 ± 0.84", "reference", "-", "-"]
+    assert summary["MFAC"] == ["5", "90.40 ± 1.14", f"{full['MFAC'][6]}, separates", "-", "-"]
+    assert full["MFAC"][6].startswith("+9.60 [")
+
 def test_bootstrap_over_seeds_and_examples_matches_the_binomial_spread(tmp_path):
     # 400 dev examples. Every seed of group A answers all of them right; every seed of group B is wrong on the
     # same 200. Resampling seeds changes nothing; resampling examples makes A − B the share of resampled examples
@@ -379,8 +396,10 @@ def test_runs_that_shared_the_cpu_are_left_out_of_the_times_not_the_scores(tmp_p
     assert rows[0].summary.mean == pytest.approx(0.8) and rows[0].train_seconds == pytest.approx(20.0)
     assert compare.train_seconds_cell(rows[0]) == "20 (1 of 3 runs)"
     everyone = compare.table_rows({"all": runs}, "all", 0.01, 0)[0]
-    assert everyone.train_seconds == pytest.approx((20.0 + 60.0 + 28.0) / 3) and compare.train_seconds_cell(everyone) == "36"
-    assert compare.main([str(run.path) for run in runs] + ["--max_load", "2.5", "--time_plot", str(tmp_path / "t.png")]) == 0
+    assert everyone.train_seconds == pytest.approx((20.0 + 60.0 + 28.0) / 3)
+    assert compare.train_seconds_cell(everyone) == "36"
+    plot = tmp_path / "time.png"
+    assert compare.main([str(run.path) for run in runs] + ["--max_load", "2.5", "--time_plot", str(plot)]) == 0
     assert "20 (1 of 3 runs)" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         compare.main([str(runs[0].path), "--max_load", "0"])

@@ -19,7 +19,8 @@ The table also gives each group's mean training time (evaluations excluded, wher
 clock), optimizer state, and the highest 1-minute load average seen at its evaluations (above the core count, the runs shared the CPU and their times are not comparable).
 With `--max_load L`, a run whose load average went above L at any evaluation counts as having shared the CPU: the
 training time and the time plot leave it out (the table says from how many runs its time comes); its scores
-count as any other's.
+count as any other's. `--summary` prints one line per group: each metric's mean ± std and its difference from
+the reference with Welch's interval and the verdict.
 `--plot` draws the training loss and the main eval metric over steps per group; `--time_plot` the main eval
 metric against training seconds (evaluations excluded), both as the mean over seeds with a band of ± one
 standard deviation.
@@ -393,12 +394,45 @@ def format_table(task: str, rows: list[Row], shared: str, reference: str, markdo
     for row in rows:
         s = row.summary
         body.append([row.metric, row.label,
-                     f"{100 * s.mean:.2f} ± {100 * s.std:.2f}" if s.std is not None else f"{100 * s.mean:.2f}",
+                     mean_cell(s),
                      str(s.n), f"{100 * s.best:.2f} ({s.best_seed})", *difference_cells(row),
-                     train_seconds_cell(row),
-                     f"{row.optimizer_bytes / 2**30:.2f}" if row.optimizer_bytes is not None else "-",
-                     f"{row.max_load:.1f}" if row.max_load is not None else "-"])
-    context = f"(all runs: {shared}; reference: {reference})"
+                     *cost_cells(row), f"{row.max_load:.1f}" if row.max_load is not None else "-"])
+    return layout(task, f"(all runs: {shared}; reference: {reference})", header, body, markdown)
+
+
+def mean_cell(summary: Summary) -> str:
+    return f"{100 * summary.mean:.2f}" + (f" ± {100 * summary.std:.2f}" if summary.std is not None else "")
+
+
+def cost_cells(row: Row) -> list[str]:
+    return [train_seconds_cell(row), f"{row.optimizer_bytes / 2**30:.2f}" if row.optimizer_bytes is not None else "-"]
+
+
+def format_summary(task: str, rows: list[Row], shared: str, reference: str, markdown: bool) -> str:
+    """The same comparisons, one line per group: each metric's mean ± std and its difference from the reference
+    with Welch's interval and the verdict (p-values and the bootstrap are in the full table)."""
+    metrics = list(dict.fromkeys(row.metric for row in rows))
+    by_group: dict[str, dict[str, Row]] = defaultdict(dict)
+    for row in rows:
+        by_group[row.label][row.metric] = row
+    header = ["group", "n"] + [cell for metric in metrics for cell in (f"{metric} ×100", f"Δ {metric} [95% CI]")] + \
+        ["train s", "optimizer GiB"]
+    body = []
+    for label, cells_by_metric in by_group.items():
+        first = next(iter(cells_by_metric.values()))
+        cells = [label, str(first.summary.n)]
+        for metric in metrics:
+            row = cells_by_metric.get(metric)
+            if row is None:
+                cells += ["-", "-"]
+                continue
+            delta, *_, verdict = difference_cells(row)
+            cells += [mean_cell(row.summary), f"{delta}, {verdict}" if verdict else delta]
+        body.append(cells + cost_cells(first))
+    return layout(task, f"(all runs: {shared}; reference: {reference})", header, body, markdown)
+
+
+def layout(task: str, context: str, header: list[str], body: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = [f"**{task}** {context}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
@@ -524,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders written by run_glue.py")
     parser.add_argument("--plot", type=Path, help="write a PNG of loss and eval metric over steps")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    parser.add_argument("--summary", action="store_true",
+                        help="one line per group: each metric with its difference from the reference and the verdict")
     parser.add_argument("--reference", type=Path,
                         help="folder holding the reference group's runs (default: each task's first group)")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
@@ -552,13 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     except NotARunError as error:
         parser.error(str(error))
 
-    def table(task: str, markdown: bool) -> str:
+    def table(task: str, markdown: bool, brief: bool = False) -> str:
         task_groups = grouped[task]
         rows = table_rows(task_groups.groups, references[task], args.margin / 100, args.bootstrap, args.max_load)
-        return format_table(task, rows, task_groups.shared,
-                            references[task], markdown)
+        return (format_summary if brief else format_table)(task, rows, task_groups.shared, references[task], markdown)
 
-    print("\n\n".join(table(task, args.markdown) for task in sorted(grouped)))
+    print("\n\n".join(table(task, args.markdown, args.summary) for task in sorted(grouped)))
     if card_run is not None:
         try:
             add_to_model_card(card_run, table(card_run.task, markdown=True))
