@@ -513,6 +513,30 @@ def test_controls_majority_class_and_zero_shot_cosine_by_hand(tmp_path, tiny_ber
     assert exit_info.value.code == 2 and "--model_name_or_path: needed for stsb's control" in capsys.readouterr().err
 
 
+def test_controls_are_rows_of_their_tasks_table_and_lines_of_its_time_plot(tmp_path, capsys):
+    adam = write_group(tmp_path / "adam", [0.80, 0.81, 0.82, 0.81, 0.80], ADAM_RECORD)
+    sst2 = tmp_path / "sst2.json"
+    controls.write_controls(sst2, "sst2", {"majority class": {"accuracy": 0.5092}})
+    rte = tmp_path / "rte.json"  # a task without runs here: nothing of it is shown
+    controls.write_controls(rte, "rte", {"majority class": {"accuracy": 0.5271}})
+    assert controls.read_controls(sst2) == ("sst2", {"majority class": {"accuracy": 0.5092}})
+    runs = [str(path) for path in adam] + ["--markdown", "--controls", str(sst2), str(rte)]
+    assert compare.main(runs + ["--bootstrap", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "| accuracy | control: majority class | 50.92 | - | - | no training |  |  |  |  |  | - | - | - |"
+    assert "52.71" not in "\n".join(lines)
+    assert compare.main(runs + ["--summary", "--time_plot", str(tmp_path / "time.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| control: majority class | - | 50.92 | no training | - | - |" in out
+    assert (tmp_path / "time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "bad.json").write_text('{"task_name": "sst2"}')
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(adam[0]), "--controls", str(tmp_path / "bad.json")])
+    assert exit_info.value.code == 2
+    assert f"--controls {tmp_path / 'bad.json'} is not a file written by controls.py --output (KeyError" in \
+        capsys.readouterr().err
+
+
 def test_labels_read_a_warmup_ratio_as_a_share_of_the_steps():
     assert compare.describe("warmup_steps", 0.142486) == "warmup=14%"
     assert compare.describe("warmup_steps", 100) == "warmup_steps=100"

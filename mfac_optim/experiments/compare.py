@@ -20,7 +20,8 @@ clock), optimizer state, and the highest 1-minute load average seen at its evalu
 With `--max_load L`, a run whose load average went above L at any evaluation counts as having shared the CPU: the
 training time and the time plot leave it out (the table says from how many runs its time comes); its scores
 count as any other's. `--summary` prints one line per group: each metric's mean ± std and its difference from
-the reference with Welch's interval and the verdict.
+the reference with Welch's interval and the verdict. `--controls FILE...` adds each task's scores without
+training (controls.py --output) as rows of its table and dashed lines of its time plot.
 `--plot` draws the training loss and the main eval metric over steps per group; `--time_plot` the main eval
 metric against training seconds (evaluations excluded), both as the mean over seeds with a band of ± one
 standard deviation.
@@ -42,6 +43,7 @@ from typing import Optional
 import numpy as np
 
 from ..glue.records import ALL_RESULTS, EVAL_PREDICTIONS, RUN_INFO, TRAINER_STATE
+from .controls import read_controls
 
 # Prefixes of the eval entries that are not quality metrics (MNLI adds "_mm" copies of each).
 SEEDS_SECTION = "## Results over seeds"  # the model card section --model_card writes (and replaces)
@@ -386,17 +388,41 @@ def train_seconds_cell(row: Row) -> str:
     return seconds if row.timed == row.summary.n else f"{seconds} ({row.timed} of {row.summary.n} runs)"
 
 
-def format_table(task: str, rows: list[Row], shared: str, reference: str, markdown: bool) -> str:
+Controls = dict[str, dict[str, float]]  # a task's scores without training: control name -> metric -> score
+
+
+def load_controls(paths: list[Path]) -> dict[str, Controls]:
+    """task -> its controls, from the files controls.py wrote."""
+    by_task: dict[str, Controls] = defaultdict(dict)
+    for path in paths:
+        try:
+            task, scores = read_controls(path)
+        except ValueError as error:
+            raise NotARunError(f"--controls {error}")
+        by_task[task].update(scores)
+    return by_task
+
+
+def control_label(name: str) -> str:
+    return f"control: {name}"
+
+
+def format_table(task: str, rows: list[Row], shared: str, reference: str, markdown: bool,
+                 controls: Optional[Controls] = None) -> str:
+    """Every group in every metric; each metric's controls (scores without training) after its groups."""
     header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)", "Δ vs reference [Welch 95% CI]",
               "bootstrap 95% CI", "p Welch (Holm)", "p Mann–Whitney (Holm)", "p TOST (Holm)", "verdict", "train s",
               "optimizer GiB", "max load"]
     body = []
-    for row in rows:
+    for index, row in enumerate(rows):
         s = row.summary
         body.append([row.metric, row.label,
                      mean_cell(s),
                      str(s.n), f"{100 * s.best:.2f} ({s.best_seed})", *difference_cells(row),
                      *cost_cells(row), f"{row.max_load:.1f}" if row.max_load is not None else "-"])
+        if index + 1 == len(rows) or rows[index + 1].metric != row.metric:
+            body += [[row.metric, control_label(name), f"{100 * metrics[row.metric]:.2f}", "-", "-", "no training"]
+                     + [""] * 5 + ["-"] * 3 for name, metrics in (controls or {}).items() if row.metric in metrics]
     return layout(task, f"(all runs: {shared}; reference: {reference})", header, body, markdown)
 
 
@@ -408,9 +434,11 @@ def cost_cells(row: Row) -> list[str]:
     return [train_seconds_cell(row), f"{row.optimizer_bytes / 2**30:.2f}" if row.optimizer_bytes is not None else "-"]
 
 
-def format_summary(task: str, rows: list[Row], shared: str, reference: str, markdown: bool) -> str:
+def format_summary(task: str, rows: list[Row], shared: str, reference: str, markdown: bool,
+                   controls: Optional[Controls] = None) -> str:
     """The same comparisons, one line per group: each metric's mean ± std and its difference from the reference
-    with Welch's interval and the verdict (p-values and the bootstrap are in the full table)."""
+    with Welch's interval and the verdict (p-values and the bootstrap are in the full table); then a line per
+    control."""
     metrics = list(dict.fromkeys(row.metric for row in rows))
     by_group: dict[str, dict[str, Row]] = defaultdict(dict)
     for row in rows:
@@ -429,6 +457,9 @@ def format_summary(task: str, rows: list[Row], shared: str, reference: str, mark
             delta, *_, verdict = difference_cells(row)
             cells += [mean_cell(row.summary), f"{delta}, {verdict}" if verdict else delta]
         body.append(cells + cost_cells(first))
+    for name, scores in (controls or {}).items():
+        body.append([control_label(name), "-"] + [cell for metric in metrics for cell in (
+            (f"{100 * scores[metric]:.2f}", "no training") if metric in scores else ("-", "-"))] + ["-", "-"])
     return layout(task, f"(all runs: {shared}; reference: {reference})", header, body, markdown)
 
 
@@ -509,9 +540,10 @@ def time_series(runs: list[Run], key: str) -> tuple[list[float], list[float], li
     return seconds, [means[index] for index in timed], [stds[index] for index in timed]
 
 
-def time_plot(grouped: dict[str, TaskGroups], path: Path, max_load: Optional[float] = None) -> None:
+def time_plot(grouped: dict[str, TaskGroups], path: Path, max_load: Optional[float] = None,
+              controls: Optional[dict[str, Controls]] = None) -> None:
     """Per task, the main eval metric against training seconds (evaluations excluded), one line per group over
-    the runs that had the CPU (`max_load`): the time-to-result view."""
+    the runs that had the CPU (`max_load`), and a dashed line per control: the time-to-result view."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -529,6 +561,10 @@ def time_plot(grouped: dict[str, TaskGroups], path: Path, max_load: Optional[flo
                               label=f"{label} (n={len(timed)})")
             axis.fill_between(seconds, [100 * (m - s) for m, s in zip(means, stds)],
                               [100 * (m + s) for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
+        for name, scores in (controls or {}).get(task, {}).items():
+            if main_metric.removeprefix("eval_") in scores:
+                axis.axhline(100 * scores[main_metric.removeprefix("eval_")], color="gray", linestyle="--",
+                             label=control_label(name))
         axis.set_title(f"{task}: dev {main_metric.removeprefix('eval_')} against training time")
         axis.set_xlabel("training seconds (evaluations excluded)")
         axis.set_ylabel(f"{main_metric.removeprefix('eval_')} ×100")
@@ -571,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_load", type=float, metavar="L",
                         help="runs whose 1-minute load average went above L at an evaluation shared the CPU: "
                              "the training time and the time plot leave them out (default: none left out)")
+    parser.add_argument("--controls", type=Path, nargs="+", default=[], metavar="FILE",
+                        help="scores without training, as controls.py --output writes them: a row of their "
+                             "task's table, and a dashed line in its time plot")
     parser.add_argument("--model_card", type=Path, metavar="RUN",
                         help="add the run's task table (Markdown) to the model card in this run folder")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -580,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max_load must be > 0 (got {args.max_load:g})")
     try:
         runs = [load_run(path) for path in args.runs]
+        controls = load_controls(args.controls)
         card_run = load_run(args.model_card) if args.model_card else None
         grouped = group_runs(runs)
         references = {task: reference_label(task_groups, args.reference) for task, task_groups in grouped.items()}
@@ -591,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     def table(task: str, markdown: bool, brief: bool = False) -> str:
         task_groups = grouped[task]
         rows = table_rows(task_groups.groups, references[task], args.margin / 100, args.bootstrap, args.max_load)
-        return (format_summary if brief else format_table)(task, rows, task_groups.shared, references[task], markdown)
+        return (format_summary if brief else format_table)(task, rows, task_groups.shared, references[task], markdown,
+                                                           controls.get(task))
 
     print("\n\n".join(table(task, args.markdown, args.summary) for task in sorted(grouped)))
     if card_run is not None:
@@ -604,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(grouped, args.plot)
         print(f"\nplot written to {args.plot}")
     if args.time_plot:
-        time_plot(grouped, args.time_plot, args.max_load)
+        time_plot(grouped, args.time_plot, args.max_load, controls)
         print(f"\ntime-to-result plot written to {args.time_plot}")
     return 0
 

@@ -69,6 +69,21 @@ def controls(task: str, train_file: Optional[str], validation_file: str, model_p
     return {"majority class": metric.compute(majority_answer(read_glue_tsv(train_file, task), len(labels)), labels)}
 
 
+def write_controls(path: Path, task: str, scores: dict[str, dict[str, float]]) -> None:
+    path.write_text(json.dumps({"task_name": task, "controls": scores}, indent=2) + "\n")
+
+
+def read_controls(path: Path) -> tuple[str, dict[str, dict[str, float]]]:
+    """The task and its controls (name -> metric -> score) from a file `--output` wrote; ValueError otherwise."""
+    try:
+        record = json.loads(path.read_text())
+        task, scores = record["task_name"], record["controls"]
+        return task, {name: {metric: float(value) for metric, value in metrics.items()}
+                      for name, metrics in scores.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a file written by controls.py --output ({type(error).__name__}: {error})")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task_name", required=True, help=f"one of {', '.join(GLUE_TSV_LAYOUTS)}")
@@ -93,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, metrics in scores.items():
         print(f"{task} {name}: " + ", ".join(f"{key} {100 * value:.2f}" for key, value in metrics.items()))
     if args.output:
-        args.output.write_text(json.dumps({"task_name": task, "controls": scores}, indent=2) + "\n")
+        write_controls(args.output, task, scores)
     return 0
 
 
