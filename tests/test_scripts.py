@@ -416,6 +416,16 @@ def test_compare_plot_and_loss_series(hand_made_runs, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
 
+def test_compare_refuses_one_seed_of_one_setting_twice(hand_made_runs, tmp_path, capsys):
+    copy = tmp_path / "kept" / "a"
+    shutil.copytree(hand_made_runs[0], copy)
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([str(path) for path in hand_made_runs] + [str(copy)])
+    assert exit_info.value.code == 2
+    assert f"{hand_made_runs[0]} and {copy} are runs of the same setting at seed 1; give one of them" in \
+        capsys.readouterr().err
+
+
 def test_compare_rejects_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "run_info.json").write_text("{}")

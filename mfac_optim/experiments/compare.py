@@ -187,10 +187,16 @@ class TaskGroups:
 
 
 def group_runs(runs: list[Run]) -> dict[str, TaskGroups]:
-    """task -> its groups of seeds, grouped on everything run_info.json holds except the seed."""
+    """task -> its groups of seeds, grouped on everything run_info.json holds except the seed. Two runs of one
+    setting at one seed (a run folder and its kept copy, say) are refused: they would count one seed twice."""
     by_task: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        by_task[run.task][json.dumps(setting(run.info)[0], sort_keys=True)].append(run)
+        members = by_task[run.task][json.dumps(setting(run.info)[0], sort_keys=True)]
+        twin = next((member for member in members if member.seed == run.seed), None)
+        if twin is not None:
+            raise NotARunError(f"{twin.path} and {run.path} are runs of the same setting at seed {run.seed}; "
+                               "give one of them")
+        members.append(run)
     grouped = {}
     for task, by_setting in by_task.items():
         labels, shared = distinguishing_labels([setting(members[0].info) for members in by_setting.values()])
@@ -543,33 +549,38 @@ def time_series(runs: list[Run], key: str) -> tuple[list[float], list[float], li
 def time_plot(grouped: dict[str, TaskGroups], path: Path, max_load: Optional[float] = None,
               controls: Optional[dict[str, Controls]] = None) -> None:
     """Per task, the main eval metric against training seconds (evaluations excluded), one line per group over
-    the runs that had the CPU (`max_load`), and a dashed line per control: the time-to-result view."""
+    the runs that had the CPU (`max_load`), and a dashed line per control: the time-to-result view. Beside it the
+    second half of each group's evaluations, on a scale where differences of a point show."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(grouped), figsize=(7 * len(grouped), 4.5), squeeze=False)
-    for axis, (task, task_groups) in zip(axes[0], sorted(grouped.items())):
+    figure, axes = plt.subplots(len(grouped), 2, figsize=(14, 4.5 * len(grouped)), squeeze=False)
+    for (whole, second_half), (task, task_groups) in zip(axes, sorted(grouped.items())):
         main_metric = next(iter(next(iter(task_groups.groups.values()))[0].metrics))
+        name = main_metric.removeprefix("eval_")
         for label, runs in task_groups.groups.items():
             timed = timed_runs(runs, max_load)
             seconds, means, stds = time_series(timed, main_metric) if timed else ([], [], [])
-            if not seconds:
-                continue
-            line, = axis.plot(seconds, [100 * mean for mean in means], marker="o", markersize=3,
-                              label=f"{label} (n={len(timed)})")
-            axis.fill_between(seconds, [100 * (m - s) for m, s in zip(means, stds)],
-                              [100 * (m + s) for m, s in zip(means, stds)], color=line.get_color(), alpha=0.2)
-        for name, scores in (controls or {}).get(task, {}).items():
-            if main_metric.removeprefix("eval_") in scores:
-                axis.axhline(100 * scores[main_metric.removeprefix("eval_")], color="gray", linestyle="--",
-                             label=control_label(name))
-        axis.set_title(f"{task}: dev {main_metric.removeprefix('eval_')} against training time")
-        axis.set_xlabel("training seconds (evaluations excluded)")
-        axis.set_ylabel(f"{main_metric.removeprefix('eval_')} ×100")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+            color = None
+            for axis, first in ((whole, 0), (second_half, len(seconds) // 2)):
+                if not seconds:
+                    continue
+                line, = axis.plot(seconds[first:], [100 * mean for mean in means[first:]], marker="o", markersize=3,
+                                  color=color, label=f"{label} (n={len(timed)})")
+                color = line.get_color()
+                axis.fill_between(seconds[first:], [100 * (m - s) for m, s in zip(means[first:], stds[first:])],
+                                  [100 * (m + s) for m, s in zip(means[first:], stds[first:])], color=color, alpha=0.2)
+        for axis, title in ((whole, "against training time"), (second_half, "the second half of training")):
+            for control, scores in (controls or {}).get(task, {}).items():
+                if name in scores:
+                    axis.axhline(100 * scores[name], color="gray", linestyle="--", label=control_label(control))
+            axis.set_title(f"{task}: dev {name}, {title}")
+            axis.set_xlabel("training seconds (evaluations excluded)")
+            axis.set_ylabel(f"{name} ×100")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
