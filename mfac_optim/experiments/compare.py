@@ -562,11 +562,11 @@ def time_plot(grouped: dict[str, TaskGroups], path: Path, max_load: Optional[flo
         name = main_metric.removeprefix("eval_")
         for label, runs in task_groups.groups.items():
             timed = timed_runs(runs, max_load)
-            seconds, means, stds = time_series(timed, main_metric) if timed else ([], [], [])
+            seconds, means, stds = time_series(timed, main_metric)
+            if not seconds:
+                continue
             color = None
             for axis, first in ((whole, 0), (second_half, len(seconds) // 2)):
-                if not seconds:
-                    continue
                 line, = axis.plot(seconds[first:], [100 * mean for mean in means[first:]], marker="o", markersize=3,
                                   color=color, label=f"{label} (n={len(timed)})")
                 color = line.get_color()
