@@ -66,6 +66,20 @@ def test_public_surface_is_what_a_user_needs_and_hf_names_load_lazily():
     assert modules == "mfac_optim.hf_trainer MFACArguments.parse"
 
 
+def test_the_tools_that_read_run_folders_start_without_transformers():
+    # compare and controls are run over and over on kept records; transformers' import is most of their start-up.
+    code = ("import sys, mfac_optim.experiments.compare, mfac_optim.experiments.controls; "
+            "print(sorted(name for name in ('transformers', 'datasets') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    from mfac_optim.glue.records import TRAINER_STATE
+    assert TRAINER_STATE == TRAINER_STATE_NAME
+
+
 def test_optimizer_arguments_after_params_are_keyword_only():
     import inspect
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..glue.command_line import exit_with_usage_error
+from ..glue import exit_with_usage_error
 from ..glue.data import GLUE_TSV_LAYOUTS, TASK_TO_KEYS, read_glue_tsv
 from ..glue.metrics import GlueMetric
 

@@ -48,8 +48,8 @@ from optuna.trial import TrialState
 
 from run_glue import DataTrainingArguments, parse_arguments
 
-from ..glue import UsageError
-from ..glue.command_line import config_flags, exit_with_usage_error, read_json_object
+from ..glue import UsageError, exit_with_usage_error
+from ..glue.command_line import config_flags, read_json_object
 from ..glue.data import GLUE_ON_THE_HUB, glue_split_from_hub, load_local_datasets
 from ..glue.records import ALL_RESULTS, file_source_record, model_source_record
 from ..hf_arguments import typed_value

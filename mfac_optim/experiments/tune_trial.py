@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 import run_glue
 
-from ..glue.command_line import exit_with_usage_error
+from ..glue import exit_with_usage_error
 from .compare import eval_metrics
 from .tune_report import TRAINED_FRACTION, successive_halving
 

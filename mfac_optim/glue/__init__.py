@@ -8,9 +8,21 @@ marked blocks, and so that the scripts beside it (tune, sweep) share the same ch
 - records: the run's run_info.json;
 - adapters: LoRA adapters through PEFT (`--lora_r`), and what trains in full beside them.
 
-They import transformers and datasets, so `mfac_optim` itself never imports them.
+They import transformers and datasets, so `mfac_optim` itself never imports them; this module and records do not,
+so that the tools that only read run folders (compare, controls) start without them.
 """
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NoReturn
 
 
 class UsageError(ValueError):
     """A mistake in the command line or its files: reported as one line, without a traceback."""
+
+
+def exit_with_usage_error(message: str) -> NoReturn:
+    """Reports a usage error as argparse does (one line naming the program) and exits with status 2."""
+    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
+    sys.exit(2)

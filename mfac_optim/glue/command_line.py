@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 from ..hf_arguments import parse_optim_args
 from ..hf_trainer import check_mfac_fits, check_optimizer_state_matches, last_complete_checkpoint, mfac_memory_bound
-from . import UsageError
+from . import UsageError, exit_with_usage_error
 from .adapters import LoraPlan, lora_plan
 from .data import check_columns, check_splits_given, load_local_datasets, local_data_files
 from .model_types import check_model_configs
@@ -99,11 +98,6 @@ def parse_and_check_inputs(parser, argv: list[str]):
     except ValueError as error:  # UsageError, and TrainingArguments' own checks
         exit_with_usage_error(str(error))
     return model_args, data_args, training_args, local_datasets
-
-
-def exit_with_usage_error(message: str) -> NoReturn:
-    sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
-    sys.exit(2)
 
 
 def checkpoint_to_resume(training_args) -> Optional[str]:

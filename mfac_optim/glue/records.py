@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from transformers.trainer import TRAINER_STATE_NAME
-
-from ..hf_arguments import MFAC_NAME
 
 # The run folder's files that the tools read: this module names them, and no other.
 RUN_INFO = "run_info.json"
 ALL_RESULTS = "all_results.json"  # the Trainer's metrics of training and evaluation; written last, so a run is done
-TRAINER_STATE = TRAINER_STATE_NAME  # the Trainer's log history, under the Trainer's own name for it
+TRAINER_STATE = "trainer_state.json"  # the Trainer's log history (its TRAINER_STATE_NAME, spelled out so that
+                                      # reading runs needs no transformers; a test holds the two equal)
 EVAL_PREDICTIONS = "eval_predictions_{task}.tsv"  # one row per evaluation example: index, prediction, label
 
 
@@ -90,6 +88,8 @@ def file_sha256(path: Path) -> str:
 
 def optimizer_record(training_args) -> dict[str, Any]:
     """The optimizer and its settings (for HF optimizers, the arguments the Trainer builds it from)."""
+    from ..hf_arguments import MFAC_NAME  # here, not at the top: the tools that only read records skip transformers
+
     if training_args.optim == MFAC_NAME:
         return {"optim": "MFAC", "optim_args": training_args.mfac.record()}
     return {
