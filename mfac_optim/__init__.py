@@ -11,8 +11,9 @@ cancellation of g/λ − Gᵀ(…)/λ.
 Modules: optimizer (the torch.optim plumbing), layout (every offset), storage and compressed (the window's
 storage kinds: dense, row-sparse, top-k with error feedback), window (the ring buffer and the step's two passes),
 algebra (the m × m system), distributed (sharding across processes), memory (an upper bound before training),
-kernels (the compiled passes), glue (what run_glue.py adds to HF's script), hf_arguments and hf_trainer (the HF
-Trainer's `--optim MFAC`; they import transformers, so their names below load on first use).
+kernels (the compiled passes), glue (what run_glue.py adds to HF's script), optim_args (the text of --optim_args),
+hf_arguments and hf_trainer (the HF Trainer's `--optim MFAC`; they import transformers, so their names below load on
+first use).
 """
 from typing import Any
 
@@ -20,7 +21,7 @@ from .memory import memory_bound_bytes
 from .optimizer import MFAC
 
 # The HF Trainer glue imports transformers, which the optimizer alone does not need: its names load on first use.
-_HF_NAMES = {"MFACArguments": "hf_arguments", "MFACArgumentError": "hf_arguments",
+_HF_NAMES = {"MFACArguments": "hf_arguments", "MFACArgumentError": "optim_args",
              "MFACTrainingArguments": "hf_arguments", "MFACTrainer": "hf_trainer"}
 
 __all__ = ["MFAC", "MFACArgumentError", "MFACArguments", "MFACTrainer", "MFACTrainingArguments", "memory_bound_bytes"]

@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from .hyperparameters import DEFAULTS, check_group_hyperparameters, resolve_grad_dtype
+from .optim_args import MFACArgumentError, parse_optim_args
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,6 @@ MFAC_NAME = "mfac"
 HF_OPTIMIZERS = [name.value for name in OptimizerNames]
 # HF optimizers whose Trainer handler reads no `--optim_args`: giving some would silently do nothing.
 OPTIMIZERS_WITHOUT_ARGS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor")
-
-
-class MFACArgumentError(ValueError):
-    """A mistake in `--optim`/`--optim_args`: scripts report it as one line, without a traceback."""
 
 
 @dataclass(frozen=True)
@@ -68,38 +65,6 @@ class MFACArguments:
     def record(self) -> dict[str, Any]:
         """lr, weight_decay and what --optim_args named: how the run was made."""
         return {key: getattr(self, key) for key in ("lr", "weight_decay", *self.given)}
-
-
-def parse_optim_args(text: str) -> dict[str, Any]:
-    """A JSON object, or HF's `key=value,key=value` with numbers and true/false read as such."""
-    if text.lstrip().startswith(("{", "[")):
-        try:
-            given = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise MFACArgumentError(f"--optim_args: not valid JSON ({error.msg} at char {error.pos}): {text}") from None
-        if not isinstance(given, dict):
-            raise MFACArgumentError(f"--optim_args: must be a JSON object like '{{\"num_grads\": 1024}}' or "
-                                    f"key=value pairs like num_grads=1024, got {text}")
-        return given
-    given = {}
-    for pair in text.split(","):
-        key, separator, value = (part.strip() for part in pair.partition("="))
-        if not separator or not key:
-            raise MFACArgumentError(f"--optim_args: {pair.strip()!r} is not key=value (expected e.g. "
-                                    f"num_grads=1024,damp=1e-6, or a JSON object)")
-        given[key] = typed_value(value)
-    return given
-
-
-def typed_value(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def launched_processes() -> int:

@@ -66,9 +66,11 @@ def test_public_surface_is_what_a_user_needs_and_hf_names_load_lazily():
     assert modules == "mfac_optim.hf_trainer MFACArguments.parse"
 
 
-def test_the_tools_that_read_run_folders_start_without_transformers():
-    # compare and controls are run over and over on kept records; transformers' import is most of their start-up.
-    code = ("import sys, mfac_optim.experiments.compare, mfac_optim.experiments.controls; "
+def test_the_tools_that_read_run_folders_or_pass_configs_on_start_without_transformers():
+    # compare and controls are run over and over on kept records, and sweep only starts run_glue.py processes;
+    # transformers' import is most of their start-up.
+    code = ("import sys, mfac_optim.experiments.compare, mfac_optim.experiments.controls, mfac_optim.experiments.sweep; "
+            "from mfac_optim import MFACArgumentError; "
             "print(sorted(name for name in ('transformers', 'datasets') if name in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mfac_optim.glue import command_line as glue_command_line
+from mfac_optim.glue import json_config
 
 ROOT = Path(__file__).resolve().parent.parent
 from mfac_optim.experiments import search_space, sweep, tune, tune_report, tune_trial  # noqa: E402
@@ -99,7 +99,7 @@ def test_flags_round_trip_through_config_flags():
     config = tune.flags_config(flags)
     assert config == {"do_train": True, "seed": 5, "optim_args": {"lr": 0.001}, "report_to": ["none", "wandb"],
                       "pad_to_max_length": False, "learning_rate": 1e-4, "train_file": "a.tsv"}
-    assert tune.flags_config(glue_command_line.config_flags(config)) == config
+    assert tune.flags_config(json_config.config_flags(config)) == config
 
 
 # --- the carved validation split ---------------------------------------------------------------------------------

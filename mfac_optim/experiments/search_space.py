@@ -24,7 +24,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from run_glue import DataTrainingArguments, ModelArguments
 
 from ..glue import UsageError
-from ..glue.command_line import read_json_object
+from ..glue.json_config import read_json_object
 from ..hf_arguments import HF_OPTIMIZERS, MFAC_NAME, MFACArguments, MFACTrainingArguments
 
 SECTIONS = ("optim", "flags", "optim_args", "description", "sampler")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ..glue import UsageError
-from ..glue.command_line import expand_json_config
+from ..glue.json_config import expand_json_config
 from ..glue.records import ALL_RESULTS, copy_records
 from .compare import eval_metrics
 

@@ -49,10 +49,10 @@ from optuna.trial import TrialState
 from run_glue import DataTrainingArguments, parse_arguments
 
 from ..glue import UsageError, exit_with_usage_error
-from ..glue.command_line import config_flags, read_json_object
+from ..glue.json_config import config_flags, read_json_object
 from ..glue.data import GLUE_ON_THE_HUB, glue_split_from_hub, load_local_datasets
 from ..glue.records import ALL_RESULTS, file_source_record, model_source_record
-from ..hf_arguments import typed_value
+from ..optim_args import typed_value
 from .search_space import SearchSpace, load_search_space
 from .study_folder import StudyFolder, tuned_name
 from .sweep import DEFAULT_SEEDS, split_at_double_dash

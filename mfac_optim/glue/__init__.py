@@ -1,15 +1,16 @@
 """What `run_glue.py` adds to HF's GLUE script, kept out of the script so that the script reads as HF's with a few
 marked blocks, and so that the scripts beside it (tune, sweep) share the same checks:
 
-- command_line: a JSON file of arguments, and every check that can fail before a model loads (one error line);
+- json_config: a JSON file of arguments that later flags override;
+- command_line: every check that can fail before a model loads (one error line);
 - data: GLUE's .tsv files as distributed, and local files checked for the task's columns;
 - model_types: configs without "model_type" (prajjwal1/bert-mini) read as transformers 4 read them;
 - metrics: GLUE's metrics computed locally (scikit-learn, scipy) under HF's keys;
 - records: the run's run_info.json;
 - adapters: LoRA adapters through PEFT (`--lora_r`), and what trains in full beside them.
 
-They import transformers and datasets, so `mfac_optim` itself never imports them; this module and records do not,
-so that the tools that only read run folders (compare, controls) start without them.
+They import transformers and datasets, so `mfac_optim` itself never imports them; this module, json_config and records
+do not, so that the tools that only read configs or run folders (sweep, compare, controls) start without them.
 """
 from __future__ import annotations
 
