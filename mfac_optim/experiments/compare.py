@@ -641,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def table(task: str, markdown: bool, brief: bool = False) -> str:
         task_groups = grouped[task]
-        rows = table_rows(task_groups.groups, references[task], args.margin / 100, args.bootstrap, args.max_load)
+        resamples = 0 if brief else args.bootstrap  # the summary shows no bootstrap interval: nothing to wait for
+        rows = table_rows(task_groups.groups, references[task], args.margin / 100, resamples, args.max_load)
         return (format_summary if brief else format_table)(task, rows, task_groups.shared, references[task], markdown,
                                                            controls.get(task))
 
