@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .hf_arguments import MFAC_NAME, MFACArgumentError, launched_processes
 from .memory import memory_bound_bytes, optimizer_state_bytes
 from .optimizer import MFAC
+from .training_log import LOAD_AVERAGE, TRAIN_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 SHARD_STATE = "rank{rank}-of-{world_size}-" + OPTIMIZER_NAME
 MODEL_CARD = "README.md"  # where Trainer.create_model_card writes
 CHECKPOINT_FOLDER = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
-TRAIN_SECONDS = "train_seconds"  # an evaluation's log entry: training time up to it, evaluations excluded
 
 
 def mfac_is_sharded(training_args) -> bool:
@@ -88,7 +88,7 @@ class TrainingClock(TrainerCallback):
         now = self.stopped if self.stopped is not None else time.perf_counter()
         state.log_history[-1][TRAIN_SECONDS] = round(self.offset + now - self.started - self.evaluating, 3)
         if hasattr(os, "getloadavg"):
-            state.log_history[-1]["load_average"] = round(os.getloadavg()[0], 2)
+            state.log_history[-1][LOAD_AVERAGE] = round(os.getloadavg()[0], 2)
 
 
 class MFACTrainer(Trainer):

@@ -68,11 +68,22 @@ def test_public_surface_is_what_a_user_needs_and_hf_names_load_lazily():
 
 def test_the_tools_that_read_run_folders_or_pass_configs_on_start_without_transformers():
     # compare and controls are run over and over on kept records, and sweep only starts run_glue.py processes;
-    # transformers' import is most of their start-up.
-    code = ("import sys, mfac_optim.experiments.compare, mfac_optim.experiments.controls, mfac_optim.experiments.sweep; "
-            "from mfac_optim import MFACArgumentError; "
-            "print(sorted(name for name in ('transformers', 'datasets') if name in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # transformers' import is most of their start-up. compare reads the study's kept STS-B records here, training
+    # clocks included.
+    code = """
+import contextlib, io, sys
+from pathlib import Path
+import mfac_optim.experiments.controls, mfac_optim.experiments.sweep
+from mfac_optim import MFACArgumentError
+from mfac_optim.experiments import compare
+runs = [str(path) for path in sorted(Path(sys.argv[1]).glob("seeds/*/seed*"))]
+with contextlib.redirect_stdout(io.StringIO()) as table:
+    compare.main(runs + ["--bootstrap", "0", "--max_load", "2.5"])
+assert "train s" in table.getvalue() and "416" in table.getvalue(), table.getvalue()
+print(sorted(name for name in ("transformers", "datasets") if name in sys.modules))
+"""
+    records = ROOT / "docs" / "results" / "full_budget" / "stsb"
+    result = subprocess.run([sys.executable, "-c", code, str(records)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
 

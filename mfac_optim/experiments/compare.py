@@ -43,6 +43,7 @@ from typing import Optional
 import numpy as np
 
 from ..glue.records import ALL_RESULTS, EVAL_PREDICTIONS, RUN_INFO, TRAINER_STATE
+from ..training_log import LOAD_AVERAGE, TRAIN_SECONDS
 from .controls import read_controls
 
 # Prefixes of the eval entries that are not quality metrics (MNLI adds "_mm" copies of each).
@@ -95,14 +96,12 @@ class Run:
     def train_seconds(self) -> Optional[float]:
         """Training time with the evaluations' time taken out, where the run's Trainer recorded that clock (its last
         reading, at the end of training); else the Trainer's train_runtime, evaluations included."""
-        from mfac_optim.hf_trainer import TRAIN_SECONDS
-
         ends = [entry[TRAIN_SECONDS] for entry in self.log_history if "train_runtime" in entry and TRAIN_SECONDS in entry]
         return ends[-1] if ends else self.results.get("train_runtime")
 
     @property
     def max_load(self) -> Optional[float]:
-        loads = [entry["load_average"] for entry in self.log_history if "load_average" in entry]
+        loads = [entry[LOAD_AVERAGE] for entry in self.log_history if LOAD_AVERAGE in entry]
         return max(loads) if loads else None
 
     def had_the_cpu(self, max_load: Optional[float]) -> bool:
@@ -536,8 +535,6 @@ def plot(grouped: dict[str, TaskGroups], path: Path) -> None:
 def time_series(runs: list[Run], key: str) -> tuple[list[float], list[float], list[float]]:
     """At each evaluation step every run logged: the mean training seconds up to it, and the mean and sample std
     of `key` over the runs."""
-    from mfac_optim.hf_trainer import TRAIN_SECONDS
-
     steps, means, stds = series(runs, key)
     clocks = [{entry["step"]: entry[TRAIN_SECONDS] for entry in run.log_history if TRAIN_SECONDS in entry and key in entry}
               for run in runs]
