@@ -329,7 +329,7 @@ def test_bootstrap_over_seeds_and_examples_matches_the_binomial_spread(tmp_path)
                            for index, (prediction, label) in enumerate(zip(predictions, labels)))
             (run / "eval_predictions_sst2.tsv").write_text("index\tprediction\tlabel\n" + rows)
             groups[name].append(compare.load_run(run))
-    low, high = compare.bootstrap_interval(groups["a"], groups["b"], "accuracy", resamples=2000)
+    low, high = compare.bootstrap_intervals(groups["a"], groups["b"], ["accuracy"], resamples=2000)["accuracy"]
     assert low == pytest.approx(0.5 - 1.96 * 0.025, abs=0.006) and high == pytest.approx(0.5 + 1.96 * 0.025, abs=0.006)
 
 

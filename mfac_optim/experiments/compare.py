@@ -297,10 +297,11 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def bootstrap_interval(group: list[Run], reference: list[Run], metric: str, resamples: int,
-                       confidence: float = 0.95, seed: int = 0) -> Optional[tuple[float, float]]:
-    """Percentile interval of mean(group) − mean(reference) in `metric`, resampling seeds within each group and
-    dev examples (the same ones for both groups, which saw the same dev set); None without kept predictions."""
+def bootstrap_intervals(group: list[Run], reference: list[Run], metrics: list[str], resamples: int,
+                        confidence: float = 0.95, seed: int = 0) -> Optional[dict[str, tuple[float, float]]]:
+    """Percentile interval of mean(group) − mean(reference) in each of `metrics`, resampling seeds within each group
+    and dev examples (the same ones for both groups, which saw the same dev set); None without kept predictions.
+    The metrics share each resample, and a run drawn twice in one is scored once."""
     from mfac_optim.glue.metrics import GlueMetric
 
     kept = [[run.predictions() for run in runs] for runs in (group, reference)]
@@ -310,17 +311,19 @@ def bootstrap_interval(group: list[Run], reference: list[Run], metric: str, resa
     task = group[0].task
     scorer = GlueMetric(task, is_regression=task == "stsb")
     rng = np.random.default_rng(seed)
-    differences = []
+    differences: dict[str, list[float]] = {metric: [] for metric in metrics}
     for _ in range(resamples):
         examples = rng.integers(0, len(labels), len(labels))
         means = []
         for runs in kept:
-            chosen = rng.integers(0, len(runs), len(runs))
-            means.append(statistics.mean(scorer.compute(runs[index][0][examples], labels[examples])[metric]
-                                         for index in chosen))
-        differences.append(means[0] - means[1])
-    low, high = np.quantile(differences, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return float(low), float(high)
+            chosen = rng.integers(0, len(runs), len(runs)).tolist()
+            scores = {index: scorer.compute(runs[index][0][examples], labels[examples]) for index in set(chosen)}
+            means.append({metric: statistics.mean(scores[index][metric] for index in chosen) for metric in metrics})
+        for metric in metrics:
+            differences[metric].append(means[0][metric] - means[1][metric])
+    bounds = [(1 - confidence) / 2, (1 + confidence) / 2]
+    return {metric: tuple(float(bound) for bound in np.quantile(values, bounds))
+            for metric, values in differences.items()}
 
 
 @dataclass
@@ -350,6 +353,7 @@ def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resa
     """Every group against the reference in every metric, the p-values adjusted by Holm over all of them; the
     training time from the runs that had the CPU (`max_load`)."""
     metrics = sorted({metric for runs in groups.values() for run in runs for metric in run.metrics})
+    bootstraps: dict[str, Optional[dict[str, tuple[float, float]]]] = {}  # per group, every metric in one pass
     rows = []
     for metric in metrics:
         baseline = summarize(groups[reference], metric)
@@ -360,8 +364,11 @@ def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resa
             difference = None if label == reference or baseline is None else \
                 compare_groups(summary.values, baseline.values, margin)
             if difference is not None and resamples:
-                difference.bootstrap = bootstrap_interval(runs, groups[reference], metric.removeprefix("eval_"),
-                                                          resamples)
+                if label not in bootstraps:
+                    bootstraps[label] = bootstrap_intervals(runs, groups[reference],
+                                                            [name.removeprefix("eval_") for name in metrics], resamples)
+                if bootstraps[label] is not None:
+                    difference.bootstrap = bootstraps[label][metric.removeprefix("eval_")]
             loads = [run.max_load for run in runs if run.max_load is not None]
             timed = timed_runs(runs, max_load)
             rows.append(Row(metric.removeprefix("eval_"), label, summary, difference, label == reference,
