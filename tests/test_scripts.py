@@ -2,6 +2,7 @@
 benchmark's one-run comparison."""
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -406,6 +407,32 @@ def test_runs_that_shared_the_cpu_are_left_out_of_the_times_not_the_scores(tmp_p
     assert exit_info.value.code == 2 and "--max_load must be > 0 (got 0)" in capsys.readouterr().err
 
 
+def test_time_to_the_references_score_is_the_first_evaluation_where_a_groups_mean_reaches_it(tmp_path):
+    # Each run: (training seconds, accuracy) at steps 50 and 100. The reference ends at a mean of 0.8, which its
+    # own mean curve (0.65, 0.8 at 11 s, 22 s) reaches at its end; "fast" has a mean of 0.8 already at its first
+    # evaluation (32 s); "slow" never gets there; a group without training clocks has no time.
+    curves = {"reference": [((10.0, 0.6), (20.0, 0.8)), ((12.0, 0.7), (24.0, 0.8))],
+              "fast": [((30.0, 0.85), (60.0, 0.9)), ((34.0, 0.75), (68.0, 0.9))],
+              "slow": [((5.0, 0.5), (10.0, 0.7)), ((7.0, 0.5), (14.0, 0.7))],
+              "unclocked": [((None, 0.9), (None, 0.9)), ((None, 0.9), (None, 0.9))]}
+    groups = {}
+    for label, runs in curves.items():
+        groups[label] = []
+        for seed, curve in enumerate(runs):
+            run = make_run(tmp_path / label / f"seed{seed}", seed, curve[-1][1], MFAC_RECORD)
+            history = [{"eval_accuracy": score, "step": 50 * (index + 1),
+                        **({"train_seconds": seconds} if seconds is not None else {})}
+                       for index, (seconds, score) in enumerate(curve)]
+            (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+            groups[label].append(compare.load_run(run))
+    rows = {row.label: row for row in compare.table_rows(groups, "reference", 0.01, 0)}
+    assert rows["reference"].seconds_to_reference == pytest.approx(22.0)
+    assert rows["fast"].seconds_to_reference == pytest.approx(32.0)
+    assert rows["slow"].seconds_to_reference == math.inf
+    assert rows["unclocked"].seconds_to_reference is None
+    assert [compare.seconds_to_reference_cell(rows[label]) for label in curves] == ["22", "32", "not reached", "-"]
+
+
 def test_compare_plot_and_loss_series(hand_made_runs, tmp_path):
     runs = [compare.load_run(path) for path in hand_made_runs[:3]]
     steps, means, stds = compare.series(runs, "loss")
@@ -533,7 +560,7 @@ def test_controls_are_rows_of_their_tasks_table_and_lines_of_its_time_plot(tmp_p
     runs = [str(path) for path in adam] + ["--markdown", "--controls", str(sst2), str(rte)]
     assert compare.main(runs + ["--bootstrap", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == "| accuracy | control: majority class | 50.92 | - | - | no training |  |  |  |  |  | - | - | - |"
+    assert lines[-1] == "| accuracy | control: majority class | 50.92 | - | - | no training |  |  |  |  |  | - | - | - | - |"
     assert "52.71" not in "\n".join(lines)
     assert compare.main(runs + ["--summary", "--time_plot", str(tmp_path / "time.png")]) == 0
     out = capsys.readouterr().out

@@ -16,7 +16,9 @@ folder; else the task's first group):
 - the verdict: "separates" when both Welch's and Mann–Whitney's adjusted p are below 0.05; "equivalent within
   ±δ" when the adjusted TOST p is; "inconclusive" otherwise.
 The table also gives each group's mean training time (evaluations excluded, where the runs recorded that
-clock), optimizer state, and the highest 1-minute load average seen at its evaluations (above the core count, the runs shared the CPU and their times are not comparable).
+clock), optimizer state, the training time at which its mean score first reaches the reference's final mean (time
+to result, as AlgoPerf scores it), and the highest 1-minute load average seen at its evaluations (above the core
+count, the runs shared the CPU and their times are not comparable).
 With `--max_load L`, a run whose load average went above L at any evaluation counts as having shared the CPU: the
 training time and the time plot leave it out (the table says from how many runs its time comes); its scores
 count as any other's. `--summary` prints one line per group: each metric's mean ± std and its difference from
@@ -53,6 +55,7 @@ NOT_METRICS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_ste
                "eval_combined_score")
 ALPHA = 0.05
 DEFAULT_MARGIN = 1.0  # points (×100): the equivalence margin δ of the TOST
+TARGET_ROUNDING = 1e-9  # the reference's final mean, summed in another order, may differ from its own curve's end
 DEFAULT_RESAMPLES = 2000  # bootstrap resamples over seeds × examples
 
 
@@ -337,6 +340,17 @@ class Row:
     timed: int  # how many of the group's runs the training time comes from (those that had the CPU)
     optimizer_bytes: Optional[float]  # mean optimizer state after the first step
     max_load: Optional[float]  # the highest 1-minute load average at any evaluation of the group's runs
+    seconds_to_reference: Optional[float]  # when the timed runs' mean first reached the reference's (seconds_to_reach)
+
+
+def seconds_to_reach(runs: list[Run], key: str, target: float) -> Optional[float]:
+    """Time to result as AlgoPerf scores it: the mean training seconds at the first evaluation where the runs' mean
+    `key` reaches `target` (GLUE's metrics: higher is better), up to the rounding of a mean; inf if none does,
+    None without training clocks."""
+    seconds, means, _ = time_series(runs, key)
+    if not seconds:
+        return None
+    return next((time for time, mean in zip(seconds, means) if mean >= target - TARGET_ROUNDING), math.inf)
 
 
 def mean_result(runs: list[Run], key: str) -> Optional[float]:
@@ -373,7 +387,8 @@ def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resa
             timed = timed_runs(runs, max_load)
             rows.append(Row(metric.removeprefix("eval_"), label, summary, difference, label == reference,
                             mean_of([run.train_seconds for run in timed]), len(timed),
-                            mean_result(runs, "optimizer_state_bytes"), max(loads) if loads else None))
+                            mean_result(runs, "optimizer_state_bytes"), max(loads) if loads else None,
+                            seconds_to_reach(timed, metric, baseline.mean) if baseline is not None else None))
     compared = [row.difference for row in rows if row.difference is not None]
     for adjusted in zip(*(holm([getattr(difference, name) for difference in compared])
                           for name in ("p_welch", "p_mann_whitney", "p_tost"))):
@@ -391,6 +406,12 @@ def difference_cells(row: Row) -> list[str]:
     welch, mann_whitney, tost = d.adjusted
     return [f"{100 * d.delta:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]", bootstrap, f"{welch:.2g}",
             f"{mann_whitney:.2g}", f"{tost:.2g}", d.verdict]
+
+
+def seconds_to_reference_cell(row: Row) -> str:
+    if row.seconds_to_reference is None:
+        return "-"
+    return "not reached" if math.isinf(row.seconds_to_reference) else f"{row.seconds_to_reference:.0f}"
 
 
 def train_seconds_cell(row: Row) -> str:
@@ -424,17 +445,18 @@ def format_table(task: str, rows: list[Row], shared: str, reference: str, markdo
     """Every group in every metric; each metric's controls (scores without training) after its groups."""
     header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)", "Δ vs reference [Welch 95% CI]",
               "bootstrap 95% CI", "p Welch (Holm)", "p Mann–Whitney (Holm)", "p TOST (Holm)", "verdict", "train s",
-              "optimizer GiB", "max load"]
+              "optimizer GiB", "s to reference's mean", "max load"]
     body = []
     for index, row in enumerate(rows):
         s = row.summary
         body.append([row.metric, row.label,
                      mean_cell(s),
                      str(s.n), f"{100 * s.best:.2f} ({s.best_seed})", *difference_cells(row),
-                     *cost_cells(row), f"{row.max_load:.1f}" if row.max_load is not None else "-"])
+                     *cost_cells(row), seconds_to_reference_cell(row),
+                     f"{row.max_load:.1f}" if row.max_load is not None else "-"])
         if index + 1 == len(rows) or rows[index + 1].metric != row.metric:
             body += [[row.metric, control_label(name), f"{100 * metrics[row.metric]:.2f}", "-", "-", "no training"]
-                     + [""] * 5 + ["-"] * 3 for name, metrics in (controls or {}).items() if row.metric in metrics]
+                     + [""] * 5 + ["-"] * 4 for name, metrics in (controls or {}).items() if row.metric in metrics]
     return layout(task, f"(all runs: {shared}; reference: {reference})", header, body, markdown)
 
 
