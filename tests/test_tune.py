@@ -455,3 +455,24 @@ def test_importance_plot_puts_learning_rate_and_lr_on_one_row():
     tune_report.plot_importance(axis, summaries, {"adamw": "C0", "mfac": "C1"}, "stsb")
     assert [label.get_text() for label in axis.get_yticklabels()] == ["damp", "lr"]
     plt.close(figure)
+
+
+def test_report_says_when_the_best_lr_is_a_tie_instead_of_asking_to_widen_the_range():
+    space = search_space.search_space_from(
+        {"optim": "adamw_torch", "flags": {"learning_rate": {"low": 1e-5, "high": 1e-2, "log": True}}}, "adamw", "test")
+    distribution = space.sampled["learning_rate"][1]
+    study = optuna.create_study(direction="maximize")
+    for lr, value in ((6e-3, 0.498), (8e-3, 0.498), (1e-4, 0.482)):  # two trials tie at a constant answer
+        study.add_trial(optuna.trial.create_trial(params={"learning_rate": lr},
+                                                  distributions={"learning_rate": distribution}, value=value))
+
+    def line(trials):
+        summary = tune_report.StudySummary("adamw", 6.0, "accuracy", True, None, "rte", space, trials, 0, 0.0, {})
+        return summary.lr_sides()
+
+    # 6e-3 lies at 0.93 of the log-range: the edge. Tied with trial 1, it asks for no wider range.
+    assert line(study.trials) == ("adamw: best learning_rate 0.006: 1 finished trials below, 1 above (finished "
+                                  "trials on both sides); at the edge of the range, TIED at the best score with "
+                                  "trial 1: the scores do not single out an lr")
+    # Alone at the best score, the same pick at the edge asks for it.
+    assert line(study.trials[::2]).endswith("(NOT bracketed by finished trials); AT THE EDGE of the range: widen it")
