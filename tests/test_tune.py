@@ -458,8 +458,8 @@ def test_importance_plot_puts_learning_rate_and_lr_on_one_row():
 
 
 def test_report_says_when_the_best_lr_is_a_tie_instead_of_asking_to_widen_the_range():
-    space = search_space.search_space_from(
-        {"optim": "adamw_torch", "flags": {"learning_rate": {"low": 1e-5, "high": 1e-2, "log": True}}}, "adamw", "test")
+    spec = {"optim": "adamw_torch", "flags": {"learning_rate": {"low": 1e-5, "high": 1e-2, "log": True}}}
+    space = search_space.search_space_from(spec, "adamw", "test")
     distribution = space.sampled["learning_rate"][1]
     study = optuna.create_study(direction="maximize")
     for lr, value in ((6e-3, 0.498), (8e-3, 0.498), (1e-4, 0.482)):  # two trials tie at a constant answer

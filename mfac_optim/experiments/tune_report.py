@@ -106,15 +106,15 @@ class StudySummary:
         above = sum(trial.params[name] > lr for trial in self.trials)
         sides = "finished trials on both sides" if below and above else "NOT bracketed by finished trials"
         tied = [trial.number for trial in self.complete if trial.number != best.number and trial.value == best.value]
+        edge = at_the_edge(lr, distribution)
         if tied:
             # Trials that score the same (a constant answer, say) leave the pick to the order they finished in:
             # where it lies says nothing about where the best lr is, so no range is to be widened for it.
-            where = "at the edge of the range" if at_the_edge(lr, distribution) else "inside the range"
-            edge = (f"{where}, TIED at the best score with trial {', '.join(map(str, tied))}: the scores do not "
-                    f"single out an lr")
+            where = (f"{'at the edge of' if edge else 'inside'} the range, TIED at the best score with trial "
+                     f"{', '.join(map(str, tied))}: the scores do not single out an lr")
         else:
-            edge = "AT THE EDGE of the range: widen it" if at_the_edge(lr, distribution) else "inside the range"
-        return f"{self.name}: best {name} {lr:.3g}: {below} finished trials below, {above} above ({sides}); {edge}"
+            where = "AT THE EDGE of the range: widen it" if edge else "inside the range"
+        return f"{self.name}: best {name} {lr:.3g}: {below} finished trials below, {above} above ({sides}); {where}"
 
     def best_so_far(self) -> list[Optional[float]]:
         """After each finished trial, the best complete value up to it (None while there is none)."""
