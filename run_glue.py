@@ -520,7 +520,8 @@ def main(argv=None, callbacks=None):
     )
     # M-FAC fork: run_info.json, what scripts/compare.py groups runs by.
     if trainer.is_world_process_zero():
-        write_run_info(training_args.output_dir, model_args, data_args, training_args)
+        write_run_info(training_args.output_dir, model_args, data_args, training_args,
+                       train_examples=len(train_dataset) if training_args.do_train else None)
 
     # Training
     if training_args.do_train:

@@ -14,8 +14,9 @@ import os
 import re
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -60,19 +61,28 @@ class OptimizerMemoryLogger(TrainerCallback):
 
 class TrainingClock(TrainerCallback):
     """Adds to each evaluation's entry of the log history, and to the entry that ends training, `train_seconds`:
-    the wall time spent training up to it with the evaluations' own time taken out (the time-to-result clock, as
-    AlgoPerf keeps it), and
-    `load_average`, the machine's 1-minute load then, which tells whether the run had the cores to itself. A
+    the wall time spent training up to it with the evaluations' and checkpoint saves' own time taken out (the
+    time-to-result clock, as AlgoPerf keeps it; a save's time grows with the optimizer state, not with training),
+    and `load_average`, the machine's 1-minute load then, which tells whether the run had the cores to itself. A
     resumed run's clock goes on from the last time its history recorded."""
 
     def __init__(self) -> None:
         self.started: Optional[float] = None
         self.stopped: Optional[float] = None
         self.offset = 0.0
-        self.evaluating = 0.0
+        self.excluded = 0.0  # seconds of evaluations and checkpoint saves so far
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Work inside the block is not training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started, self.stopped, self.evaluating = time.perf_counter(), None, 0.0
+        self.started, self.stopped, self.excluded = time.perf_counter(), None, 0.0
         self.offset = max((entry[TRAIN_SECONDS] for entry in state.log_history if TRAIN_SECONDS in entry), default=0.0)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -84,9 +94,9 @@ class TrainingClock(TrainerCallback):
         if self.started is None or not logs or not any(key.endswith("_runtime") for key in logs):
             return
         if self.stopped is None and "train_runtime" not in logs:
-            self.evaluating += next(value for key, value in logs.items() if key.endswith("_runtime"))
+            self.excluded += next(value for key, value in logs.items() if key.endswith("_runtime"))
         now = self.stopped if self.stopped is not None else time.perf_counter()
-        state.log_history[-1][TRAIN_SECONDS] = round(self.offset + now - self.started - self.evaluating, 3)
+        state.log_history[-1][TRAIN_SECONDS] = round(self.offset + now - self.started - self.excluded, 3)
         if hasattr(os, "getloadavg"):
             state.log_history[-1][LOAD_AVERAGE] = round(os.getloadavg()[0], 2)
 
@@ -102,8 +112,13 @@ class MFACTrainer(Trainer):
         if getattr(training_args, "optim", None) == MFAC_NAME and kwargs.get("optimizer_cls_and_kwargs") is None:
             kwargs["optimizer_cls_and_kwargs"] = (MFAC, training_args.mfac.kwargs())
         self.memory_logger = OptimizerMemoryLogger(optimizer_memory_bound)
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.memory_logger, TrainingClock()]
+        self.clock = TrainingClock()
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.memory_logger, self.clock]
         super().__init__(*args, **kwargs)
+
+    def _save_checkpoint(self, *args, **kwargs) -> None:
+        with self.clock.paused():
+            super()._save_checkpoint(*args, **kwargs)
 
     @property
     def optimizer_state_bytes(self) -> Optional[int]:

@@ -88,9 +88,11 @@ print(sorted(name for name in ("transformers", "datasets") if name in sys.module
     assert result.stdout.strip() == "[]"
 
     from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    from mfac_optim.glue.records import TRAINER_STATE
+    from mfac_optim.glue.records import CHECKPOINTS, TRAINER_STATE
     assert TRAINER_STATE == TRAINER_STATE_NAME
+    assert CHECKPOINTS == f"{PREFIX_CHECKPOINT_DIR}-*"
 
 
 def test_optimizer_arguments_after_params_are_keyword_only():

@@ -458,6 +458,25 @@ def test_stsb_regression_keeps_its_predictions_and_clocks_its_evaluations(tmp_pa
     assert all(entry["load_average"] >= 0 for entry in evaluations)
 
 
+def test_training_clock_leaves_out_evaluations_and_checkpoint_saves(monkeypatch):
+    from types import SimpleNamespace
+
+    from mfac_optim import hf_trainer
+
+    now = [100.0]
+    monkeypatch.setattr(hf_trainer.time, "perf_counter", lambda: now[0])
+    clock, state = hf_trainer.TrainingClock(), SimpleNamespace(log_history=[{"train_seconds": 40.0, "step": 5}])
+    clock.on_train_begin(None, state, None)  # resumed: the history's last reading goes on
+    now[0] += 7.0  # training
+    with clock.paused():  # a checkpoint save
+        now[0] += 30.0
+    now[0] += 2.0  # training
+    state.log_history.append({"eval_accuracy": 0.5, "eval_runtime": 4.0, "step": 10})  # evaluated for 4 s
+    now[0] += 4.0
+    clock.on_log(None, state, None, logs=state.log_history[-1])
+    assert state.log_history[-1]["train_seconds"] == 40.0 + 7.0 + 2.0
+
+
 def test_trainer_builds_mfac_with_decay_groups_and_resumes_bit_identically(tmp_path, tiny_bert, glue_dir):
     common = ["--optim", "MFAC", "--optim_args", '{"num_grads": 4, "damp": 1e-4, "momentum": 0.9}',
               "--weight_decay", "0.01", "--max_steps", "6", "--learning_rate", "1e-3"]

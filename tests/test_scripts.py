@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -145,7 +146,8 @@ def test_sweep_runs_each_seed_once_and_resumes(tmp_path, tiny_bert, glue_dir, ca
         "model_name_or_path": str(tiny_bert), "task_name": "sst2", "do_train": True, "do_eval": True,
         "train_file": str(glue_dir / "SST-2" / "train.tsv"), "validation_file": str(glue_dir / "SST-2" / "dev.tsv"),
         "max_train_samples": 32, "max_eval_samples": 16, "max_seq_length": 32, "max_steps": 2,
-        "per_device_train_batch_size": 16, "report_to": "none", "save_strategy": "no", "disable_tqdm": True,
+        "per_device_train_batch_size": 16, "report_to": "none", "save_strategy": "steps", "save_steps": 1,
+        "disable_tqdm": True,
         "optim": "MFAC", "optim_args": {"num_grads": 4}}))
     argv = [str(config), "--seeds", "1", "2", "--output_root", str(tmp_path / "runs"), "--", "--learning_rate", "1e-3"]
     assert sweep.main(argv) == 0
@@ -155,6 +157,12 @@ def test_sweep_runs_each_seed_once_and_resumes(tmp_path, tiny_bert, glue_dir, ca
     infos = [json.loads((run / "run_info.json").read_text()) for run in runs]
     assert [info["seed"] for info in infos] == [1, 2]
     assert infos[0]["optimizer"]["optim_args"]["lr"] == 1e-3  # the argument after -- overrides the config
+    assert infos[0]["train_examples"] == 32
+    # The code that ran: this checkout's commit, or the installed package's version.
+    assert re.fullmatch(r"[0-9a-f]{40}(\+changes)?|mfac-optim \S+", infos[0]["code"]), infos[0]["code"]
+    # Saved at every step to resume from, and removed once the run finished.
+    assert "checkpoint-2" in (runs[0] / "sweep.log").read_text()
+    assert not [path for run in runs for path in run.glob("checkpoint-*")]
 
     finished = (runs[0] / "all_results.json").stat().st_mtime_ns
     (runs[1] / "all_results.json").unlink()  # seed 2 interrupted before it finished
@@ -222,6 +230,14 @@ def test_compare_groups_by_recorded_settings_with_sample_std(hand_made_runs, cap
             "reference: MFAC num_grads=64)") in out
     assert "| accuracy | MFAC num_grads=64 | 83.00 ± 3.61 | 3 | 87.00 (3) | reference |  |  |  |  |  | - | - | - |" in out
     assert "| accuracy | MFAC num_grads=8 | 50.00 | 1 | 50.00 (1) | n/a (needs 2+ runs in each group) |" in out
+
+
+def test_runs_of_one_setting_made_by_other_code_form_one_group(hand_made_runs):
+    for run, code in zip(hand_made_runs[:3], ("a" * 40, "b" * 40 + "+changes", "mfac-optim 0.2.0")):
+        info = json.loads((run / "run_info.json").read_text())
+        (run / "run_info.json").write_text(json.dumps({**info, "code": code}))
+    grouped = compare.group_runs([compare.load_run(path) for path in hand_made_runs])
+    assert [len(runs) for runs in grouped["sst2"].groups.values()] == [3, 2, 1]
 
 
 def test_compare_adds_the_seeds_table_to_a_model_card(hand_made_runs, capsys):

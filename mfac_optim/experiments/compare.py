@@ -44,7 +44,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..glue.records import ALL_RESULTS, EVAL_PREDICTIONS, RUN_INFO, TRAINER_STATE
+from ..glue.records import ALL_RESULTS, EVAL_PREDICTIONS, PROVENANCE_KEYS, RUN_INFO, TRAINER_STATE
 from ..training_log import LOAD_AVERAGE, TRAIN_SECONDS
 from .controls import read_controls
 
@@ -139,7 +139,8 @@ def setting(info: dict) -> tuple[dict, set[str]]:
     """What defines a run apart from its task and seed, as flat key -> value (model, data limits, optimizer and its
     arguments), and the keys that belong to its optimizer alone (num_grads for MFAC, adam_beta1 for Adam, …)."""
     flat = {"model": str(info["model"])}
-    flat.update({key: value for key, value in info.items() if key not in ("task_name", "seed", "model", "optimizer")})
+    flat.update({key: value for key, value in info.items()
+                 if key not in ("task_name", "seed", "model", "optimizer", *PROVENANCE_KEYS)})
     optimizer = info["optimizer"]
     if optimizer["optim"] == "MFAC":
         arguments = dict(optimizer["optim_args"])

@@ -7,8 +7,8 @@ Each run goes to OUTPUT_ROOT/<config name>/seed<S>. A run counts as finished whe
 all_results.json; an interrupted run is started again and run_glue.py resumes it from its last checkpoint.
 With --keep_records DIR each finished run's records (no weights: what compare.py reads) are copied to
 DIR/<config name>/seed<S> as soon as it ends, and a run whose records are kept there counts as finished: a fresh
-checkout that holds the records resumes the sweep. Arguments after `--` go to every run, last, so they override
-the config.
+checkout that holds the records resumes the sweep. A finished run's checkpoints are removed (they are there to
+resume it). Arguments after `--` go to every run, last, so they override the config.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..glue import UsageError
 from ..glue.json_config import expand_json_config
-from ..glue.records import ALL_RESULTS, copy_records
+from ..glue.records import ALL_RESULTS, copy_records, remove_checkpoints
 from .compare import eval_metrics
 
 DEFAULT_SEEDS = [1234, 1235, 1236, 1237, 1238]
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             code = subprocess.call(run_command(config, seed, run_dir, extra), stdout=log, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - start
         if code == 0 and is_finished(run_dir):
+            remove_checkpoints(run_dir)
             if kept is not None:
                 copy_records(run_dir, kept)
             print(f"{prefix} done in {seconds:.0f} s ({headline(run_dir)})", flush=True)

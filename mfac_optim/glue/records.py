@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,11 +20,22 @@ ALL_RESULTS = "all_results.json"  # the Trainer's metrics of training and evalua
 TRAINER_STATE = "trainer_state.json"  # the Trainer's log history (its TRAINER_STATE_NAME, spelled out so that
                                       # reading runs needs no transformers; a test holds the two equal)
 EVAL_PREDICTIONS = "eval_predictions_{task}.tsv"  # one row per evaluation example: index, prediction, label
+CHECKPOINTS = "checkpoint-*"  # the Trainer's checkpoint folders (its PREFIX_CHECKPOINT_DIR), there to resume a run
 
 
-def write_run_info(output_dir: str, model_args, data_args, training_args) -> dict[str, Any]:
-    """Writes run_info.json into `output_dir` and returns the record."""
+# Provenance kept in run_info.json that does not define a setting: runs of one setting made by other code versions
+# still form one group (compare.py leaves these keys out of its grouping).
+PROVENANCE_KEYS = ("code",)
+
+
+def write_run_info(output_dir: str, model_args, data_args, training_args,
+                   train_examples: Optional[int] = None) -> dict[str, Any]:
+    """Writes run_info.json into `output_dir` and returns the record. `train_examples`: how many examples the run
+    trains on (None without training)."""
     record = run_record(model_args, data_args, training_args)
+    if train_examples is not None:
+        record["train_examples"] = train_examples
+    record["code"] = code_version()
     os.makedirs(output_dir, exist_ok=True)
     Path(output_dir, RUN_INFO).write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -55,6 +68,21 @@ def adapters_record(model_args) -> dict[str, Any]:
     return {"adapters": {"lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha,
                          "lora_dropout": model_args.lora_dropout, "lora_target_modules": model_args.lora_target_modules,
                          "lora_train_pooler": model_args.lora_train_pooler}}
+
+
+def code_version() -> str:
+    """The commit of the git checkout this package runs from (`+changes` when its tracked files differ from it),
+    else the installed package's version (an installed copy is not tracked, even inside a checkout's venv)."""
+    here = Path(__file__).resolve()
+    git = ["git", "-C", str(here.parent)]
+    try:
+        subprocess.run([*git, "ls-files", "--error-unmatch", here.name], capture_output=True, check=True)
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"mfac-optim {package_version('mfac-optim')}"
+    return commit + ("+changes" if changed else "")
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first a folder holds is what its hash stands for
@@ -125,3 +153,10 @@ def copy_records(run_dir: Path, target: Path) -> None:
                  *sorted(run_dir.glob(EVAL_PREDICTIONS.format(task="*")))]:
         if path.is_file():
             shutil.copy2(path, target / path.name)
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    """A finished run's checkpoints: they exist to resume it, and an M-FAC window's state makes each one as large
+    as the optimizer's memory."""
+    for folder in run_dir.glob(CHECKPOINTS):
+        shutil.rmtree(folder)
