@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import stats as scipy_stats
 
 import run_glue
 from mfac_optim.glue import records as glue_records
 from mfac_optim import MFAC
 
 ROOT = Path(__file__).resolve().parent.parent
-from mfac_optim.experiments import compare, controls, sweep  # noqa: E402
+from mfac_optim.experiments import compare, controls, paired, sweep  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))  # the benchmark is a script of its own
 import bench_mfac  # noqa: E402
@@ -228,7 +229,8 @@ def test_compare_groups_by_recorded_settings_with_sample_std(hand_made_runs, cap
     assert ("**sst2** (all runs: models/minilm@53aa5117, max_train_samples=4000, max_seq_length=64, lr=0.0001, "
             "weight_decay=0; MFAC: damp=1e-06; adamw_torch: adam_beta1=0.9 adam_beta2=0.999 adam_epsilon=1e-08; "
             "reference: MFAC num_grads=64)") in out
-    assert "| accuracy | MFAC num_grads=64 | 83.00 ± 3.61 | 3 | 87.00 (3) | reference |  |  |  |  |  | - | - | - |" in out
+    assert ("| accuracy | MFAC num_grads=64 | 83.00 ± 3.61 | 3 | 87.00 (3) | reference |  |  |  |  |  |  |  | - | - | - | - | "
+            "- | - |") in out
     assert "| accuracy | MFAC num_grads=8 | 50.00 | 1 | 50.00 (1) | n/a (needs 2+ runs in each group) |" in out
 
 
@@ -277,14 +279,129 @@ def test_welch_mann_whitney_and_tost_by_hand():
     assert difference.p_mann_whitney == pytest.approx(0.1)
     # TOST within ±1: the larger one-sided p, H0 Δ ≤ −1 at t = (−3 + 1)/0.8164966 = −2.4494897: P(T > t).
     assert difference.p_tost == pytest.approx(1 - t4_two_sided(2.4494897) / 2, rel=1e-6)
-    assert difference.verdict == "inconclusive"  # Mann–Whitney cannot reach 0.05 with three runs a side
+    assert compare.verdict(difference) == "inconclusive"  # Mann–Whitney cannot reach 0.05 with three runs a side
     # Two close groups: Δ = 0, the same standard error; within ±3 both one-sided tests sit at t = ±3.6742346.
     close = compare.compare_groups([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], margin=3.0)
     assert close.p_tost == pytest.approx(t4_two_sided(3 / 0.8164966) / 2, rel=1e-6)
-    assert close.verdict == "equivalent within ±300"
+    assert compare.verdict(close) == "equivalent within ±300"
     assert compare.compare_groups([1.0], [2.0, 3.0], margin=1.0) is None
     constant = compare.compare_groups([2.0, 2.0], [1.0, 1.0], margin=0.5)
     assert (constant.low, constant.high, constant.p_welch, constant.p_tost) == (1.0, 1.0, 0.0, 1.0)
+
+
+def test_paired_t_wilcoxon_and_tost_by_hand():
+    # Per-seed differences 0.01, 0.02, 0.01, 0.02, −0.01 (as floats they differ in their last bits): mean 0.01,
+    # deviations 0, 0.01, 0, 0.01, −0.02, so sd = √(0.0006/4) = 0.0122474 and the standard error 0.0122474/√5 =
+    # 0.0054772; t = 1.8257419 on 4 degrees of freedom.
+    a, b = [0.80, 0.82, 0.81, 0.83, 0.79], [0.79, 0.80, 0.80, 0.81, 0.80]
+    difference = paired.paired_difference(a, b, margin=0.02)
+    error = 0.0054772256
+    assert difference.pairs == 5 and difference.sd == pytest.approx(0.0122474487)
+    assert (difference.delta, difference.low, difference.high) == pytest.approx(
+        (0.01, 0.01 - 2.7764451 * error, 0.01 + 2.7764451 * error))
+    assert difference.p_t == pytest.approx(t4_two_sided(1.8257419), rel=1e-6)
+    # Wilcoxon: |d| ranks with ties 2, 4.5, 2, 4.5, 2 (0.01 thrice on ranks 1-3, 0.02 twice on 4-5); W+ = 13 of
+    # 15, 5.5 from the centre 7.5. Of the 32 sign patterns, W+ ≥ 13 leaves out at most one 2 (4 patterns), and
+    # W+ ≤ 2 mirrors it: p = 8/32.
+    assert difference.p_wilcoxon == pytest.approx(0.25)
+    # Five positive differences: the most extreme of 32 patterns on either side, p = 2/32, the smallest 5 seeds give.
+    assert paired.wilcoxon_signed_rank([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(0.0625)
+    # TOST within ±0.02: the larger one-sided p is H0 Δ ≥ 0.02 at t = (0.01 − 0.02)/0.0054772 = −1.8257419.
+    assert difference.p_tost == pytest.approx(t4_two_sided(1.8257419) / 2, rel=1e-6)
+    assert compare.verdict(difference) == "inconclusive"
+    assert paired.paired_difference([1.0], [2.0], margin=1.0) is None
+
+
+def test_power_and_seeds_needed_match_the_published_tables():
+    # Cohen (1988) and G*Power: a two-sided t test at α 0.05 and 80% power needs 34 pairs for dz = 0.5 (power then
+    # 0.8077), 15 for dz = 0.8, 10 for dz = 1; two independent groups need 64 each for d = 0.5 and 26 for d = 0.8.
+    assert [paired.seeds_needed(effect, 1.0) for effect in (0.5, 0.8, 1.0)] == [34, 15, 10]
+    assert paired.t_test_power(34, 0.5, 1.0) == pytest.approx(0.8077, abs=5e-4)
+    assert [paired.seeds_needed(effect, 1.0, paired=False) for effect in (0.5, 0.8)] == [64, 26]
+    # Only the ratio of the effect to σ matters: 0.5 points against σ 1 point is dz = 0.5.
+    assert paired.seeds_needed(0.005, 0.01) == 34
+
+
+def test_obrien_fleming_levels_spend_alpha_as_lan_demets_say():
+    # First look at half the seeds: the spending function 2 − 2Φ(1.959964/√0.5) = 2 − 2Φ(2.7718076).
+    first, last = paired.sequential_levels([5, 10])
+    assert first == pytest.approx(2 * scipy_stats.norm.sf(1.959964 / 0.5 ** 0.5), rel=1e-5)
+    assert first == pytest.approx(0.0055746, rel=1e-4)
+    # The whole design rejects 5% of the time under H0: simulated with the looks' statistics on one seed path.
+    rng = np.random.default_rng(0)
+    half = rng.standard_normal((400_000, 2))
+    z1, z2 = half[:, 0], (half[:, 0] + half[:, 1]) / 2 ** 0.5
+    bounds = [scipy_stats.norm.isf(level / 2) for level in (first, last)]
+    rejected = (np.abs(z1) >= bounds[0]) | (np.abs(z2) >= bounds[1])
+    assert rejected.mean() == pytest.approx(0.05, abs=0.0012)
+    assert last < 0.05 and last == pytest.approx(0.04778, abs=2e-4)
+
+
+def test_sequential_rule_separates_stops_for_equivalence_or_asks_for_more_seeds():
+    rule = paired.SequentialRule((5, 10))
+    first, last = rule.levels()
+
+    def at(pairs: int, p_t: float, p_tost: float) -> str:
+        return rule.verdict(paired.PairedDifference(0.0, 0.0, 0.0, p_t, 1.0, p_tost, 0.005, pairs, 0.01))
+
+    assert at(5, first / 2, 1.0) == f"separates (look 1, p ≤ {first:.3g})"
+    assert at(5, 0.01, 1.0) == "5 more seeds in both groups (look 1)"  # 0.01 is not enough at the first look
+    assert at(5, 0.9, first / 2) == f"equivalent within ±0.5 (look 1, p ≤ {first:.3g})"
+    assert at(10, 0.04, 1.0) == f"separates (look 2, p ≤ {last:.3g})"
+    assert at(10, 0.2, 0.2) == f"inconclusive (last look, p > {last:.3g})"
+    assert at(7, 0.0, 1.0).startswith("between looks (7 pairs")
+
+
+def test_compare_pairs_groups_that_share_seeds(tmp_path, capsys):
+    # Seeds move both groups alike: apart, the 1-point gain drowns in the seeds' spread; paired, it is plain.
+    adam_scores = [0.80, 0.84, 0.78, 0.82, 0.86]
+    gains = [0.010, 0.012, 0.009, 0.011, 0.010]
+    adam = write_group(tmp_path / "adam", adam_scores, ADAM_RECORD)
+    mfac = write_group(tmp_path / "mfac", [a + g for a, g in zip(adam_scores, gains)], MFAC_RECORD)
+    runs = [str(path) for path in adam + mfac] + ["--reference", str(tmp_path / "adam"), "--markdown"]
+    rows = {}
+    for flags in ([], ["--unpaired"], ["--sequential", "5", "10", "--margin", "0.5"]):
+        assert compare.main(runs + flags) == 0
+        out = capsys.readouterr().out
+        rows[" ".join(flags)] = next(cells for line in out.splitlines() if line.startswith("|")
+                                     and (cells := [cell.strip() for cell in line.split("|")])[2] == "MFAC")
+    paired_row, unpaired_row, sequential_row = rows.values()
+    assert "[paired t 95% CI]" in out and "p Wilcoxon (Holm)" in out
+    # Paired: the differences' mean 1.04 points, sd 0.114: t = 20.4 on 4 degrees of freedom.
+    assert paired_row[6].startswith("+1.04 [") and paired_row[11] == "separates"
+    assert float(paired_row[8]) == pytest.approx(t4_two_sided(0.0104 / (0.0011401754 / 5 ** 0.5)), rel=0.02)  # 2 digits
+    assert unpaired_row[11] == "inconclusive"
+    first_level = paired.sequential_levels([5, 10])[0]
+    assert sequential_row[11] == f"separates (look 1, p ≤ {first_level:.3g})"
+    # Power at the differences' σ: 0.5 and 1 point against σ 0.114 points, at α 0.05 (one comparison).
+    assert paired_row[12] == " / ".join(f"{paired.t_test_power(5, effect, 0.0011401754):.2f}" for effect in (0.005, 0.01))
+    assert paired_row[13] == f"{paired.seeds_needed(0.005, 0.0011401754)} / {paired.seeds_needed(0.01, 0.0011401754)}"
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(runs + ["--sequential", "10", "5"])
+    assert exit_info.value.code == 2 and "--sequential: growing numbers of seeds" in capsys.readouterr().err
+
+
+def test_equal_wall_clock_reads_each_group_at_the_others_training_seconds(tmp_path):
+    # Each run: evaluations at (training seconds, accuracy), then the end of training at the last seconds given.
+    curves = {"adam": [((10.0, 0.70), (20.0, 0.80)), ((12.0, 0.72), (24.0, 0.82))],
+              "mfac": [((25.0, 0.60), (50.0, 0.75), (75.0, 0.90)), ((27.0, 0.62), (54.0, 0.77), (81.0, 0.92))]}
+    groups = {}
+    for label, runs in curves.items():
+        groups[label] = []
+        for seed, curve in enumerate(runs):
+            run = make_run(tmp_path / label / f"seed{seed}", seed, curve[-1][1], MFAC_RECORD)
+            history = [{"eval_accuracy": score, "step": 50 * (index + 1), "train_seconds": seconds}
+                       for index, (seconds, score) in enumerate(curve)]
+            history.append({"train_runtime": curve[-1][0] + 5.0, "train_seconds": curve[-1][0], "step": 500})
+            (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+            groups[label].append(compare.load_run(run))
+    rows = {row.label: row for row in compare.table_rows(groups, "adam", 0.01, 0)}
+    # Adam trains 22 s on average: by then M-FAC has evaluated once in neither run (25 s, 27 s).
+    assert rows["mfac"].at_reference_seconds is None
+    # M-FAC trains 78 s: each Adam run has long finished, at its final score (0.80, 0.82).
+    assert rows["mfac"].reference_at_own_seconds == pytest.approx(0.81)
+    assert compare.score_at_seconds(groups["mfac"], "eval_accuracy", 52.0) == pytest.approx((0.75 + 0.62) / 2)
+    assert (rows["adam"].at_reference_seconds, rows["adam"].reference_at_own_seconds) == (None, None)
 
 
 def test_holm_adjustment_by_hand():
@@ -299,7 +416,7 @@ def test_compare_says_which_groups_separate_after_holm(tmp_path, capsys):
     same = write_group(tmp_path / "same", [0.79, 0.83, 0.81, 0.80, 0.82], {
         **MFAC_RECORD, "optim_args": {**MFAC_RECORD["optim_args"], "num_grads": 8}})
     runs = [str(path) for path in clearly_better + same + adam]
-    assert compare.main(runs + ["--reference", str(tmp_path / "adam"), "--markdown"]) == 0
+    assert compare.main(runs + ["--reference", str(tmp_path / "adam"), "--markdown", "--unpaired"]) == 0
     rows = {cells[2]: cells[6:12] for line in capsys.readouterr().out.splitlines()
             if (cells := [cell.strip() for cell in line.split("|")])[1:2] == ["accuracy"]}
     assert rows["adamw_torch"] == ["reference", "", "", "", "", ""]
@@ -576,7 +693,8 @@ def test_controls_are_rows_of_their_tasks_table_and_lines_of_its_time_plot(tmp_p
     runs = [str(path) for path in adam] + ["--markdown", "--controls", str(sst2), str(rte)]
     assert compare.main(runs + ["--bootstrap", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == "| accuracy | control: majority class | 50.92 | - | - | no training |  |  |  |  |  | - | - | - | - |"
+    assert lines[-1] == ("| accuracy | control: majority class | 50.92 | - | - | no training |  |  |  |  |  |  |  | "
+                         "- | - | - | - | - | - |")
     assert "52.71" not in "\n".join(lines)
     assert compare.main(runs + ["--summary", "--time_plot", str(tmp_path / "time.png")]) == 0
     out = capsys.readouterr().out

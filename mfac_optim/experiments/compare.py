@@ -7,18 +7,28 @@ arguments; everything but the seed), never by folder names. A group's label name
 groups of its task; the table's title line lists what they share. Metrics are shown ×100, as GLUE results are
 quoted.
 Each group is set against a reference group of its task (`--reference FOLDER`: the group whose runs lie in that
-folder; else the task's first group):
-- the difference of means with Welch's 95% interval (unequal variances, over seeds), and, where the runs kept
-  their per-example dev predictions, a bootstrap 95% interval over seeds × examples (seeds resampled within each
-  group, the same examples for both);
-- p-values of Welch's test, the exact Mann–Whitney test, and a TOST equivalence test within ±--margin points,
-  each adjusted by Holm–Bonferroni over every comparison of the task's table (groups × metrics);
-- the verdict: "separates" when both Welch's and Mann–Whitney's adjusted p are below 0.05; "equivalent within
-  ±δ" when the adjusted TOST p is; "inconclusive" otherwise.
+folder; else the task's first group). When every group shares two or more seeds with the reference (the same data
+order and head initialisation), the comparisons are paired by seed (over the shared seeds; `--unpaired` turns
+this off); else the groups are independent samples:
+- the difference of means with its 95% interval (paired t over the per-seed differences; else Welch's, unequal
+  variances), and, where the runs kept their per-example dev predictions, a bootstrap 95% interval over seeds ×
+  examples (seeds resampled together for both groups when paired, else within each; the same examples for both);
+- p-values of the paired t test, the exact Wilcoxon signed-rank test and the paired TOST within ±--margin points
+  (else Welch's, the exact Mann–Whitney test and the TOST), each adjusted by Holm–Bonferroni over every comparison
+  of the task's table (groups × metrics);
+- the verdict: "separates" when the paired t test's adjusted p is below 0.05 (unpaired: Welch's and
+  Mann–Whitney's both); "equivalent within ±δ" when the adjusted TOST p is; "inconclusive" otherwise. With
+  `--sequential 5 10` a paired comparison is judged by a group-sequential rule instead: looks at 5 and 10 seeds
+  per group, each look's level from an O'Brien–Fleming-type boundary (Lan–DeMets spending, overall α 0.05); at a
+  look before the last, a comparison neither separated nor equivalent gets the seeds up to the next look;
+- the t test's power to detect a true difference of 0.5 and 1 point at the comparison's seeds and observed σ, and
+  the seeds it needs for 80% power, at the level of Holm's first step (0.05 / comparisons).
 The table also gives each group's mean training time (evaluations excluded, where the runs recorded that
 clock), optimizer state, the training time at which its mean score first reaches the reference's final mean (time
-to result, as AlgoPerf scores it), and the highest 1-minute load average seen at its evaluations (above the core
-count, the runs shared the CPU and their times are not comparable).
+to result, as AlgoPerf scores it), the equal-wall-clock reading (the group's mean score at the reference's
+training seconds, and the reference's at the group's, from the evaluations during training), and the highest
+1-minute load average seen at its evaluations (above the core count, the runs shared the CPU and their times are
+not comparable).
 With `--max_load L`, a run whose load average went above L at any evaluation counts as having shared the CPU: the
 training time and the time plot leave it out (the table says from how many runs its time comes); its scores
 count as any other's. `--summary` prints one line per group: each metric's mean ± std and its difference from
@@ -40,23 +50,25 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
 from ..glue.records import ALL_RESULTS, EVAL_PREDICTIONS, PROVENANCE_KEYS, RUN_INFO, TRAINER_STATE
 from ..training_log import LOAD_AVERAGE, TRAIN_SECONDS
 from .controls import read_controls
+from .paired import (ALPHA, TARGET_POWER, PairedDifference, SequentialRule, paired_difference, seeds_needed,
+                     t_test_power)
 
 # Prefixes of the eval entries that are not quality metrics (MNLI adds "_mm" copies of each).
 SEEDS_SECTION = "## Results over seeds"  # the model card section --model_card writes (and replaces)
 # combined_score is the mean of the others: not a metric of its own.
 NOT_METRICS = ("eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "eval_samples",
                "eval_combined_score")
-ALPHA = 0.05
 DEFAULT_MARGIN = 1.0  # points (×100): the equivalence margin δ of the TOST
 TARGET_ROUNDING = 1e-9  # the reference's final mean, summed in another order, may differ from its own curve's end
 DEFAULT_RESAMPLES = 2000  # bootstrap resamples over seeds × examples
+PLANNING_EFFECTS = (0.005, 0.01)  # true differences (0.5 and 1 point) whose power and seeds needed the table gives
 
 
 def eval_metrics(results: dict) -> dict[str, float]:
@@ -252,14 +264,23 @@ class Difference:
     adjusted: Optional[tuple[float, float, float]] = None  # Welch, Mann–Whitney, TOST after Holm
 
     @property
-    def verdict(self) -> str:
-        welch, mann_whitney, tost = self.adjusted if self.adjusted else (self.p_welch, self.p_mann_whitney,
-                                                                         self.p_tost)
-        if welch < ALPHA and mann_whitney < ALPHA:
-            return "separates"
-        if tost < ALPHA:
-            return f"equivalent within ±{100 * self.margin:g}"
-        return "inconclusive"
+    def p_values(self) -> tuple[float, float, float]:
+        return self.p_welch, self.p_mann_whitney, self.p_tost
+
+
+def verdict(difference: Union[Difference, PairedDifference], rule: Optional[SequentialRule] = None) -> str:
+    """Unpaired: "separates" when Welch's and Mann–Whitney's adjusted p are both below α. Paired: when the paired t
+    test's is (the exact Wilcoxon test is shown beside it; with 5 pairs its smallest two-sided p is 2/32 = 0.0625,
+    so demanding it too would make 5 seeds unable to separate anything); with a sequential rule, by the rule's
+    level at this look. "Equivalent within ±δ" when the adjusted TOST p is below that level; else inconclusive."""
+    if rule is not None and isinstance(difference, PairedDifference):
+        return rule.verdict(difference)
+    first, second, tost = difference.adjusted or difference.p_values
+    if first < ALPHA and (isinstance(difference, PairedDifference) or second < ALPHA):
+        return "separates"
+    if tost < ALPHA:
+        return f"equivalent within ±{100 * difference.margin:g}"
+    return "inconclusive"
 
 
 def welch_parts(a: list[float], b: list[float]) -> tuple[float, float, float]:
@@ -302,12 +323,16 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def bootstrap_intervals(group: list[Run], reference: list[Run], metrics: list[str], resamples: int,
-                        confidence: float = 0.95, seed: int = 0) -> Optional[dict[str, tuple[float, float]]]:
+                        confidence: float = 0.95, seed: int = 0,
+                        paired: bool = False) -> Optional[dict[str, tuple[float, float]]]:
     """Percentile interval of mean(group) − mean(reference) in each of `metrics`, resampling seeds within each group
-    and dev examples (the same ones for both groups, which saw the same dev set); None without kept predictions.
-    The metrics share each resample, and a run drawn twice in one is scored once."""
+    (`paired`: the shared seeds, one draw for both groups) and dev examples (the same ones for both groups, which
+    saw the same dev set); None without kept predictions. The metrics share each resample, and a run drawn twice
+    in one is scored once."""
     from mfac_optim.glue.metrics import GlueMetric
 
+    if paired:
+        group, reference = shared_seed_runs(group, reference)
     kept = [[run.predictions() for run in runs] for runs in (group, reference)]
     if any(prediction is None for runs in kept for prediction in runs):
         return None
@@ -319,8 +344,9 @@ def bootstrap_intervals(group: list[Run], reference: list[Run], metrics: list[st
     for _ in range(resamples):
         examples = rng.integers(0, len(labels), len(labels))
         means = []
+        pair_draw = rng.integers(0, len(kept[0]), len(kept[0])).tolist() if paired else None
         for runs in kept:
-            chosen = rng.integers(0, len(runs), len(runs)).tolist()
+            chosen = pair_draw or rng.integers(0, len(runs), len(runs)).tolist()
             scores = {index: scorer.compute(runs[index][0][examples], labels[examples]) for index in set(chosen)}
             means.append({metric: statistics.mean(scores[index][metric] for index in chosen) for metric in metrics})
         for metric in metrics:
@@ -335,13 +361,24 @@ class Row:
     metric: str
     label: str
     summary: Summary
-    difference: Optional[Difference]  # against the reference group; None for the reference itself or too few runs
+    difference: Optional[Union[Difference, PairedDifference]]  # against the reference; None for the reference itself
     is_reference: bool
     train_seconds: Optional[float]  # mean training time over the timed runs, evaluations excluded where recorded
     timed: int  # how many of the group's runs the training time comes from (those that had the CPU)
     optimizer_bytes: Optional[float]  # mean optimizer state after the first step
     max_load: Optional[float]  # the highest 1-minute load average at any evaluation of the group's runs
     seconds_to_reference: Optional[float]  # when the timed runs' mean first reached the reference's (seconds_to_reach)
+    # Equal wall-clock: this group's mean score at the reference's training seconds, and the reference's at this
+    # group's (score_at_seconds; timed runs only).
+    at_reference_seconds: Optional[float] = None
+    reference_at_own_seconds: Optional[float] = None
+    power: Optional[tuple[float, ...]] = None  # the t test's power for each of PLANNING_EFFECTS at this n and σ
+    seeds_needed: Optional[tuple[Optional[int], ...]] = None  # seeds for TARGET_POWER at each of PLANNING_EFFECTS
+    rule: Optional[SequentialRule] = None
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.difference, self.rule) if self.difference is not None else ""
 
 
 def seconds_to_reach(runs: list[Run], key: str, target: float) -> Optional[float]:
@@ -354,6 +391,32 @@ def seconds_to_reach(runs: list[Run], key: str, target: float) -> Optional[float
     return next((time for time, mean in zip(seconds, means) if mean >= target - TARGET_ROUNDING), math.inf)
 
 
+def score_at_seconds(runs: list[Run], key: str, seconds: Optional[float]) -> Optional[float]:
+    """The runs' mean `key` at `seconds` of training: each run's last evaluation at or before then (its final one
+    when it trained for less). None without clocks, or when a run had not evaluated yet."""
+    if seconds is None or not runs:
+        return None
+    scores = []
+    for run in runs:
+        clocked = [(entry[TRAIN_SECONDS], entry[key]) for entry in run.log_history
+                   if TRAIN_SECONDS in entry and key in entry]
+        reached = [score for time, score in clocked if time <= seconds + TARGET_ROUNDING]
+        if not reached:
+            return None
+        scores.append(reached[-1])
+    return statistics.mean(scores)
+
+
+def equal_wall_clock(runs: list[Run], reference: list[Run], key: str,
+                     is_reference: bool) -> tuple[Optional[float], Optional[float]]:
+    """The group's mean `key` at the reference's mean training seconds, and the reference's at the group's (timed
+    runs only; nothing for the reference itself)."""
+    if is_reference:
+        return None, None
+    own_seconds, reference_seconds = (mean_of([run.train_seconds for run in group]) for group in (runs, reference))
+    return score_at_seconds(runs, key, reference_seconds), score_at_seconds(reference, key, own_seconds)
+
+
 def mean_result(runs: list[Run], key: str) -> Optional[float]:
     return mean_of([run.results.get(key) for run in runs])
 
@@ -363,13 +426,55 @@ def mean_of(values: list[Optional[float]]) -> Optional[float]:
     return statistics.mean(known) if known else None
 
 
+def shared_seed_runs(group: list[Run], reference: list[Run]) -> tuple[list[Run], list[Run]]:
+    """Both groups' runs at the seeds they share, in seed order."""
+    by_seed = [{run.seed: run for run in runs} for runs in (group, reference)]
+    seeds = sorted(by_seed[0].keys() & by_seed[1].keys())
+    return [by_seed[0][seed] for seed in seeds], [by_seed[1][seed] for seed in seeds]
+
+
+def can_pair(groups: dict[str, list[Run]], reference: str) -> bool:
+    """Whether every group shares at least two seeds with the reference: then every comparison is paired."""
+    return all(len(shared_seed_runs(runs, groups[reference])[0]) >= 2
+               for label, runs in groups.items() if label != reference)
+
+
+def compare_metric(runs: list[Run], reference: list[Run], metric: str, margin: float,
+                   paired: bool) -> Optional[Union[Difference, PairedDifference]]:
+    if paired:
+        own, theirs = shared_seed_runs(runs, reference)
+        return paired_difference([run.metrics[metric] for run in own], [run.metrics[metric] for run in theirs],
+                                 margin)
+    values = [[run.metrics[metric] for run in group if metric in run.metrics] for group in (runs, reference)]
+    return compare_groups(values[0], values[1], margin)
+
+
+def planning(difference: Union[Difference, PairedDifference], group: Summary, reference: Summary,
+             alpha: float) -> tuple[tuple[float, ...], tuple[Optional[int], ...]]:
+    """The t test's power at this comparison's n and observed σ (of the differences, paired; else the groups'
+    pooled), and the seeds it needs for TARGET_POWER, for each of PLANNING_EFFECTS."""
+    paired = isinstance(difference, PairedDifference)
+    if paired:
+        n, sd = difference.pairs, difference.sd
+    else:
+        n, sd = min(group.n, reference.n), math.sqrt((statistics.variance(group.values) +
+                                                      statistics.variance(reference.values)) / 2)
+    return (tuple(t_test_power(n, effect, sd, alpha, paired) for effect in PLANNING_EFFECTS),
+            tuple(seeds_needed(effect, sd, alpha, paired=paired) for effect in PLANNING_EFFECTS))
+
+
 def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resamples: int,
-               max_load: Optional[float] = None) -> list[Row]:
-    """Every group against the reference in every metric, the p-values adjusted by Holm over all of them; the
-    training time from the runs that had the CPU (`max_load`)."""
+               max_load: Optional[float] = None, unpaired: bool = False,
+               rule: Optional[SequentialRule] = None) -> list[Row]:
+    """Every group against the reference in every metric, the p-values adjusted by Holm over all of them; paired
+    by seed when every group shares two or more seeds with the reference (unless `unpaired`), and then judged by
+    the sequential `rule` if one is given; the power and seeds needed at the Bonferroni level α / comparisons (the
+    level of Holm's first step); the training time from the runs that had the CPU (`max_load`)."""
+    paired = not unpaired and can_pair(groups, reference)
     metrics = sorted({metric for runs in groups.values() for run in runs for metric in run.metrics})
     bootstraps: dict[str, Optional[dict[str, tuple[float, float]]]] = {}  # per group, every metric in one pass
     rows = []
+    reference_timed = timed_runs(groups[reference], max_load)
     for metric in metrics:
         baseline = summarize(groups[reference], metric)
         for label, runs in groups.items():
@@ -377,36 +482,54 @@ def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resa
             if summary is None:
                 continue
             difference = None if label == reference or baseline is None else \
-                compare_groups(summary.values, baseline.values, margin)
+                compare_metric(runs, groups[reference], metric, margin, paired)
             if difference is not None and resamples:
                 if label not in bootstraps:
                     bootstraps[label] = bootstrap_intervals(runs, groups[reference],
-                                                            [name.removeprefix("eval_") for name in metrics], resamples)
+                                                            [name.removeprefix("eval_") for name in metrics], resamples,
+                                                            paired=paired)
                 if bootstraps[label] is not None:
                     difference.bootstrap = bootstraps[label][metric.removeprefix("eval_")]
             loads = [run.max_load for run in runs if run.max_load is not None]
             timed = timed_runs(runs, max_load)
             rows.append(Row(metric.removeprefix("eval_"), label, summary, difference, label == reference,
-                            mean_of([run.train_seconds for run in timed]), len(timed),
-                            mean_result(runs, "optimizer_state_bytes"), max(loads) if loads else None,
-                            seconds_to_reach(timed, metric, baseline.mean) if baseline is not None else None))
-    compared = [row.difference for row in rows if row.difference is not None]
-    for adjusted in zip(*(holm([getattr(difference, name) for difference in compared])
-                          for name in ("p_welch", "p_mann_whitney", "p_tost"))):
-        compared.pop(0).adjusted = adjusted
+                            mean_of([run.train_seconds for run in timed]), len(timed), mean_result(runs, "optimizer_state_bytes"),
+                            max(loads) if loads else None,
+                            seconds_to_reach(timed, metric, baseline.mean) if baseline is not None else None,
+                            *equal_wall_clock(timed, reference_timed, metric, label == reference), rule=rule))
+    compared = [row for row in rows if row.difference is not None]
+    for row, adjusted in zip(compared, zip(*(holm([row.difference.p_values[test] for row in compared])
+                                             for test in range(3)))):
+        row.difference.adjusted = adjusted
+        row.power, row.seeds_needed = planning(row.difference, row.summary,
+                                               summarize(groups[reference], "eval_" + row.metric),
+                                               ALPHA / len(compared))
     return rows
 
 
 def difference_cells(row: Row) -> list[str]:
+    """Δ with its interval, the bootstrap interval, the three adjusted p-values and the verdict."""
     if row.is_reference:
         return ["reference", "", "", "", "", ""]
     if row.difference is None:
         return ["n/a (needs 2+ runs in each group)", "", "", "", "", ""]
     d = row.difference
     bootstrap = f"[{100 * d.bootstrap[0]:+.2f}, {100 * d.bootstrap[1]:+.2f}]" if d.bootstrap else "-"
-    welch, mann_whitney, tost = d.adjusted
-    return [f"{100 * d.delta:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]", bootstrap, f"{welch:.2g}",
-            f"{mann_whitney:.2g}", f"{tost:.2g}", d.verdict]
+    first, second, tost = d.adjusted
+    return [f"{100 * d.delta:+.2f} [{100 * d.low:+.2f}, {100 * d.high:+.2f}]", bootstrap, f"{first:.2g}",
+            f"{second:.2g}", f"{tost:.2g}", row.verdict]
+
+
+def planning_cells(row: Row) -> list[str]:
+    """The power at each of PLANNING_EFFECTS, and the seeds each needs."""
+    if row.power is None:
+        return ["", ""]
+    needed = [str(n) if n is not None else "more" for n in row.seeds_needed]
+    return [" / ".join(f"{power:.2f}" for power in row.power), " / ".join(needed)]
+
+
+def score_cell(score: Optional[float]) -> str:
+    return f"{100 * score:.2f}" if score is not None else "-"
 
 
 def seconds_to_reference_cell(row: Row) -> str:
@@ -444,20 +567,26 @@ def control_label(name: str) -> str:
 def format_table(task: str, rows: list[Row], shared: str, reference: str, markdown: bool,
                  controls: Optional[Controls] = None) -> str:
     """Every group in every metric; each metric's controls (scores without training) after its groups."""
-    header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)", "Δ vs reference [Welch 95% CI]",
-              "bootstrap 95% CI", "p Welch (Holm)", "p Mann–Whitney (Holm)", "p TOST (Holm)", "verdict", "train s",
-              "optimizer GiB", "s to reference's mean", "max load"]
+    paired = any(isinstance(row.difference, PairedDifference) for row in rows)
+    tests = ["paired t", "Wilcoxon"] if paired else ["Welch", "Mann–Whitney"]
+    effects = " / ".join(f"{100 * effect:g}" for effect in PLANNING_EFFECTS)
+    header = ["metric (×100)", "runs", "mean ± std", "n", "best (seed)", f"Δ vs reference [{tests[0]} 95% CI]",
+              "bootstrap 95% CI" + (" (paired seeds)" if paired else ""), *(f"p {test} (Holm)" for test in tests),
+              "p TOST (Holm)", "verdict", f"power at {effects} pt", f"seeds for {effects} pt ({TARGET_POWER:.0%})",
+              "train s", "optimizer GiB", "s to reference's mean", "at reference's s", "reference at this s",
+              "max load"]
     body = []
     for index, row in enumerate(rows):
         s = row.summary
         body.append([row.metric, row.label,
                      mean_cell(s),
-                     str(s.n), f"{100 * s.best:.2f} ({s.best_seed})", *difference_cells(row),
-                     *cost_cells(row), seconds_to_reference_cell(row),
+                     str(s.n), f"{100 * s.best:.2f} ({s.best_seed})", *difference_cells(row), *planning_cells(row),
+                     *cost_cells(row), seconds_to_reference_cell(row), score_cell(row.at_reference_seconds),
+                     score_cell(row.reference_at_own_seconds),
                      f"{row.max_load:.1f}" if row.max_load is not None else "-"])
         if index + 1 == len(rows) or rows[index + 1].metric != row.metric:
             body += [[row.metric, control_label(name), f"{100 * metrics[row.metric]:.2f}", "-", "-", "no training"]
-                     + [""] * 5 + ["-"] * 4 for name, metrics in (controls or {}).items() if row.metric in metrics]
+                     + [""] * 7 + ["-"] * 6 for name, metrics in (controls or {}).items() if row.metric in metrics]
     return layout(task, f"(all runs: {shared}; reference: {reference})", header, body, markdown)
 
 
@@ -472,8 +601,8 @@ def cost_cells(row: Row) -> list[str]:
 def format_summary(task: str, rows: list[Row], shared: str, reference: str, markdown: bool,
                    controls: Optional[Controls] = None) -> str:
     """The same comparisons, one line per group: each metric's mean ± std and its difference from the reference
-    with Welch's interval and the verdict (p-values and the bootstrap are in the full table); then a line per
-    control."""
+    with its interval (paired t or Welch, as the full table) and the verdict (p-values, power and the bootstrap are
+    in the full table); then a line per control."""
     metrics = list(dict.fromkeys(row.metric for row in rows))
     by_group: dict[str, dict[str, Row]] = defaultdict(dict)
     for row in rows:
@@ -648,6 +777,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controls", type=Path, nargs="+", default=[], metavar="FILE",
                         help="scores without training, as controls.py --output writes them: a row of their "
                              "task's table, and a dashed line in its time plot")
+    parser.add_argument("--unpaired", action="store_true",
+                        help="compare groups as independent samples even where they share seeds (Welch, "
+                             "Mann–Whitney)")
+    parser.add_argument("--sequential", type=int, nargs="+", metavar="SEEDS",
+                        help="judge paired comparisons by a group-sequential rule with looks at these numbers of "
+                             "seeds per group and an O'Brien–Fleming-type boundary (e.g. 5 10)")
     parser.add_argument("--model_card", type=Path, metavar="RUN",
                         help="add the run's task table (Markdown) to the model card in this run folder")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -655,6 +790,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--margin must be > 0 and --bootstrap ≥ 0 (got {args.margin:g} and {args.bootstrap})")
     if args.max_load is not None and not args.max_load > 0:
         parser.error(f"--max_load must be > 0 (got {args.max_load:g})")
+    if args.sequential and (args.unpaired or sorted(set(args.sequential)) != args.sequential or args.sequential[0] < 2):
+        parser.error(f"--sequential: growing numbers of seeds, the first 2 or more, and not with --unpaired (got "
+                     f"{' '.join(map(str, args.sequential))})")
+    rule = SequentialRule(tuple(args.sequential)) if args.sequential else None
     try:
         runs = [load_run(path) for path in args.runs]
         controls = load_controls(args.controls)
@@ -669,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     def table(task: str, markdown: bool, brief: bool = False) -> str:
         task_groups = grouped[task]
         resamples = 0 if brief else args.bootstrap  # the summary shows no bootstrap interval: nothing to wait for
-        rows = table_rows(task_groups.groups, references[task], args.margin / 100, resamples, args.max_load)
+        rows = table_rows(task_groups.groups, references[task], args.margin / 100, resamples, args.max_load,
+                          args.unpaired, rule)
         return (format_summary if brief else format_table)(task, rows, task_groups.shared, references[task], markdown,
                                                            controls.get(task))
 
