@@ -320,6 +320,9 @@ def test_power_and_seeds_needed_match_the_published_tables():
     assert [paired.seeds_needed(effect, 1.0, paired=False) for effect in (0.5, 0.8)] == [64, 26]
     # Only the ratio of the effect to σ matters: 0.5 points against σ 1 point is dz = 0.5.
     assert paired.seeds_needed(0.005, 0.01) == 34
+    # No true difference: the test rejects at its level; a huge one at few seeds: surely.
+    assert paired.t_test_power(5, 0.0, 1.0) == pytest.approx(0.05, abs=1e-6)
+    assert paired.t_test_power(3, 10.0, 0.1) == pytest.approx(1.0)
 
 
 def test_obrien_fleming_levels_spend_alpha_as_lan_demets_say():
@@ -374,8 +377,9 @@ def test_compare_pairs_groups_that_share_seeds(tmp_path, capsys):
     first_level = paired.sequential_levels([5, 10])[0]
     assert sequential_row[11] == f"separates (look 1, p ≤ {first_level:.3g})"
     # Power at the differences' σ: 0.5 and 1 point against σ 0.114 points, at α 0.05 (one comparison).
-    assert paired_row[12] == " / ".join(f"{paired.t_test_power(5, effect, 0.0011401754):.2f}" for effect in (0.005, 0.01))
-    assert paired_row[13] == f"{paired.seeds_needed(0.005, 0.0011401754)} / {paired.seeds_needed(0.01, 0.0011401754)}"
+    sd = 0.0011401754
+    assert paired_row[12] == " / ".join(f"{paired.t_test_power(5, effect, sd):.2f}" for effect in (0.005, 0.01))
+    assert paired_row[13] == f"{paired.seeds_needed(0.005, sd)} / {paired.seeds_needed(0.01, sd)}"
     with pytest.raises(SystemExit) as exit_info:
         compare.main(runs + ["--sequential", "10", "5"])
     assert exit_info.value.code == 2 and "--sequential: growing numbers of seeds" in capsys.readouterr().err

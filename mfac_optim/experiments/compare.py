@@ -493,7 +493,8 @@ def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resa
             loads = [run.max_load for run in runs if run.max_load is not None]
             timed = timed_runs(runs, max_load)
             rows.append(Row(metric.removeprefix("eval_"), label, summary, difference, label == reference,
-                            mean_of([run.train_seconds for run in timed]), len(timed), mean_result(runs, "optimizer_state_bytes"),
+                            mean_of([run.train_seconds for run in timed]), len(timed),
+                            mean_result(runs, "optimizer_state_bytes"),
                             max(loads) if loads else None,
                             seconds_to_reach(timed, metric, baseline.mean) if baseline is not None else None,
                             *equal_wall_clock(timed, reference_timed, metric, label == reference), rule=rule))

@@ -95,14 +95,22 @@ def wilcoxon_signed_rank(differences: list[float]) -> float:
 def t_test_power(n: int, effect: float, sd: float, alpha: float = ALPHA, paired: bool = True) -> float:
     """Power of the two-sided t test at level alpha to detect a true difference `effect` with n seeds (per group):
     paired, `sd` is the differences' standard deviation; unpaired (equal groups), each group's."""
-    from scipy import stats
+    from scipy import integrate, stats
 
     if n < 2 or sd <= 0:
         return math.nan
     degrees = n - 1 if paired else 2 * n - 2
     noncentrality = effect * math.sqrt(n) / sd if paired else effect / (sd * math.sqrt(2 / n))
     critical = stats.t.ppf(1 - alpha / 2, degrees)
-    return float(stats.nct.sf(critical, degrees, noncentrality) + stats.nct.cdf(-critical, degrees, noncentrality))
+
+    # T = (Z + noncentrality) / √(V / degrees) with V ~ χ²(degrees): P(|T| > critical) given V, averaged over V.
+    # (scipy's noncentral t returns nan for large noncentralities at few degrees of freedom.)
+    def rejected_given(v: float) -> float:
+        scale = critical * math.sqrt(v / degrees)
+        rejected = stats.norm.cdf(noncentrality - scale) + stats.norm.cdf(-noncentrality - scale)
+        return rejected * stats.chi2.pdf(v, degrees)
+
+    return float(min(1.0, integrate.quad(rejected_given, 0, math.inf, limit=200)[0]))
 
 
 def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, power: float = TARGET_POWER,
