@@ -103,22 +103,28 @@ def t_test_power(n: int, effect: float, sd: float, alpha: float = ALPHA, paired:
     noncentrality = effect * math.sqrt(n) / sd if paired else effect / (sd * math.sqrt(2 / n))
     critical = stats.t.ppf(1 - alpha / 2, degrees)
 
-    # T = (Z + noncentrality) / √(V / degrees) with V ~ χ²(degrees): P(|T| > critical) given V, averaged over V.
-    # (scipy's noncentral t returns nan for large noncentralities at few degrees of freedom.)
-    def rejected_given(v: float) -> float:
-        scale = critical * math.sqrt(v / degrees)
-        rejected = stats.norm.cdf(noncentrality - scale) + stats.norm.cdf(-noncentrality - scale)
-        return rejected * stats.chi2.pdf(v, degrees)
+    # T = (Z + noncentrality) / √(V / degrees) with V ~ χ²(degrees): P(|T| > critical) given V, averaged over V's
+    # quantiles u in (0, 1), where the integrand is smooth at any degrees of freedom. (scipy's noncentral t returns
+    # nan for large noncentralities at few degrees of freedom.)
+    def rejected_at(u: float) -> float:
+        scale = critical * math.sqrt(stats.chi2.ppf(u, degrees) / degrees)
+        return stats.norm.cdf(noncentrality - scale) + stats.norm.cdf(-noncentrality - scale)
 
-    return float(min(1.0, integrate.quad(rejected_given, 0, math.inf, limit=200)[0]))
+    return float(min(1.0, integrate.quad(rejected_at, 0, 1, limit=200)[0]))
 
 
 def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, power: float = TARGET_POWER,
                  paired: bool = True) -> Optional[int]:
-    """The fewest seeds (per group) at which the t test reaches `power`; None beyond MOST_SEEDS."""
+    """The fewest seeds (per group) at which the t test reaches `power`; None beyond MOST_SEEDS. The search starts
+    from the normal approximation, which the t test never needs fewer seeds than (its tails are heavier)."""
+    from scipy import stats
+
     if sd <= 0:
         return 2
-    return next((n for n in range(2, MOST_SEEDS + 1) if t_test_power(n, effect, sd, alpha, paired) >= power), None)
+    z = stats.norm.isf(alpha / 2) + stats.norm.isf(1 - power)
+    approximate = (z * sd / abs(effect)) ** 2 * (1 if paired else 2) if effect else math.inf
+    start = max(2, math.floor(approximate)) if approximate < MOST_SEEDS else MOST_SEEDS + 1
+    return next((n for n in range(start, MOST_SEEDS + 1) if t_test_power(n, effect, sd, alpha, paired) >= power), None)
 
 
 def obrien_fleming_spent(fraction: float, alpha: float = ALPHA) -> float:
