@@ -3,6 +3,7 @@ budget of full-run equivalents, resume, no dev set or evaluation seed during sea
 two workers sharing a study, successive halving over epochs and the report."""
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from mfac_optim.glue import json_config
@@ -462,17 +464,75 @@ def test_report_says_when_the_best_lr_is_a_tie_instead_of_asking_to_widen_the_ra
     space = search_space.search_space_from(spec, "adamw", "test")
     distribution = space.sampled["learning_rate"][1]
     study = optuna.create_study(direction="maximize")
-    for lr, value in ((6e-3, 0.498), (8e-3, 0.498), (1e-4, 0.482)):  # two trials tie at a constant answer
+    for lr, value in ((9e-3, 0.498), (9.5e-3, 0.498), (1e-4, 0.482)):  # two trials tie at a constant answer
         study.add_trial(optuna.trial.create_trial(params={"learning_rate": lr},
                                                   distributions={"learning_rate": distribution}, value=value))
 
     def line(trials):
         summary = tune_report.StudySummary("adamw", 6.0, "accuracy", True, None, "rte", space, trials, 0, 0.0, {})
-        return summary.lr_sides()
+        return summary.edge_lines()[0]
 
-    # 6e-3 lies at 0.93 of the log-range: the edge. Tied with trial 1, it asks for no wider range.
-    assert line(study.trials) == ("adamw: best learning_rate 0.006: 1 finished trials below, 1 above (finished "
+    # 9e-3 lies log10(1e-2 / 9e-3) = 0.046 decades below the top: the edge. Tied with trial 1, it asks for no
+    # wider range.
+    assert line(study.trials) == ("adamw: best learning_rate 0.009: 1 finished trials below, 1 above (finished "
                                   "trials on both sides); at the edge of the range, TIED at the best score with "
-                                  "trial 1: the scores do not single out an lr")
+                                  "trial 1: the scores do not single out a value")
     # Alone at the best score, the same pick at the edge asks for it.
     assert line(study.trials[::2]).endswith("(NOT bracketed by finished trials); AT THE EDGE of the range: widen it")
+
+
+def test_the_edge_is_a_tenth_of_a_decade_of_a_log_range_and_a_tenth_of_a_linear_one():
+    log = FloatDistribution(1e-8, 1e-1, log=True)
+    # log10(1.2e-8 / 1e-8) = 0.079 < 0.1; log10(1.35e-6 / 1e-6) = 0.130; log10(1e-1 / 8e-2) = 0.097.
+    assert search_space.edges_reached(1.2e-8, log) == (True, False)
+    assert search_space.edges_reached(1.35e-6, FloatDistribution(1e-6, 1e-1, log=True)) == (False, False)
+    assert search_space.edges_reached(8e-2, log) == (False, True)
+    linear = FloatDistribution(0.0, 0.2)
+    assert search_space.edges_reached(0.019, linear) == (True, False)  # within 0.02 of 0
+    assert search_space.edges_reached(0.021, linear) == (False, False)
+    assert search_space.widened_range(1.2e-8, log) == pytest.approx([1e-9, 1e-1])
+    assert search_space.widened_range(8e-2, log) == pytest.approx([1e-8, 1.0])
+    assert search_space.widened_range(1e-5, log) is None
+    assert search_space.widened_range(0.019, linear) is None  # a linear range may end where its parameter does
+
+
+def test_a_best_trial_at_a_range_edge_widens_it_and_the_rest_of_the_budget_samples_there():
+    spec = {"optim": "MFAC", "optim_args": {"lr": {"low": 1e-5, "high": 1e-2, "log": True},
+                                            "damp": {"low": 1e-8, "high": 1e-1, "log": True}}}
+    space = search_space.search_space_from(spec, "mfac", "test")
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+
+    def objective(trial):  # the best damp lies far below the range: each widening finds better scores lower down
+        values = tune.widen_at_the_edges(study, space).suggest(trial)["optim_args"]
+        return -abs(math.log10(values["damp"]) + 12) - abs(math.log10(values["lr"]) + 3.5)
+
+    # Four trials fixed by hand before the rule may act; the best (damp 1.1e-8) lies at damp's low edge.
+    for lr, damp in ((3e-4, 1e-3), (1e-4, 1.1e-8), (3e-3, 1e-5), (1e-3, 1e-2)):
+        study.enqueue_trial({"lr": lr, "damp": damp})
+    study.optimize(objective, n_trials=4)
+    assert study.user_attrs.get(tune_report.WIDENED) is None
+    wider = tune.widen_at_the_edges(study, space)
+    assert study.user_attrs[tune_report.WIDENED] == {"damp": pytest.approx([1e-9, 1e-1])}
+    assert wider.sampled["damp"][1].low == pytest.approx(1e-9) and wider.sampled["lr"][1].low == 1e-5
+    study.optimize(objective, n_trials=40)
+    # The rest of the budget went below the file's floor, and the range kept growing while its edge was best.
+    assert min(trial.params["damp"] for trial in study.trials[4:]) < 1e-8
+    assert study.user_attrs[tune_report.WIDENED]["damp"][0] <= 1e-10
+    assert study.best_trial.params["damp"] < 1e-8
+    # The report reads the widened ranges back and says so.
+    summary = tune_report.StudySummary("mfac", 6.0, "accuracy", True, None, "sst2",
+                                       space.with_ranges(study.user_attrs[tune_report.WIDENED]),
+                                       study.trials, 0, 0.0, {}, study.user_attrs[tune_report.WIDENED])
+    assert "(the search widened the range to [" in next(line for line in summary.edge_lines() if "best damp" in line)
+
+
+def test_a_tied_best_score_widens_nothing():
+    spec = {"optim": "adamw_torch", "flags": {"learning_rate": {"low": 1e-5, "high": 1e-2, "log": True}}}
+    space = search_space.search_space_from(spec, "adamw", "test")
+    distribution = space.sampled["learning_rate"][1]
+    study = optuna.create_study(direction="maximize")
+    for lr, value in ((9.5e-3, 0.498), (9e-3, 0.498), (1e-4, 0.48), (1e-3, 0.47)):
+        study.add_trial(optuna.trial.create_trial(params={"learning_rate": lr},
+                                                  distributions={"learning_rate": distribution}, value=value))
+    assert tune.widen_at_the_edges(study, space).sampled["learning_rate"][1] == distribution
+    assert tune_report.WIDENED not in study.user_attrs

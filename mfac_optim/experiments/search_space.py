@@ -14,9 +14,9 @@ whole "optim_args" object, sampled: nothing of a base config's `--optim_args` le
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -35,6 +35,11 @@ CONTROLLED_FLAGS = {"optim", "optim_args", "train_file", "validation_file", "out
                     "do_eval", "do_predict", "test_file"}
 
 Fixed = Union[str, int, float, bool]
+# A value this close to a log range's bound, in decades (a tenth of the width on a linear range), lies at its edge;
+# the search widens a log range by WIDEN_DECADES past an edge that its best trial reaches.
+EDGE_DECADES = 0.1
+EDGE_SHARE = 0.1
+WIDEN_DECADES = 1
 
 
 def run_glue_flags() -> set[str]:
@@ -54,6 +59,14 @@ class SearchSpace:
     fixed: dict[str, tuple[str, Fixed]]  # parameter -> (section, value)
     grid: bool = False  # every combination of the choice lists once, instead of TPE
 
+    def with_ranges(self, ranges: dict[str, list[float]]) -> "SearchSpace":
+        """This space with some log ranges replaced ([low, high] by name): the ranges a search widened."""
+        sampled = dict(self.sampled)
+        for name, (low, high) in ranges.items():
+            section, distribution = sampled[name]
+            sampled[name] = (section, FloatDistribution(low, high, log=True))
+        return replace(self, sampled=sampled)
+
     def grid_points(self) -> dict[str, list[Any]]:
         """Each sampled parameter's choices (a grid space's)."""
         return {name: list(distribution.choices) for name, (_, distribution) in self.sampled.items()}
@@ -71,6 +84,35 @@ class SearchSpace:
         for name, (section, _) in self.sampled.items():
             values[section][name] = params[name]
         return values
+
+
+def edges_reached(value: Any, distribution: BaseDistribution) -> tuple[bool, bool]:
+    """Whether a value lies at the low and at the high edge of a range: within EDGE_DECADES of a bound of a log
+    range, EDGE_SHARE of the width of a linear one, or the smallest or largest of a choice list."""
+    if isinstance(distribution, CategoricalDistribution):
+        choices = sorted(distribution.choices)
+        return value == choices[0], value == choices[-1]
+    low, high = distribution.low, distribution.high
+    if distribution.log:
+        return math.log10(value / low) < EDGE_DECADES, math.log10(high / value) < EDGE_DECADES
+    return (value - low) < EDGE_SHARE * (high - low), (high - value) < EDGE_SHARE * (high - low)
+
+
+def at_the_edge(value: Any, distribution: BaseDistribution) -> bool:
+    return any(edges_reached(value, distribution))
+
+
+def widened_range(value: float, distribution: BaseDistribution) -> Optional[list[float]]:
+    """A float log range widened by WIDEN_DECADES past each edge `value` reaches; None when it reaches none, or
+    the range is not a float log range (a linear range or a choice list says nothing of what lies beyond it, and
+    may end where the parameter does: momentum below 1, warmup at 0)."""
+    if not (isinstance(distribution, FloatDistribution) and distribution.log):
+        return None
+    low_edge, high_edge = edges_reached(value, distribution)
+    if not (low_edge or high_edge):
+        return None
+    return [distribution.low / 10 ** WIDEN_DECADES if low_edge else distribution.low,
+            distribution.high * 10 ** WIDEN_DECADES if high_edge else distribution.high]
 
 
 def suggest_value(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:

@@ -53,11 +53,10 @@ from ..glue.json_config import config_flags, read_json_object
 from ..glue.data import GLUE_ON_THE_HUB, glue_split_from_hub, load_local_datasets
 from ..glue.records import ALL_RESULTS, file_source_record, model_source_record
 from ..optim_args import typed_value
-from .search_space import SearchSpace, load_search_space
+from .search_space import SearchSpace, load_search_space, widened_range
 from .study_folder import StudyFolder, tuned_name
 from .sweep import DEFAULT_SEEDS, split_at_double_dash
-from .tune_report import (TRAINED_FRACTION, format_params, report, successive_halving,
-                          trial_cost)
+from .tune_report import TRAINED_FRACTION, WIDENED, format_params, report, successive_halving, trial_cost
 from .tune_trial import PRUNED_EXIT, MetricError, score
 
 TRIAL_MODULE = "mfac_optim.experiments.tune_trial"  # each trial runs in a process of its own
@@ -307,7 +306,7 @@ class Search:
     workers of the same study, resuming a stopped search."""
 
     def __init__(self, args: argparse.Namespace, base: dict[str, Any], space: SearchSpace) -> None:
-        self.args, self.base, self.space = args, base, space
+        self.args, self.base, self.file_space = args, base, space
         self.metric = args.metric or main_metric(base.get("task_name"))
         self.folder = StudyFolder(args.study_dir)
         self.storage_url = args.storage or self.folder.storage_url
@@ -318,6 +317,7 @@ class Search:
             # A grid's points are handed out through the storage, so workers and a resumed search share one grid.
             sampler=optuna.samplers.GridSampler(space.grid_points(), seed=args.sampler_seed) if space.grid else None)
         self.check_same_setting()
+        self.space = space.with_ranges(self.study.user_attrs.get(WIDENED, {}))
 
     def setting(self) -> dict[str, Any]:
         """What a study's trials share: a resumed study, and every worker, must be given the same."""
@@ -334,7 +334,7 @@ class Search:
         else:
             changed = [key for key, value in self.setting().items() if recorded.get(key) != value]
             if changed:
-                raise UsageError(f"{self.args.study_dir}: study {self.space.name!r} was made with another "
+                raise UsageError(f"{self.args.study_dir}: study {self.file_space.name!r} was made with another "
                                  f"{', '.join(changed)}: use another --study_dir, or the same arguments to resume it")
         self.study.set_user_attr("budget", self.args.budget)
 
@@ -368,6 +368,7 @@ class Search:
         self.check_trial_arguments()
         self.requeue_interrupted()
         while budget_left(self.spent(), self.args.budget) and not self.grid_covered():
+            self.space = widen_at_the_edges(self.study, self.file_space)
             self.study.optimize(self.objective, n_trials=1)
 
     def grid_covered(self) -> bool:
@@ -439,6 +440,33 @@ class Search:
         path = self.folder.tuned_config(task, self.space.name)
         path.write_text(json.dumps(config, indent=2) + "\n")
         return path
+
+
+def widen_at_the_edges(study: optuna.Study, space: SearchSpace) -> SearchSpace:
+    """The edge rule. Once STARTUP_TRIALS trials have finished, a log range whose edge the best complete trial
+    reaches (search_space.edges_reached) is widened past that edge, and every later trial samples the wider range:
+    the rest of the budget is spent there. A best score tied with another trial's singles out no value, and widens
+    nothing. The widened ranges are kept in the study, so that every worker and a resumed search share them.
+    Returns `space` (the file's) with the study's ranges."""
+    widened = dict(study.user_attrs.get(WIDENED, {}))
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
+    if space.grid or len(trials) < STARTUP_TRIALS or not complete:
+        return space.with_ranges(widened)
+    best = study.best_trial
+    if any(trial.value == best.value for trial in complete if trial.number != best.number):
+        return space.with_ranges(widened)
+    current = space.with_ranges(widened)
+    for name, (_, distribution) in current.sampled.items():
+        wider = widened_range(best.params[name], distribution)
+        if wider is not None:
+            widened[name] = wider
+            print(f"{space.name}: best {name} {best.params[name]:.3g} (trial {best.number}) lies at the edge of "
+                  f"[{distribution.low:.3g}, {distribution.high:.3g}]: the search goes on in [{wider[0]:.3g}, "
+                  f"{wider[1]:.3g}]", flush=True)
+    if widened != study.user_attrs.get(WIDENED, {}):
+        study.set_user_attr(WIDENED, widened)
+    return space.with_ranges(widened)
 
 
 def budget_left(spent: float, budget: float) -> bool:

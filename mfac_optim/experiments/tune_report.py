@@ -1,43 +1,30 @@
 """`scripts/tune.py --report STUDY_DIR`: the studies of one folder (one per optimizer) side by side: budgets spent
 in full-run equivalents and the wall time they took (each trial also with the CPU cores it kept busy on average:
 fewer than the machine has, and it shared them), finished / pruned / failed trials, the best validation score
-and its parameters, and whether the best lr has finished trials on both sides; and STUDY_DIR/tuning.png: each
-optimizer's best-so-far validation score against the budget spent, beside the importance of each hyperparameter
-(Optuna's fANOVA, seeded)."""
+and its parameters, and for each searched parameter whether its best value has finished trials on both sides and
+lies inside the range (the search widens a log range whose edge its best trial reaches); and STUDY_DIR/tuning.png:
+each optimizer's best-so-far validation score against the budget spent, beside the importance of each
+hyperparameter (Optuna's fANOVA, seeded)."""
 from __future__ import annotations
 
 import itertools
 import json
-import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
 from ..glue import UsageError
-from .search_space import SearchSpace, search_space_from
+from .search_space import SearchSpace, at_the_edge, search_space_from
 from .study_folder import StudyFolder
 
 TRAINED_FRACTION = "trained_fraction"  # a trial's user attribute: the share of a full run's steps it trained
 SHARED_NAMES = {"learning_rate": "lr"}  # the same hyperparameter under the flag's name and M-FAC's key
-# A best lr within this share of the searched log-range of a bound lies at the edge: the range should grow.
-EDGE_SHARE = 0.1
-
-
-def at_the_edge(value: float, distribution: BaseDistribution) -> bool:
-    """Whether a value lies within EDGE_SHARE of a range's bound (on its log scale for a log range), or is the
-    smallest or largest of a choice list."""
-    if isinstance(distribution, CategoricalDistribution):
-        return value in (min(distribution.choices), max(distribution.choices))
-    low, high = (math.log(distribution.low), math.log(distribution.high)) if distribution.log else \
-        (distribution.low, distribution.high)
-    position = ((math.log(value) if distribution.log else value) - low) / (high - low)
-    return min(position, 1 - position) < EDGE_SHARE
+WIDENED = "widened_ranges"  # a study's user attribute: the log ranges its search widened, {name: [low, high]}
 
 
 def successive_halving(setting: dict[str, Any]) -> optuna.pruners.SuccessiveHalvingPruner:
@@ -66,6 +53,7 @@ class StudySummary:
     failed: int
     wall_seconds: float  # every trial's run, failed ones too: what the search took
     importances: dict[str, float]
+    widened: dict[str, list[float]] = field(default_factory=dict)  # log ranges the search widened (in `space`)
 
     @property
     def spent(self) -> float:
@@ -94,27 +82,32 @@ class StudySummary:
                 best = trial
         return best
 
-    def lr_sides(self) -> Optional[str]:
-        """Where the best trial's lr lies among the finished trials and in the searched range: what tells whether
-        the range held the best (None when lr is not searched)."""
-        name = next((name for name in ("lr", "learning_rate") if name in self.space.sampled), None)
+    def edge_lines(self) -> list[str]:
+        """For each numeric parameter the search sampled: where the best trial's value lies among the finished
+        trials and in the searched range (as the search left it), what tells whether the range held the best."""
         best = self.best
-        if name is None or best is None:
-            return None
-        lr, distribution = best.params[name], self.space.sampled[name][1]
-        below = sum(trial.params[name] < lr for trial in self.trials)
-        above = sum(trial.params[name] > lr for trial in self.trials)
+        if best is None:
+            return []
+        return [self.edge_line(name, best) for name, (_, distribution) in self.space.sampled.items()
+                if all(isinstance(choice, (int, float)) for choice in getattr(distribution, "choices", [0]))]
+
+    def edge_line(self, name: str, best: FrozenTrial) -> str:
+        value, distribution = best.params[name], self.space.sampled[name][1]
+        below = sum(trial.params[name] < value for trial in self.trials)
+        above = sum(trial.params[name] > value for trial in self.trials)
         sides = "finished trials on both sides" if below and above else "NOT bracketed by finished trials"
         tied = [trial.number for trial in self.complete if trial.number != best.number and trial.value == best.value]
-        edge = at_the_edge(lr, distribution)
+        edge = at_the_edge(value, distribution)
         if tied:
             # Trials that score the same (a constant answer, say) leave the pick to the order they finished in:
-            # where it lies says nothing about where the best lr is, so no range is to be widened for it.
+            # where it lies says nothing about where the best value is, so no range is to be widened for it.
             where = (f"{'at the edge of' if edge else 'inside'} the range, TIED at the best score with trial "
-                     f"{', '.join(map(str, tied))}: the scores do not single out an lr")
+                     f"{', '.join(map(str, tied))}: the scores do not single out a value")
         else:
             where = "AT THE EDGE of the range: widen it" if edge else "inside the range"
-        return f"{self.name}: best {name} {lr:.3g}: {below} finished trials below, {above} above ({sides}); {where}"
+        if name in self.widened:
+            where += f" (the search widened the range to [{distribution.low:.3g}, {distribution.high:.3g}])"
+        return f"{self.name}: best {name} {value:.3g}: {below} finished trials below, {above} above ({sides}); {where}"
 
     def best_so_far(self) -> list[Optional[float]]:
         """After each finished trial, the best complete value up to it (None while there is none)."""
@@ -147,12 +140,14 @@ def load_summaries(study_dir: Path, storage: Optional[str] = None) -> list[Study
         importances = optuna.importance.get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0)) \
             if len({trial.value for trial in complete}) >= 2 else {}
         base = setting["base"]
-        space = search_space_from(setting["space"], name, f"{storage} (study {name})")
+        widened = study.user_attrs.get(WIDENED, {})
+        space = search_space_from(setting["space"], name, f"{storage} (study {name})").with_ranges(widened)
         wall_seconds = sum(trial.user_attrs.get("wall_seconds", 0.0) for trial in study.get_trials())
         summaries.append(StudySummary(name, study.user_attrs["budget"], setting["metric"],
                                       study.direction == optuna.study.StudyDirection.MAXIMIZE,
                                       base.get("max_train_samples"), base.get("task_name"), space, trials,
-                                      len(study.get_trials(states=(TrialState.FAIL,))), wall_seconds, importances))
+                                      len(study.get_trials(states=(TrialState.FAIL,))), wall_seconds, importances,
+                                      widened))
     return summaries
 
 
@@ -184,7 +179,7 @@ def report_lines(study_dir: Path, summaries: list[StudySummary]) -> list[str]:
                      f"{median:.0f}" if median is not None else "-", format_params(best.params) if best else "-"])
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header] + rows]
-    lines += [sides for sides in (summary.lr_sides() for summary in summaries) if sides]
+    lines += [line for summary in summaries for line in summary.edge_lines()]
     for summary in summaries:
         if summary.importances:
             lines.append(f"{summary.name} importance: " + ", ".join(f"{name} {value:.2f}"
