@@ -38,9 +38,9 @@ done
 data=$GLUE_DIR/${FOLDER[$TASK]}
 evidence=$EVIDENCE_DIR/$TASK
 mkdir -p "$evidence" "$OUTPUT_ROOT/$TASK"
-[ "$TASK" != stsb ] || control_flags=(--model_name_or_path "$MODEL")
-python scripts/controls.py --task_name "$TASK" --train_file "$data/train.tsv" --validation_file "$data/dev.tsv" \
-  ${control_flags[@]+"${control_flags[@]}"} --output "$evidence/controls.json"
+# Scores without fine-tuning: the majority class and a linear probe on the frozen encodings (STS-B: zero-shot).
+[ -f "$evidence/controls.json" ] || python scripts/controls.py --task_name "$TASK" --train_file "$data/train.tsv" \
+  --validation_file "$data/dev.tsv" --model_name_or_path "$MODEL" --output "$evidence/controls.json"
 for group in $OPTIMS; do
   config=$OUTPUT_ROOT/$TASK/${TASK}_card_$group.json
   python -c "import json, sys; print(json.dumps({**json.load(open(sys.argv[1])), **json.loads(sys.argv[2])}))" \

@@ -687,6 +687,58 @@ def test_controls_majority_class_and_zero_shot_cosine_by_hand(tmp_path, tiny_ber
     assert exit_info.value.code == 2 and "--model_name_or_path: needed for stsb's control" in capsys.readouterr().err
 
 
+def test_linear_probe_reads_frozen_encodings_and_learns_what_they_hold(tmp_path, tiny_bert, capsys):
+    from sklearn.linear_model import LogisticRegression
+    from transformers import AutoModel, AutoTokenizer
+
+    # Reviews whose words say their label: a probe on any encoding that tells the words apart gets dev right,
+    # where the majority class gets half.
+    rng = np.random.default_rng(0)
+    words = {1: ["good", "great", "fine", "nice", "best"], 0: ["bad", "awful", "poor", "dull", "worst"]}
+
+    def reviews(count: int) -> list[tuple[str, int]]:
+        return [(" ".join(rng.choice(words[label], 3)), label) for label in rng.permutation([0, 1] * (count // 2))]
+
+    sst2 = tmp_path / "SST-2"
+    sst2.mkdir()
+    for name, rows in (("train", reviews(80)), ("dev", reviews(20))):
+        (sst2 / f"{name}.tsv").write_text("sentence\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows))
+    assert controls.main(["--task_name", "sst2", "--train_file", str(sst2 / "train.tsv"), "--validation_file",
+                          str(sst2 / "dev.tsv"), "--model_name_or_path", str(tiny_bert)]) == 0
+    out = capsys.readouterr().out
+    assert "sst2 majority class: accuracy 50.00" in out and "sst2 linear probe on frozen encodings: accuracy 100.00" in out
+
+    # A pair task: the probe's features are u, v, |u − v|, u·v of each sentence encoded alone, and its answers are
+    # sklearn's on them.
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_bert), AutoModel.from_pretrained(tiny_bert).eval()
+
+    def alone(sentence: str) -> np.ndarray:
+        with torch.no_grad():
+            return model(**tokenizer(sentence, return_tensors="pt")).last_hidden_state[0].mean(0).numpy()
+
+    def pairs(count: int) -> dict[str, list]:
+        first = [" ".join(rng.choice(words[1] + words[0], 2)) for _ in range(count)]
+        second = [" ".join(rng.choice(words[1] + words[0], 4)) for _ in range(count)]
+        return {"sentence1": first, "sentence2": second, "label": [int(len(a) > 8) for a in first]}
+
+    train, dev = pairs(40), pairs(12)
+
+    def features(examples: dict[str, list]) -> np.ndarray:
+        rows = []
+        for a, b in zip(examples["sentence1"], examples["sentence2"]):
+            u, v = alone(a), alone(b)
+            rows.append(np.concatenate([u, v, np.abs(u - v), u * v]))
+        return np.array(rows)
+
+    reference = features(train)
+    mean, scale = reference.mean(0), reference.std(0)
+    scale[scale == 0] = 1
+    fitted = LogisticRegression(C=controls.PROBE_C, max_iter=controls.PROBE_ITERATIONS).fit(
+        (reference - mean) / scale, train["label"])
+    expected = fitted.predict((features(dev) - mean) / scale)
+    assert list(controls.probe_answers(str(tiny_bert), train, dev, "rte", 128)) == list(expected)
+
+
 def test_controls_are_rows_of_their_tasks_table_and_lines_of_its_time_plot(tmp_path, capsys):
     adam = write_group(tmp_path / "adam", [0.80, 0.81, 0.82, 0.81, 0.80], ADAM_RECORD)
     sst2 = tmp_path / "sst2.json"
