@@ -59,12 +59,13 @@ from transformers.utils.versions import require_version
 from mfac_optim.glue.command_line import check_before_loading_weights, parse_and_check_inputs
 from mfac_optim.glue.adapters import check_lora_arguments
 from mfac_optim.glue.data import (GLUE_ON_THE_HUB, TASK_LABELS, TASK_TO_KEYS, check_data_arguments,
-                                   first_rows_of_each_split, hub_split_name, sentence_keys)
+                                   first_rows_of_each_split, hub_split_name, most_ids_in_a_batch,
+                                   sentence_keys)
 from mfac_optim.glue.metrics import GlueMetric
 from mfac_optim.glue.model_types import check_model_arguments, hub_options, load_config, load_tokenizer
 from mfac_optim.glue.records import model_source_record, write_eval_predictions, write_run_info
 from mfac_optim.hf_arguments import MFACTrainingArguments
-from mfac_optim.hf_trainer import MFACTrainer
+from mfac_optim.hf_trainer import MFACTrainer, examples_per_gradient
 
 
 # Will error if the minimal version of Transformers is not installed. Remove at your own risks.
@@ -343,12 +344,17 @@ def main(argv=None, callbacks=None):
     # download model & vocab.
     # M-FAC fork: a config.json without "model_type" (prajjwal1/bert-mini) gets the type transformers 4 inferred.
     config = load_config(model_args, num_labels=num_labels, finetuning_task=data_args.task_name)
-    # M-FAC fork: before the weights load, LoRA's target modules are checked against the model, and an M-FAC window
-    # that cannot fit in the training device's memory is refused.
-    preflight = check_before_loading_weights(
-        config, AutoModelForSequenceClassification, model_args, training_args, data_args.max_seq_length
-    )
     tokenizer = load_tokenizer(model_args)
+    # M-FAC fork: before the weights load, LoRA's target modules are checked against the model, and an M-FAC window
+    # that cannot fit in the training device's memory is refused (its embedding rows bounded by the distinct token
+    # ids a step's batches of the training data can hold).
+    preflight = check_before_loading_weights(
+        config, AutoModelForSequenceClassification, model_args, training_args, data_args.max_seq_length,
+        ids_per_batch=(lambda: most_ids_in_a_batch(
+            raw_datasets["train"], tokenizer, sentence_keys(data_args.task_name, raw_datasets["train"].column_names),
+            examples_per_gradient(training_args), data_args.max_seq_length))
+        if training_args.do_train and "train" in raw_datasets else None,
+    )
     if model_args.model_name_or_path is None:  # M-FAC fork: random initialisation from --config_name
         logger.info(f"No --model_name_or_path: training a randomly initialised model from {model_args.config_name}")
         model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)

@@ -262,12 +262,16 @@ def check_optimizer_state_matches(checkpoint: Path, training_args) -> None:
 
 def mfac_memory_bound(config, model_class, training_args, tokens_per_example: int,
                       trust_remote_code: bool = False,
-                      adapt: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None) -> Optional[int]:
+                      adapt: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None,
+                      ids_per_batch: Optional[int] = None) -> Optional[int]:
     """For --optim MFAC, an upper bound of the optimizer's bytes in each process, from the shapes of the parameters
     that train in `model_class.from_config(config)` (built on the meta device: no weights, no memory), after
     `adapt` if given (adapters: only they and the modules trained in full), and the M-FAC arguments; None for
-    other optimizers. Embedding rows stored per gradient are bounded by the tokens of one batch, unless weight decay
-    makes the embedding gradients dense."""
+    other optimizers. Embedding rows stored per gradient are bounded by what one batch can hold, unless weight
+    decay makes the embedding gradients dense: a position embedding (as many rows as the config's
+    max_position_embeddings) by the tokens of one example, any other by the tokens of one step's batches, or by
+    `ids_per_batch`, the most distinct ids those batches of the training data can hold, where the caller counted
+    them."""
     if training_args.optim != MFAC_NAME:
         return None
     with torch.device("meta"):
@@ -275,15 +279,24 @@ def mfac_memory_bound(config, model_class, training_args, tokens_per_example: in
         if adapt is not None:
             model = adapt(model)
     arguments = training_args.mfac
-    tokens_per_batch = training_args.per_device_train_batch_size * tokens_per_example
+    # One optimizer step's gradient sums the micro-batches of an accumulation.
+    tokens_per_batch = examples_per_gradient(training_args) * tokens_per_example
+    token_rows = tokens_per_batch if ids_per_batch is None else min(ids_per_batch, tokens_per_batch)
+    positions = getattr(config, "max_position_embeddings", None)
     embedding_rows = {} if arguments.weight_decay > 0 else {
-        id(module.weight): min(module.num_embeddings, tokens_per_batch)
+        id(module.weight): min(module.num_embeddings,
+                               tokens_per_example if module.num_embeddings == positions else token_rows)
         for module in model.modules() if isinstance(module, torch.nn.Embedding)}
     params = [p for p in model.parameters() if p.requires_grad]
     return memory_bound_bytes([p.shape for p in params],
                               {i: embedding_rows[id(p)] for i, p in enumerate(params) if id(p) in embedding_rows},
                               arguments.num_grads, arguments.grad_dtype, arguments.momentum > 0,
                               training_args.world_size if arguments.shard else 1, arguments.density)
+
+
+def examples_per_gradient(training_args) -> int:
+    """The training examples one process's optimizer step sees: its batch times the accumulation steps."""
+    return training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
 
 
 def check_mfac_fits(bound: int, training_args) -> None:

@@ -10,7 +10,7 @@ import torch
 from .algebra import GramSystem, accumulate_dtype
 from .compressed import CompressedRows
 from .hyperparameters import GRAD_DTYPES, resolve_grad_dtype
-from .layout import Block, Layout
+from .layout import Block, Layout, row_sparse_pays
 from .storage import DenseRows, RowSparseRows
 from .window import window_makeup
 
@@ -56,7 +56,9 @@ def dense_window_bound(layout: Layout, max_rows: dict[int, int], num_grads: int,
         return min(max_rows.get(block.index, block.rows), block.rows)
 
     made = window_makeup(layout, 1.0, element_size, rows_bound)
-    may_move = [block for block in made.dense_blocks if block.index in max_rows and block.is_matrix]
+    # A block where even one row does not pay (a token-type embedding of 2 rows) is never row-sparse: it cannot move.
+    may_move = [block for block in made.dense_blocks if block.index in max_rows and block.is_matrix
+                and row_sparse_pays(1, block.rows, block.columns, element_size)]
     sparse = sum(RowSparseRows.bound_bytes(num_grads, rows_bound(block), block.rows, block.columns, element_size,
                                            accumulate_size) for block in made.sparse_blocks + may_move)
     dense = DenseRows.bound_bytes(num_grads, made.dense_size, element_size, accumulate_size)

@@ -1,5 +1,6 @@
 """The memory bound that refuses a window before a model loads, against what the optimizer then holds, on real
-shapes (bert-mini: 11.2M parameters, its word embedding stored row-sparse): measured ≤ bound ≤ 1.5 × measured."""
+shapes (bert-mini: 11.2M parameters, its word embedding stored row-sparse): measured ≤ bound ≤ 1.5 × measured; and
+run_glue.py's preflight on SST-2's batches (bert-mini and MiniLM-L6 shapes, dense and compressed): within 1.3×."""
 import json
 
 import pytest
@@ -76,3 +77,48 @@ def test_bound_holds_where_the_rows_bound_is_past_the_row_sparse_rule(first_rows
     assert ("row_indices" not in optimizer.state[weights[0]]) and len(held) == len(rows_per_step) + moves
     bound = memory_bound_bytes([w.shape for w in weights], {0: MOST_ROWS}, CORNER_GRADS, "bfloat16")
     assert max(held) <= bound, (max(held), bound)
+
+
+MINILM_L6_CONFIG = {**BERT_MINI_CONFIG, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                    "intermediate_size": 1536}
+SST2_BATCH, SST2_LENGTH, SST2_STEPS = 32, 128, 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shapes", ["bert-mini", "MiniLM-L6"])
+@pytest.mark.parametrize("optim_args", [{"num_grads": 64, "grad_dtype": "bfloat16"},
+                                        {"num_grads": 1024, "density": 0.01, "grad_dtype": "bfloat16"}])
+def test_preflight_bound_is_within_a_third_of_what_the_window_holds_on_sst2_batches(shapes, optim_args, tiny_bert,
+                                                                                      glue_dir, tmp_path):
+    # run_glue.py's preflight, from the config alone and the distinct token ids SST-2's batches can hold, against
+    # the optimizer run on SST-2 batches as run_glue.py makes them (32 sentences, padded to the longest).
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from mfac_optim.glue.data import most_ids_in_a_batch, read_glue_tsv
+    from mfac_optim.hf_arguments import MFACTrainingArguments
+    from mfac_optim.hf_trainer import mfac_memory_bound
+
+    shared_config = SHARED / "models" / "bert-mini-config" / "bert_config.json"
+    mini = json.loads(shared_config.read_text()) if shared_config.exists() else BERT_MINI_CONFIG
+    config = BertConfig(**(mini if shapes == "bert-mini" else {**mini, **MINILM_L6_CONFIG}), num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)  # the uncased vocabulary both models use
+    train = read_glue_tsv(str(glue_dir / "SST-2" / "train.tsv"), "sst2")
+    ids = most_ids_in_a_batch(train, tokenizer, ("sentence", None), SST2_BATCH, SST2_LENGTH)
+    arguments = MFACTrainingArguments(output_dir=str(tmp_path), optim="MFAC", optim_args=json.dumps(optim_args),
+                                      per_device_train_batch_size=SST2_BATCH, report_to="none")
+    bound = mfac_memory_bound(config, AutoModelForSequenceClassification, arguments, SST2_LENGTH, ids_per_batch=ids)
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    optimizer = MFAC(model.parameters(), **optim_args)
+    generator = torch.Generator().manual_seed(0)
+    measured = 0
+    for _ in range(SST2_STEPS):
+        rows = torch.randint(0, len(train["sentence"]), (SST2_BATCH,), generator=generator).tolist()
+        batch = tokenizer([train["sentence"][row] for row in rows], padding=True, truncation=True,
+                          max_length=SST2_LENGTH, return_tensors="pt")
+        optimizer.zero_grad()
+        model(**batch, labels=torch.tensor([train["label"][row] for row in rows])).loss.backward()
+        optimizer.step()
+        measured = max(measured, optimizer.memory_bytes(with_buffers=True))
+    assert measured <= bound <= 1.3 * measured, (measured, bound, bound / measured)

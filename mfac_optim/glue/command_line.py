@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from ..hf_arguments import MFAC_NAME
 from ..hf_trainer import check_mfac_fits, check_optimizer_state_matches, last_complete_checkpoint, mfac_memory_bound
 from . import exit_with_usage_error
 from .adapters import LoraPlan, lora_plan
@@ -56,15 +57,18 @@ class Preflight:
     optimizer_memory_bound: Optional[int]  # for --optim MFAC: the bound of its memory in each process
 
 
-def check_before_loading_weights(config, model_class, model_args, training_args,
-                                 tokens_per_example: int) -> Preflight:
+def check_before_loading_weights(config, model_class, model_args, training_args, tokens_per_example: int,
+                                 ids_per_batch: Optional[Callable[[], int]] = None) -> Preflight:
     """The LoRA plan, checked against the model built from `config` on the meta device, and for --optim MFAC the
-    optimizer's memory bound over what will train; a bad target module, or a window that cannot fit in the training
-    device's memory, ends the run with one line, before any weights load."""
+    optimizer's memory bound over what will train (`ids_per_batch`, called only then: the most distinct token
+    ids a training batch can hold); a bad target module, or a window that cannot fit in the training device's
+    memory, ends the run with one line, before any weights load."""
     try:
         lora = lora_plan(model_args, config, model_class)
+        counted = ids_per_batch() if ids_per_batch is not None and training_args.optim == MFAC_NAME else None
         bound = mfac_memory_bound(config, model_class, training_args, tokens_per_example,
-                                  model_args.trust_remote_code, adapt=lora.apply if lora is not None else None)
+                                  model_args.trust_remote_code, adapt=lora.apply if lora is not None else None,
+                                  ids_per_batch=counted)
         if bound is not None:
             check_mfac_fits(bound, training_args)
     except ValueError as error:

@@ -202,6 +202,17 @@ def check_columns(local_datasets, data_args) -> None:
                              f"(has {', '.join(dataset.column_names)})")
 
 
+def most_ids_in_a_batch(dataset, tokenizer, keys: tuple[str, Optional[str]], batch_size: int, max_length: int) -> int:
+    """The most distinct token ids a batch of `batch_size` examples of `dataset` can hold: the sum of the
+    `batch_size` largest counts of distinct ids in one example, tokenized as training tokenizes it (special tokens
+    included, truncated to `max_length`). A batch's distinct ids are at most the sum of its examples', so this
+    bounds the embedding rows one gradient can touch, from the data rather than from batch × length."""
+    texts = [list(dataset[key]) for key in keys if key]  # a datasets column is not a list the tokenizer takes
+    counts = sorted((len(set(ids)) for ids in tokenizer(*texts, truncation=True, max_length=max_length)["input_ids"]),
+                    reverse=True)
+    return sum(counts[:batch_size])
+
+
 def sentence_keys(task: Optional[str], column_names: list[str]) -> tuple[str, Optional[str]]:
     """The task's sentence columns; without a task, HF's rule: sentence1/sentence2, else the first two others."""
     if task is not None:
