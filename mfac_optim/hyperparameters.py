@@ -33,7 +33,12 @@ def _is_number(value) -> bool:
 
 def check_group_hyperparameters(group: dict) -> None:
     lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
-    if isinstance(lr, Tensor) or not _is_number(lr) or not lr >= 0 or not math.isfinite(lr):
+    if isinstance(lr, Tensor):  # as torch.optim takes it (for LR schedules kept on the device): one number
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"Invalid learning rate: a tensor lr must hold one floating-point number (got shape "
+                             f"{tuple(lr.shape)}, {lr.dtype})")
+        lr = lr.item()
+    if not _is_number(lr) or not lr >= 0 or not math.isfinite(lr):
         raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0)")
     if not _is_number(weight_decay) or not weight_decay >= 0 or not math.isfinite(weight_decay):
         raise ValueError(f"Invalid weight_decay: {weight_decay!r} (must be a finite number >= 0)")

@@ -128,6 +128,8 @@ class Layout:
         dense = self.dense_blocks
         if self.dense_size == grad.numel():
             return grad
+        if not dense:  # every block row-sparse (an embedding alone)
+            return grad.new_empty(0)
         return torch.cat([grad[block.flat] for block in dense])
 
     def assemble(self, dense_direction: Tensor, sparse_directions: dict[int, Tensor], out: Tensor) -> Tensor:

@@ -55,13 +55,18 @@ class MFAC(Optimizer):
         defaults = dict(lr=lr, num_grads=num_grads, damp=damp, momentum=momentum, weight_decay=weight_decay,
                         grad_dtype=resolve_grad_dtype(grad_dtype), shard=shard, density=density)
         check_group_hyperparameters(defaults)
+        self._start_working_objects()
+        super().__init__(params, defaults)
+
+    def _start_working_objects(self) -> None:
+        """What the optimizer keeps besides its state, all of it made again from the state when needed: a copy
+        (deepcopy, pickle, torch.save of the optimizer) starts with none of it."""
         self._warned_nonfinite = False
         self._window: Optional[GradientWindow] = None  # made at the first step, or from the state after loading
         # The flat gradient, rewritten at every step: a fresh allocation of d floats costs page faults at every step
         # on the CPU (at bert-mini's size, once a 6 GiB window is allocated, 60 ms).
         self._gradient: Optional[Tensor] = None
         self._gather = DirectionGather()
-        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         if "grad_dtype" in param_group:
@@ -74,22 +79,43 @@ class MFAC(Optimizer):
             raise ValueError(f"MFAC needs all parameters on one device, got {sorted(map(str, devices))}")
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim, except that state tensors keep their dtypes: torch would cast the float64 Gram matrix,
-        a bf16 window and the fp32 momentum to each parameter's dtype."""
-        super().load_state_dict({**state_dict, "state": {}})
+        """As torch.optim, hooks included, except that state tensors keep their dtypes: torch would cast the float64
+        Gram matrix, a bf16 window and the fp32 momentum to each parameter's dtype (a bf16 window cast to fp32
+        would also take twice its memory while loading). The state is taken after every pre-hook, which may
+        replace it, and put in place before every post-hook, which sees it."""
+        loaded: dict = {}
+
+        def take_state(optimizer: Optimizer, hooked: dict) -> dict:
+            loaded.update(hooked)
+            return {**hooked, "state": {}}
+
+        def put_state(optimizer: Optimizer) -> None:
+            self._put_loaded_state(loaded)
+
+        last_pre_hook = self.register_load_state_dict_pre_hook(take_state)
+        first_post_hook = self.register_load_state_dict_post_hook(put_state, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            last_pre_hook.remove()
+            first_post_hook.remove()
+
+    def _put_loaded_state(self, state_dict: dict) -> None:
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         for index, param in zip(saved_ids, [p for group in self.param_groups for p in group["params"]]):
             if index in state_dict["state"]:
                 self.state[param] = {key: value.clone() if on_host(key) else value.to(device=param.device, copy=True)
                                      for key, value in state_dict["state"][index].items()}
         self._window = None  # made again from the loaded state at the next step
-        if self._params() and GradientWindow.saved_in(self._shared_state()):
+        if self._params() and self._params()[0] in self.state and GradientWindow.saved_in(self._shared_state()):
             GradientWindow.upgrade_saved(self._shared_state())
             check_shard_position(self._shared_state(), self._stored_layout())
 
     def __setstate__(self, state: dict) -> None:
-        """Param groups saved before a setting existed get its default (torch.optim's place for upgrades)."""
+        """Param groups saved before a setting existed get its default (torch.optim's place for upgrades); a copy
+        of the optimizer starts its working objects afresh."""
         super().__setstate__(state)
+        self._start_working_objects()
         for group in self.param_groups:
             for key in ("shard", "density"):
                 group.setdefault(key, DEFAULTS[key])
@@ -127,6 +153,8 @@ class MFAC(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not any(p.grad is not None for p in self._params()):  # nothing to learn from: nothing changes
+            return loss
         with phase("gradient"):
             grad = self._flat_gradient()
         # A sum is finite whenever all terms are, unless it overflows: only then is the full check needed. On a GPU
@@ -156,14 +184,16 @@ class MFAC(Optimizer):
         return self.state[self._params()[0]]
 
     def _flat_gradient(self) -> Tensor:
-        """g over all groups in order: each parameter's gradient (zeros if None) plus its group's wd · p."""
+        """g over all groups in order: each parameter's gradient plus its group's wd · p; zeros for a parameter
+        without a gradient this step (no weight decay either: torch.optim leaves such a parameter alone), so that
+        the window holds what this step saw and later steps stay exact."""
         pieces = []
         for group in self.param_groups:
             for p in trained(group):
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("MFAC does not support sparse gradients; use dense embedding gradients")
                 grad = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
-                if group["weight_decay"] != 0:
+                if group["weight_decay"] != 0 and p.grad is not None:
                     grad = grad.add(p.float(), alpha=group["weight_decay"])
                 pieces.append(grad.reshape(-1))
         size = sum(piece.numel() for piece in pieces)
@@ -222,9 +252,11 @@ class MFAC(Optimizer):
 
     def _with_momentum(self, layout: Layout, direction: Tensor) -> Tensor:
         """This rank's update: per group with momentum μ > 0, v ← μv + (1 − μ)u (kept for this rank's blocks),
-        written over u; u itself elsewhere."""
-        momenta = [group["momentum"] for group in self.param_groups for _ in trained(group)]
-        if not any(momenta):
+        written over u; u itself elsewhere. A parameter without a gradient this step keeps its velocity (it is not
+        moved either)."""
+        momenta = [group["momentum"] if p.grad is not None else 0.0
+                   for group in self.param_groups for p in trained(group)]
+        if not any(group["momentum"] for group in self.param_groups):
             return direction
         buffer = self._shared_state().setdefault("momentum_buffer", torch.zeros_like(direction))
         for block in layout.blocks:
@@ -236,14 +268,19 @@ class MFAC(Optimizer):
         return direction
 
     def _update_params(self, layout: Layout, update: Tensor) -> None:
-        """p ← p − lr · update, with each group's lr: one multi-tensor add per group, as torch.optim's foreach
+        """p ← p − lr · update, with each group's lr (a number or a tensor), for the parameters that have a gradient
+        this step (torch.optim moves no other): one multi-tensor add per group, as torch.optim's foreach
         implementations do, rather than a kernel launch per parameter."""
         pieces = [update[flat] for _, flat in layout.param_slices()]
         start = 0
         for group in self.param_groups:
             params = trained(group)
-            steps = [piece.view_as(p).to(p.dtype) for piece, p in zip(pieces[start:start + len(params)], params)]
-            torch._foreach_add_(params, steps, alpha=-group["lr"])
+            moved = [(p, piece.view_as(p).to(p.dtype)) for piece, p in zip(pieces[start:start + len(params)], params)
+                     if p.grad is not None]
+            if moved:
+                lr = group["lr"]
+                torch._foreach_add_([p for p, _ in moved], [step for _, step in moved],
+                                    alpha=-(lr.item() if torch.is_tensor(lr) else lr))
             start += len(params)
 
 

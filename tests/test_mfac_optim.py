@@ -16,7 +16,9 @@ TOLERANCE = 1e-4
 class DenseReference:
     """M-FAC from the definitions: F = λI + (1/m) Σ gᵢgᵢᵀ over the stored gradients, u = F⁻¹g by a dense float64
     solve, momentum v ← μv + (1 − μ)u per group. The stored g is formed as the optimizer must form it (fp32
-    gradient plus wd · p, rounded to the window dtype); everything after that is float64."""
+    gradient plus wd · p, rounded to the window dtype; zeros, without weight decay, for a parameter with no
+    gradient this step); everything after that is float64. A parameter without a gradient is left alone, as
+    torch.optim leaves it: no update (the caller's), and its velocity kept."""
 
     def __init__(self, num_grads, damp, grad_dtype=torch.float32):
         self.num_grads, self.damp, self.grad_dtype = num_grads, damp, grad_dtype
@@ -28,8 +30,10 @@ class DenseReference:
         pieces = []
         for group in groups:
             for p in group["params"]:
-                grad = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
-                pieces.append((grad + group["weight_decay"] * p.float()).reshape(-1))
+                if p.grad is None:
+                    pieces.append(torch.zeros(p.numel()))
+                else:
+                    pieces.append((p.grad.float() + group["weight_decay"] * p.float()).reshape(-1))
         return torch.cat(pieces).to(self.grad_dtype).double().cpu()  # the reference solves on the CPU
 
     def direction(self, groups):
@@ -47,12 +51,13 @@ class DenseReference:
             self.velocity = torch.zeros_like(u)
         out, offset = u.clone(), 0
         for group in groups:
-            size = sum(p.numel() for p in group["params"])
             mu = group["momentum"]
-            if mu > 0:
-                self.velocity[offset:offset + size] = mu * self.velocity[offset:offset + size] + (1 - mu) * u[offset:offset + size]
-                out[offset:offset + size] = self.velocity[offset:offset + size]
-            offset += size
+            for p in group["params"]:
+                piece = slice(offset, offset + p.numel())
+                if mu > 0 and p.grad is not None:
+                    self.velocity[piece] = mu * self.velocity[piece] + (1 - mu) * u[piece]
+                    out[piece] = self.velocity[piece]
+                offset += p.numel()
         return out
 
 
@@ -96,10 +101,12 @@ def run_against_reference(shapes, num_grads, damp, steps, grad_dtype=torch.float
         # keeps the fp32 rounding of p − lr·u far below the tolerance.
         expected_update, offset = torch.zeros_like(before), 0
         for group in optimizer.param_groups:
-            size = sum(p.numel() for p in group["params"])
             group["lr"] = group.get("lr_scale", 1.0) * 0.1 * before.norm().item() / expected_direction.norm().item()
-            expected_update[offset:offset + size] = -group["lr"] * expected_direction[offset:offset + size]
-            offset += size
+            for p in group["params"]:
+                if p.grad is not None:
+                    piece = slice(offset, offset + p.numel())
+                    expected_update[piece] = -group["lr"] * expected_direction[piece]
+                offset += p.numel()
         optimizer.step()
         update = flat(params) - before
         worst = max(worst, ((update.cpu() - expected_update.cpu()).norm() / expected_update.norm()).item())

@@ -1,0 +1,158 @@
+"""The torch.optim contracts that client code relies on, checked for MFAC and for torch's AdamW side by side: what
+AdamW does is the behaviour asked of MFAC."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+from mfac_optim import MFAC
+
+OPTIMIZERS = {"MFAC": lambda params, **kwargs: MFAC(params, num_grads=4, damp=1e-3, **kwargs),
+              "AdamW": lambda params, **kwargs: torch.optim.AdamW(params, **kwargs)}
+
+
+class TwoLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.unused = torch.nn.Linear(6, 5), torch.nn.Linear(5, 2), torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, use_second: bool = True) -> torch.Tensor:
+        hidden = torch.tanh(self.first(x))
+        return self.second(hidden).sum() if use_second else hidden.sum()
+
+
+def make(name: str, seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    model = TwoLayers()
+    return model, OPTIMIZERS[name](model.parameters(), lr=1e-2, **kwargs)
+
+
+def train(model, optimizer, steps: int, seed: int = 1, use_second: bool = True) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(8, 6, generator=generator), use_second).backward()
+        optimizer.step()
+
+
+def weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda pair: pickle.loads(pickle.dumps(pair)),
+                                     lambda pair: torch.load(saved(pair), weights_only=False)],
+                         ids=["deepcopy", "pickle", "torch.save"])
+def test_a_copy_of_model_and_optimizer_trains_on_as_the_original(name, copy_of):
+    model, optimizer = make(name)
+    train(model, optimizer, 3)
+    model_copy, optimizer_copy = copy_of((model, optimizer))
+    train(model, optimizer, 3, seed=2)
+    train(model_copy, optimizer_copy, 3, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), weights(model_copy)))
+
+
+def saved(pair) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(pair, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_state_dict_hooks_see_the_state_and_may_replace_it(name):
+    model, optimizer = make(name)
+    train(model, optimizer, 3)
+    saved_state = optimizer.state_dict()
+    entries = len(saved_state["state"])
+    seen = {}
+    restored, optimizer_restored = make(name)
+    restored.load_state_dict(model.state_dict())
+
+    def pre_hook(optimizer, state_dict):
+        seen["pre"] = len(state_dict["state"])
+        return copy.deepcopy(state_dict)  # a replacement: what is loaded from here on
+
+    def post_hook(optimizer):
+        seen["post"] = len(optimizer.state)
+
+    optimizer_restored.register_load_state_dict_pre_hook(pre_hook)
+    optimizer_restored.register_load_state_dict_post_hook(post_hook)
+    optimizer_restored.register_state_dict_post_hook(lambda optimizer, state_dict: seen.update(
+        saved=len(state_dict["state"])))
+    optimizer_restored.load_state_dict(saved_state)
+    assert seen == {"pre": entries, "post": entries} and entries > 0
+    optimizer_restored.state_dict()
+    assert seen["saved"] == entries
+    train(model, optimizer, 2, seed=2)
+    train(restored, optimizer_restored, 2, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(weights(model), weights(restored)))
+
+    # A pre-hook's state is the one loaded: one that empties it starts the optimizer afresh.
+    fresh, optimizer_fresh = make(name)
+    optimizer_fresh.register_load_state_dict_pre_hook(lambda optimizer, state_dict: {**state_dict, "state": {}})
+    optimizer_fresh.load_state_dict(saved_state)
+    assert len(optimizer_fresh.state) == 0
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_parameters_without_a_gradient_are_left_alone_even_with_weight_decay(name):
+    model, optimizer = make(name, weight_decay=0.1)
+    train(model, optimizer, 3)
+    second, unused = weights(model.second), weights(model.unused)
+    train(model, optimizer, 2, seed=2, use_second=False)  # `second` has no gradient now, `unused` never had one
+    assert all(torch.equal(a, b) for a, b in zip(second, weights(model.second)))
+    assert all(torch.equal(a, b) for a, b in zip(unused, weights(model.unused)))
+    train(model, optimizer, 1, seed=3)
+    assert not all(torch.equal(a, b) for a, b in zip(second, weights(model.second)))  # it trains again
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_step_without_any_gradient_changes_nothing(name):
+    model, optimizer = make(name)
+    train(model, optimizer, 2)
+    before, state = weights(model), copy.deepcopy(optimizer.state_dict())
+    optimizer.zero_grad()
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+    after = optimizer.state_dict()
+    for index, entries in state["state"].items():
+        assert all(torch.equal(value, after["state"][index][key]) for key, value in entries.items()
+                   if torch.is_tensor(value))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_tensor_lr_steps_as_the_same_number(name):
+    model, optimizer = make(name)
+    tensor_model, tensor_optimizer = make(name)
+    for group in tensor_optimizer.param_groups:
+        group["lr"] = torch.tensor(group["lr"])
+    train(model, optimizer, 3)
+    train(tensor_model, tensor_optimizer, 3)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(weights(model), weights(tensor_model)))
+    with pytest.raises(ValueError, match="(?i)tensor lr"):
+        OPTIMIZERS[name](TwoLayers().parameters(), lr=torch.tensor([1e-2, 1e-3]))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_an_embedding_alone_trains(name):
+    # Textual inversion: only an embedding matrix trains, and a step's gradient touches a few of its rows.
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(50, 8)
+    optimizer = OPTIMIZERS[name](embedding.parameters(), lr=1e-2, weight_decay=0.0)
+    target = torch.randn(8)
+    tokens = torch.tensor([3, 7, 7, 11])
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = ((embedding(tokens) - target) ** 2).sum()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[tokens] = False
+    torch.manual_seed(0)
+    assert torch.equal(embedding.weight[untouched], torch.nn.Embedding(50, 8).weight[untouched])
