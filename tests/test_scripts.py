@@ -68,14 +68,29 @@ def test_reproduction_command_is_the_published_one(python_on_path, tiny_bert, gl
 def test_reproduction_fails_clearly_without_hub_or_files(python_on_path, tmp_path):
     env, log = python_on_path
     result = reproduce({**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")})
-    assert result.returncode == 1 and not log.exists() and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and not log.exists() and result.stderr.count("\n") == 1
     assert (f"model 'prajjwal1/bert-mini' is not in the cache ({tmp_path / 'empty-cache'}) and HF_HUB_OFFLINE=1"
             in result.stderr)
     assert "set MODEL=/path/to/model" in result.stderr
     result = reproduce({**env, "MODEL": "/nonexistent/model"})
-    assert result.returncode == 1 and "MODEL folder not found: /nonexistent/model" in result.stderr
+    assert result.returncode == 2 and "MODEL folder not found: /nonexistent/model" in result.stderr
     result = reproduce({**env, "TRAIN_FILE": "/nonexistent/train.tsv"})
-    assert result.returncode == 1 and "set both TRAIN_FILE and VALIDATION_FILE" in result.stderr
+    assert result.returncode == 2 and "set both TRAIN_FILE and VALIDATION_FILE" in result.stderr
+
+
+def test_reproduction_optim_args_override_only_the_keys_they_name(python_on_path, tiny_bert, glue_dir):
+    env, log = python_on_path
+    env = {**env, "MODEL": str(tiny_bert), "TRAIN_FILE": str(glue_dir / "SST-2" / "train.tsv"),
+           "VALIDATION_FILE": str(glue_dir / "SST-2" / "dev.tsv")}
+    result = reproduce(env, "--optim_args", '{"grad_dtype": "bfloat16", "num_grads": 512}', "--max_steps", "4")
+    assert result.returncode == 0, result.stderr
+    args = json.loads(log.read_text())
+    assert json.loads(args[args.index("--optim_args") + 1]) == {"lr": 1e-4, "num_grads": 512, "damp": 1e-6,
+                                                                "grad_dtype": "bfloat16"}
+    assert args.count("--optim_args") == 1 and args[-2:] == ["--max_steps", "4"]
+    log.unlink()
+    result = reproduce(env, "--optim_args=[1]")
+    assert result.returncode == 2 and not log.exists() and "--optim_args: not a JSON object" in result.stderr
 
 
 def test_reproduction_runs_the_published_command_from_the_hub_cache(python_on_path, hub_cache):
@@ -102,7 +117,8 @@ def test_reproduction_overrides_run_for_real(tmp_path, tiny_bert, glue_dir):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["seed"] == 7 and info["model"] == glue_records.model_source_record(str(tiny_bert))
-    assert info["optimizer"] == {"optim": "MFAC", "optim_args": {"lr": 1e-4, "weight_decay": 0.0, "num_grads": 8}}
+    assert info["optimizer"] == {"optim": "MFAC", "optim_args": {"lr": 1e-4, "weight_decay": 0.0, "num_grads": 8,
+                                                                 "damp": 1e-6}}
     assert json.loads((tmp_path / "run" / "trainer_state.json").read_text())["global_step"] == 2
 
 

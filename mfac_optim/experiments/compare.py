@@ -809,6 +809,9 @@ def main(argv: list[str] | None = None) -> int:
     def table(task: str, markdown: bool, brief: bool = False) -> str:
         task_groups = grouped[task]
         resamples = 0 if brief else args.bootstrap  # the summary shows no bootstrap interval: nothing to wait for
+        if resamples:  # a minute or so on a CPU: say so rather than sit silent
+            print(f"compare.py: {task}: drawing {resamples} bootstrap resamples over seeds × dev examples "
+                  "(--bootstrap 0 skips them)", file=sys.stderr, flush=True)
         rows = table_rows(task_groups.groups, references[task], args.margin / 100, resamples, args.max_load,
                           args.unpaired, rule)
         return (format_summary if brief else format_table)(task, rows, task_groups.shared, references[task], markdown,

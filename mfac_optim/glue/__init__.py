@@ -25,5 +25,8 @@ class UsageError(ValueError):
 
 def exit_with_usage_error(message: str) -> NoReturn:
     """Reports a usage error as argparse does (one line naming the program) and exits with status 2."""
+    if message.endswith("expected one argument"):
+        # argparse takes a value such as -1e-4 (scientific notation) for a flag of its own.
+        message += " (a value that starts with '-' is given after '=', as in --learning_rate=-1e-4)"
     sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {message}\n")
     sys.exit(2)
