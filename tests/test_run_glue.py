@@ -82,6 +82,14 @@ def test_mfac_is_case_insensitive_and_json_lr_wins_over_learning_rate(caplog, hu
     assert "--optim_args lr=0.0001 overrides --learning_rate 5e-05" in caplog.text
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's logging interval")
+def test_a_cpu_run_logs_the_loss_every_50_steps_unless_told_otherwise(tiny_bert):
+    base = ["--model_name_or_path", str(tiny_bert), "--task_name", "rte", "--output_dir", "o"]
+    assert run_glue.parse_arguments(base)[2].logging_steps == 50
+    assert run_glue.parse_arguments(base + ["--logging_steps", "500"])[2].logging_steps == 500
+    assert run_glue.parse_arguments(base + ["--logging_steps=7"])[2].logging_steps == 7
+
+
 def test_other_optimizers_are_hf_unchanged(tiny_bert):
     _, _, training_args, _ = run_glue.parse_arguments(
         ["--model_name_or_path", str(tiny_bert), "--task_name", "rte", "--output_dir", "o", "--optim", "sgd",
