@@ -56,7 +56,8 @@ from transformers.utils import check_min_version
 from transformers.utils.versions import require_version
 
 # M-FAC fork: the optimizer's arguments and Trainer, and what the script adds to HF's (mfac_optim.glue).
-from mfac_optim.glue.command_line import check_before_loading_weights, parse_and_check_inputs
+from mfac_optim.glue.command_line import (check_before_loading_weights, parse_and_check_inputs,
+                                          quiet_transformers_logging)
 from mfac_optim.glue.adapters import check_lora_arguments
 from mfac_optim.glue.data import (GLUE_ON_THE_HUB, TASK_LABELS, TASK_TO_KEYS, check_data_arguments,
                                    first_rows_of_each_split, hub_split_name, most_ids_in_a_batch,
@@ -278,7 +279,7 @@ def main(argv=None, callbacks=None):
         f"Process rank: {training_args.local_process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
         + f"distributed training: {training_args.parallel_mode.value == 'distributed'}, 16-bits training: {training_args.fp16}"
     )
-    logger.info(f"Training/evaluation parameters {training_args}")
+    # M-FAC fork: the training arguments are logged after the preflight below, so that a refusal comes first.
 
     # Set seed before initializing model.
     set_seed(training_args.seed)
@@ -343,18 +344,23 @@ def main(argv=None, callbacks=None):
     # In distributed training, the .from_pretrained methods guarantee that only one local process can concurrently
     # download model & vocab.
     # M-FAC fork: a config.json without "model_type" (prajjwal1/bert-mini) gets the type transformers 4 inferred.
-    config = load_config(model_args, num_labels=num_labels, finetuning_task=data_args.task_name)
-    tokenizer = load_tokenizer(model_args)
-    # M-FAC fork: before the weights load, LoRA's target modules are checked against the model, and an M-FAC window
-    # that cannot fit in the training device's memory is refused (its embedding rows bounded by the distinct token
-    # ids a step's batches of the training data can hold).
-    preflight = check_before_loading_weights(
-        config, AutoModelForSequenceClassification, model_args, training_args, data_args.max_seq_length,
-        ids_per_batch=(lambda: most_ids_in_a_batch(
-            raw_datasets["train"], tokenizer, sentence_keys(data_args.task_name, raw_datasets["train"].column_names),
-            examples_per_gradient(training_args), data_args.max_seq_length))
-        if training_args.do_train and "train" in raw_datasets else None,
-    )
+    # Before the weights load, LoRA's target modules are checked against the model, and an M-FAC window that cannot
+    # fit in the training device's memory is refused (its embedding rows bounded by the distinct token ids a step's
+    # batches of the training data can hold). Config and tokenizer load quietly, so that a refusal is the first
+    # line; the arguments and the config are logged after it.
+    with quiet_transformers_logging():
+        config = load_config(model_args, num_labels=num_labels, finetuning_task=data_args.task_name)
+        tokenizer = load_tokenizer(model_args)
+        preflight = check_before_loading_weights(
+            config, AutoModelForSequenceClassification, model_args, training_args, data_args.max_seq_length,
+            ids_per_batch=(lambda: most_ids_in_a_batch(
+                raw_datasets["train"], tokenizer,
+                sentence_keys(data_args.task_name, raw_datasets["train"].column_names),
+                examples_per_gradient(training_args), data_args.max_seq_length))
+            if training_args.do_train and "train" in raw_datasets else None,
+        )
+    logger.info(f"Training/evaluation parameters {training_args}")
+    logger.info(f"Model config {config}")
     if model_args.model_name_or_path is None:  # M-FAC fork: random initialisation from --config_name
         logger.info(f"No --model_name_or_path: training a randomly initialised model from {model_args.config_name}")
         model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model_args.trust_remote_code)

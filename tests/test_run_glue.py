@@ -315,6 +315,13 @@ def test_window_that_cannot_fit_is_refused_before_weights_load(tmp_path, tiny_be
     assert "--optim_args: M-FAC with num_grads=10000000 needs up to" in err
     assert "GiB per process for this model, but this machine's RAM has" in err
     assert 'available: use a smaller num_grads or "grad_dtype": "bfloat16"' in err
+    # As a user runs it: the refusal ends stderr, before the arguments and the config are logged.
+    result = subprocess.run([sys.executable, str(Path(run_glue.__file__)), *argv], capture_output=True, text=True,
+                            timeout=300)
+    lines = result.stderr.splitlines()  # this folder's config also gets its one warning: no "model_type"
+    assert result.returncode == 2 and "needs up to" in lines[-1] and len(lines) <= 2, result.stderr
+    assert "Training/evaluation parameters" not in result.stdout
+    assert "Model config" not in result.stdout + result.stderr
 
 
 # --- local data --------------------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ configs), each reported as one error line with exit status 2 instead of a traceb
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -62,6 +63,19 @@ def checkpoint_to_resume(training_args) -> Optional[str]:
     if training_args.resume_from_checkpoint is None and os.path.isdir(training_args.output_dir):
         return last_complete_checkpoint(training_args.output_dir)
     return training_args.resume_from_checkpoint
+
+
+@contextmanager
+def quiet_transformers_logging() -> Iterator[None]:
+    """transformers logs warnings and errors only, inside the block (its INFO lines: the files read, the config)."""
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_warning()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
 
 
 @dataclass(frozen=True)
