@@ -146,6 +146,10 @@ class MFAC(Optimizer):
             return torch.zeros(self.param_groups[0]["num_grads"], total, device=self._params()[0].device)
         return self._current_window().stored_rows()
 
+    # torch.compile(optimizer.step) runs the step as it is: its fused kernels work on the data of real tensors, which
+    # compilation's tracing does not have, and the step's time is in passes over the window that compiling the
+    # Python around them would not shorten.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Performs one M-FAC step; `closure` re-evaluates the model and returns the loss."""

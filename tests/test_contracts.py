@@ -156,3 +156,20 @@ def test_an_embedding_alone_trains(name):
     untouched[tokens] = False
     torch.manual_seed(0)
     assert torch.equal(embedding.weight[untouched], torch.nn.Embedding(50, 8).weight[untouched])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_compiled_step_steps_as_the_eager_one(name):
+    model, optimizer = make(name)
+    compiled_model, compiled_optimizer = make(name)
+    compiled_step = torch.compile(compiled_optimizer.step)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(8, 6, generator=generator)
+        for each_model, each_optimizer, step in ((model, optimizer, optimizer.step),
+                                                 (compiled_model, compiled_optimizer, compiled_step)):
+            each_optimizer.zero_grad()
+            each_model(x).backward()
+            step()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(weights(model), weights(compiled_model)))
