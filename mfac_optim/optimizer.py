@@ -216,8 +216,7 @@ class MFAC(Optimizer):
             check_shard_position(shared, layout)
         if self._window is not None:
             if self._window.layout.shapes != layout.shapes:
-                raise ValueError("MFAC: the parameters that require grad changed since the window was made; the "
-                                 "window covers a fixed set of parameters (make a new optimizer for another)")
+                self._take_new_parameters(layout)
             self._window.follow(settings)
         elif GradientWindow.saved_in(shared):
             params = self._params()
@@ -231,6 +230,21 @@ class MFAC(Optimizer):
                           shard_world_size=torch.tensor(layout.world_size, dtype=torch.int64))
             self._save_window_state(self._window)
         return self._window
+
+    def _take_new_parameters(self, layout: Layout) -> None:
+        """Parameters of a param group added after the window was made join it, and the momentum, with no history.
+        Any other change of the parameters that require grad is refused."""
+        made = self._window.layout.shapes
+        if layout.shapes[:len(made)] != made:
+            raise ValueError("MFAC: the parameters that require grad changed since the window was made; the window "
+                             "covers a fixed set of parameters, to which add_param_group may add (make a new "
+                             "optimizer for another set)")
+        self._window.take_new_parameters(layout)
+        shared = self._shared_state()
+        if "momentum_buffer" in shared:
+            velocity = shared["momentum_buffer"]
+            shared["momentum_buffer"] = torch.cat([velocity, velocity.new_zeros(layout.local_size - velocity.numel())])
+        self._save_window_state(self._window)
 
     def _save_window_state(self, window: GradientWindow) -> None:
         """The window's tensors into the optimizer's state, for state_dict(): a step may have replaced some (a

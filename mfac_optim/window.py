@@ -221,6 +221,22 @@ class GradientWindow:
                 self._move_to_dense(block.index)
         self.dense.store(slot, self.layout.dense_part(grad))
 
+    def take_new_parameters(self, layout: Layout) -> None:
+        """Parameters added after the window was made (a param group added for gradual unfreezing) join it with no
+        history: their columns are zero in every stored slot, so the Gram matrix and its factor stay as they are
+        and the next steps are the exact M-FAC steps over the stored gradients. `layout` is the new one, whose
+        parameters begin with the window's; the new ones join the dense storage, after its columns (they come
+        last in flat order)."""
+        if isinstance(self.dense, CompressedRows) or layout.world_size > 1:
+            raise ValueError("MFAC: a compressed or sharded window cannot take parameters added after it was made; "
+                             "make a new optimizer, or add the parameters before the first step")
+        old = self.dense.window
+        window = old.new_zeros(old.shape[0], old.shape[1] + layout.total_size - self.layout.total_size)
+        window[:, :old.shape[1]] = old
+        self.layout = replace(layout, row_sparse=self.layout.row_sparse)
+        self.dense = DenseRows(window, accumulate_dtype(self.num_grads, layout.total_size))
+        self._direction = None
+
     def _move_to_dense(self, index: int) -> None:
         """A row-sparse part whose rows stopped paying (e.g. weight decay was turned on) goes into the dense
         storage, at its block's place among the dense columns."""

@@ -173,3 +173,18 @@ def test_a_compiled_step_steps_as_the_eager_one(name):
             each_model(x).backward()
             step()
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(weights(model), weights(compiled_model)))
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_param_group_added_after_steps_trains(name):
+    # Gradual unfreezing: `second` is frozen at first, then added as a group of its own.
+    torch.manual_seed(0)
+    model = TwoLayers()
+    model.second.requires_grad_(False)
+    optimizer = OPTIMIZERS[name](model.first.parameters(), lr=1e-2)
+    train(model, optimizer, 3)
+    second = weights(model.second)
+    model.second.requires_grad_(True)
+    optimizer.add_param_group({"params": list(model.second.parameters())})
+    train(model, optimizer, 3, seed=2)
+    assert not any(torch.equal(a, b) for a, b in zip(second, weights(model.second)))

@@ -526,3 +526,36 @@ def test_window_and_held_bytes_by_hand():
     # Held: the state (window, the float64 Gram matrix and its factor, counters) plus the flat fp32 gradient.
     assert optimizer.memory_bytes(with_buffers=True) >= optimizer.memory_bytes() + 37 * 4
     assert optimizer.memory_bytes() >= 4 * 37 * 2 + 2 * 4 * 4 * 8
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_param_group_added_after_steps_joins_with_zero_history(momentum):
+    # Gradual unfreezing: a second group joins after 6 steps of a 4-slot window (past a wrap). Against the float64
+    # solve over the stored gradients, the new parameters' coordinates zero in every gradient stored before them.
+    generator = torch.Generator().manual_seed(0)
+    first = [torch.randn(6, 5, generator=generator).requires_grad_(), torch.randn(5, generator=generator).requires_grad_()]
+    added = [torch.randn(5, 3, generator=generator).requires_grad_()]
+    num_grads, damp = 4, 1e-3
+    optimizer = MFAC(first, lr=0.05, num_grads=num_grads, damp=damp, momentum=momentum)
+    rows, velocity, worst = [], None, 0.0
+    for step in range(12):
+        if step == 6:
+            optimizer.add_param_group({"params": added})
+            rows = [torch.cat([row, torch.zeros(sum(p.numel() for p in added), dtype=torch.float64)]) for row in rows]
+            velocity = torch.cat([velocity, torch.zeros(sum(p.numel() for p in added), dtype=torch.float64)])
+        params = first + (added if step >= 6 else [])
+        set_random_grads(params, generator)
+        g = torch.cat([p.grad.double().reshape(-1) for p in params])
+        if len(rows) < num_grads:
+            rows.append(g)
+        else:
+            rows[step % num_grads] = g  # the ring's oldest slot
+        window = torch.stack(rows)
+        u = torch.linalg.solve(damp * torch.eye(g.numel(), dtype=torch.float64) + window.T @ window / num_grads, g)
+        velocity = torch.zeros_like(u) if velocity is None else velocity
+        velocity = momentum * velocity + (1 - momentum) * u if momentum else u
+        before = flat(params)
+        optimizer.step()
+        expected = -0.05 * velocity
+        worst = max(worst, ((flat(params) - before - expected).norm() / expected.norm()).item())
+    assert worst < TOLERANCE
