@@ -5,6 +5,7 @@ load_state_dict. Offsets are the layout's (layout.py); sharding across processes
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable, Iterable, Optional, Union
 
@@ -55,6 +56,7 @@ class MFAC(Optimizer):
         defaults = dict(lr=lr, num_grads=num_grads, damp=damp, momentum=momentum, weight_decay=weight_decay,
                         grad_dtype=resolve_grad_dtype(grad_dtype), shard=shard, density=density)
         check_group_hyperparameters(defaults)
+        refuse_zero_redundancy()
         self._start_working_objects()
         super().__init__(params, defaults)
 
@@ -300,6 +302,24 @@ class MFAC(Optimizer):
                 torch._foreach_add_([p for p, _ in moved], [step for _, step in moved],
                                     alpha=-(lr.item() if torch.is_tensor(lr) else lr))
             start += len(params)
+
+
+def refuse_zero_redundancy() -> None:
+    """ZeroRedundancyOptimizer gives each rank's optimizer that rank's parameters alone: M-FAC there would
+    precondition each rank's share with its own window, a different optimizer from M-FAC over the whole model.
+    `shard=True` splits the one window instead. (ZeRO builds its local optimizer from its own methods: their frame
+    is the only mark it leaves.)"""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        if isinstance(frame.f_locals.get("self"), ZeroRedundancyOptimizer):
+            raise ValueError("MFAC under ZeroRedundancyOptimizer would precondition each rank's parameters with a "
+                             "window of their own (not M-FAC over the model): use MFAC(..., shard=True), which "
+                             "splits one window across the ranks, instead")
+        frame = frame.f_back
 
 
 def on_host(key: str) -> bool:

@@ -188,3 +188,25 @@ def test_a_param_group_added_after_steps_trains(name):
     optimizer.add_param_group({"params": list(model.second.parameters())})
     train(model, optimizer, 3, seed=2)
     assert not any(torch.equal(a, b) for a, b in zip(second, weights(model.second)))
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_zero_redundancy_takes_adamw_and_points_mfac_to_its_own_sharding(name, one_process_group):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = TwoLayers()
+    if name == "AdamW":
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2)
+        train(model, optimizer, 2)
+        return
+    with pytest.raises(ValueError, match=r"ZeroRedundancyOptimizer .* use MFAC\(\.\.\., shard=True\)"):
+        ZeroRedundancyOptimizer(model.parameters(), optimizer_class=MFAC, lr=1e-2)
