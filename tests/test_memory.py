@@ -2,6 +2,7 @@
 shapes (bert-mini: 11.2M parameters, its word embedding stored row-sparse): measured ≤ bound ≤ 1.5 × measured; and
 run_glue.py's preflight on SST-2's batches (bert-mini and MiniLM-L6 shapes, dense and compressed): within 1.3×."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,54 @@ def test_preflight_bound_is_within_a_third_of_what_the_window_holds_on_sst2_batc
         optimizer.step()
         measured = max(measured, optimizer.memory_bytes(with_buffers=True))
     assert measured <= bound <= 1.3 * measured, (measured, bound, bound / measured)
+
+
+def anonymous_gib() -> float:
+    """This process's resident anonymous memory (file-backed pages, such as a mapped checkpoint, left out)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_resuming_takes_the_window_once_not_twice(tmp_path):
+    # The Trainer's resume reads the optimizer file memory-mapped: the optimizer's copy is the only one in memory,
+    # where reading the file whole beside it would take the window twice (21 GiB for a 10.4 GiB window).
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+    from mfac_optim.hf_trainer import MFACTrainer
+
+    weight = torch.nn.Parameter(torch.zeros(4_000_000))
+    saved = MFAC([weight], num_grads=32, damp=1e-3)  # an fp32 window of 32 × 4M: 0.48 GiB
+    weight.grad = torch.randn_like(weight)
+    saved.step()
+    torch.save(saved.state_dict(), tmp_path / OPTIMIZER_NAME)
+    torch.save({}, tmp_path / SCHEDULER_NAME)
+    window_gib = saved.memory_bytes() / 2**30
+    del saved
+    resumed = MFAC([weight], num_grads=32, damp=1e-3)
+    trainer = SimpleNamespace(args=SimpleNamespace(optim="mfac", mfac=SimpleNamespace(shard=False)),
+                              optimizer=resumed, lr_scheduler=SimpleNamespace(load_state_dict=lambda state: None))
+    peak, sampling = [0.0], [True]
+
+    def sample():
+        while sampling[0]:
+            peak[0] = max(peak[0], anonymous_gib())
+            time.sleep(0.002)
+
+    base = anonymous_gib()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        MFACTrainer._load_optimizer_and_scheduler(trainer, str(tmp_path))
+        time.sleep(0.05)
+    finally:
+        sampling[0] = False
+        sampler.join()
+    assert resumed.memory_bytes() / 2**30 == pytest.approx(window_gib)  # all of the state came back
+    assert peak[0] - base < 1.3 * window_gib, (peak[0] - base, window_gib)
