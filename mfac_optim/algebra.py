@@ -28,12 +28,13 @@ RESIDUAL_TOLERANCE = 1e-10
 PANEL_COLUMNS = 128
 
 
-def accumulate_dtype(num_grads: int, dim: int) -> torch.dtype:
-    """The dtype of the window passes' sums. When d is not far above m, the window is (nearly) rank-deficient:
-    σ_min(G) ∝ √d − √m for gradient-like data, and exactly 0 once d < m. Then y = K⁻¹eᵢ has components of size up
-    to 1/(mλ) along (near-)null directions of Gᵀ, which must cancel in Gᵀy, and fp32 passes lose up to three digits
-    at λ = 1e-6. Such a window holds at most 4m² numbers, so float64 passes cost less than the m × m algebra."""
-    return torch.float64 if dim < 4 * num_grads else torch.float32
+def accumulate_dtype(num_grads: int, dim: int, precision: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of the window passes' sums: float64 for float64 parameters (`precision`), else fp32 unless d is
+    not far above m. Then the window is (nearly) rank-deficient: σ_min(G) ∝ √d − √m for gradient-like data, and
+    exactly 0 once d < m, so y = K⁻¹eᵢ has components of size up to 1/(mλ) along (near-)null directions of Gᵀ,
+    which must cancel in Gᵀy, and fp32 passes lose up to three digits at λ = 1e-6. Such a window holds at most 4m²
+    numbers, so float64 passes cost less than the m × m algebra."""
+    return torch.float64 if precision == torch.float64 or dim < 4 * num_grads else torch.float32
 
 
 def chronological(values: Tensor, newest: int, dims: tuple[int, ...] = (0,)) -> Tensor:

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 
-GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+               "float64": torch.float64}
 
 # MFAC's defaults, the one table: MFAC's signature spells them out (tests hold it equal), `--optim_args` and the
 # upgrade of param groups saved before a setting existed read them from here.
@@ -20,7 +21,8 @@ WINDOW_KEYS = ("num_grads", "damp", "grad_dtype", "shard", "density")
 
 
 def resolve_grad_dtype(value: Union[str, torch.dtype]) -> str:
-    """Returns the canonical name ("float32", "bfloat16", "float16") of a window dtype given as name or dtype."""
+    """Returns the canonical name ("float32", "bfloat16", "float16", "float64") of a window dtype given as name or
+    dtype."""
     for name, dtype in GRAD_DTYPES.items():
         if value == name or value is dtype:
             return name

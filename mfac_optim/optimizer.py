@@ -38,8 +38,9 @@ class MFAC(Optimizer):
         damp: λ in F = λI + (1/m) GᵀG.
         momentum: μ of the exponential average v ← μv + (1 − μ)u of the directions (0 disables it).
         weight_decay: coupled L2: g ← g + weight_decay · p before g enters the window.
-        grad_dtype: storage dtype of the window ("float32", "bfloat16", "float16" or the torch dtype). With a
-            low-precision window the rounded gradient is the one preconditioned, so window and direction agree.
+        grad_dtype: storage dtype of the window ("float32", "bfloat16", "float16", "float64" or the torch dtype).
+            With a low-precision window the rounded gradient is the one preconditioned, so window and direction
+            agree. The step's algebra is float64 for float64 parameters, else fp32.
         density: the fraction of each error-fed gradient's entries the window keeps (top-k in each block of 32,768
             coordinates, with error feedback; compressed.py). 1.0 keeps the whole gradient (dense and row-sparse
             storage, no error buffer).
@@ -189,29 +190,35 @@ class MFAC(Optimizer):
         """The state of the one window (kept under the first parameter, as torch.optim.LBFGS does)."""
         return self.state[self._params()[0]]
 
+    def _precision(self) -> torch.dtype:
+        """The dtype of the step's algebra, as torch.optim keeps state in the parameters' dtype: float64 for float64
+        parameters, else fp32 (16-bit parameters get an fp32 step)."""
+        return torch.float64 if all(p.dtype == torch.float64 for p in self._params()) else torch.float32
+
     def _flat_gradient(self) -> Tensor:
         """g over all groups in order: each parameter's gradient plus its group's wd · p; zeros for a parameter
         without a gradient this step (no weight decay either: torch.optim leaves such a parameter alone), so that
         the window holds what this step saw and later steps stay exact."""
-        pieces = []
+        pieces, precision = [], self._precision()
         for group in self.param_groups:
             for p in trained(group):
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("MFAC does not support sparse gradients; use dense embedding gradients")
-                grad = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
+                grad = torch.zeros_like(p, dtype=precision) if p.grad is None else p.grad.to(precision)
                 if group["weight_decay"] != 0 and p.grad is not None:
-                    grad = grad.add(p.float(), alpha=group["weight_decay"])
+                    grad = grad.add(p.to(precision), alpha=group["weight_decay"])
                 pieces.append(grad.reshape(-1))
         size = sum(piece.numel() for piece in pieces)
-        if self._gradient is None or self._gradient.numel() != size or self._gradient.device != pieces[0].device:
-            self._gradient = torch.empty(size, device=pieces[0].device)
+        if self._gradient is None or self._gradient.numel() != size or self._gradient.device != pieces[0].device \
+                or self._gradient.dtype != precision:
+            self._gradient = torch.empty(size, dtype=precision, device=pieces[0].device)
         return torch.cat(pieces, out=self._gradient)
 
     def _current_window(self, first_gradient: Optional[Tensor] = None) -> GradientWindow:
         """The window, following the param groups' settings at this step: made from the state when there is one
         (after load_state_dict), else allocated for `first_gradient`."""
         check_window_settings(self.param_groups)
-        settings = WindowSettings.of(self.param_groups[0])
+        settings = WindowSettings.of(self.param_groups[0], self._precision())
         layout, shared = self._stored_layout(), self._shared_state()
         sum_shards = sum_over_processes if layout.world_size > 1 else None
         if GradientWindow.saved_in(shared):
@@ -288,8 +295,8 @@ class MFAC(Optimizer):
         return direction
 
     def _update_params(self, layout: Layout, update: Tensor) -> None:
-        """p ← p − lr · update, with each group's lr (a number or a tensor), for the parameters that have a gradient
-        this step (torch.optim moves no other): one multi-tensor add per group, as torch.optim's foreach
+        """p ← p − lr · update, with each group's lr (a number or a tensor), for the parameters that have a
+        gradient this step (torch.optim moves no other): one multi-tensor add per group, as torch.optim's foreach
         implementations do, rather than a kernel launch per parameter."""
         pieces = [update[flat] for _, flat in layout.param_slices()]
         start = 0

@@ -84,14 +84,14 @@ class DenseRows:
         return dots
 
     def combine(self, coefficients: Tensor) -> Tensor:
-        """Gᵀ c in fp32 over these columns (second pass over the window)."""
+        """Gᵀ c over these columns, in the accumulation dtype (second pass over the window)."""
         if self._compiled is not None:
             if self._direction_buffer is None:
                 self._direction_buffer = torch.empty(self.window.shape[1], dtype=torch.float32,
                                                      device=self.window.device)
             self._compiled.window_combine(self.window, coefficients.float(), self._direction_buffer)
             return self._direction_buffer
-        result = torch.empty(self.window.shape[1], dtype=torch.float32, device=self.window.device)
+        result = torch.empty(self.window.shape[1], dtype=self.accumulate_dtype, device=self.window.device)
         coefficients = coefficients.to(self.accumulate_dtype)
         for columns, block in self._column_blocks():
             result[columns] = torch.mv(block.t(), coefficients)
@@ -214,7 +214,8 @@ class RowSparseRows:
         return dots
 
     def combine(self, coefficients: Tensor) -> Tensor:
-        """Σ_j c_j · (slot j scattered into a rows × columns matrix), accumulated in fp32 or better."""
+        """Σ_j c_j · (slot j scattered into a rows × columns matrix), in the accumulation dtype (fp32 or better), in
+        a scratch buffer the next call overwrites."""
         if self._compiled is not None:  # they write every entry, in fp32 (their accumulation dtype)
             result = self._scratch_matrix()
             self._compiled.sparse_combine(self.indices, self.values, coefficients.float(), result)
@@ -225,7 +226,7 @@ class RowSparseRows:
             for chunk in self._slot_chunks():
                 scaled = self.values[chunk].to(self.accumulate_dtype) * coefficients[chunk, None, None]
                 result.index_add_(0, self.indices[chunk].reshape(-1), scaled.reshape(-1, self.values.shape[2]))
-        return result.float()
+        return result
 
     def state(self) -> dict[str, Tensor]:
         return dict(zip(self.KEYS, (self.indices, self.values)))

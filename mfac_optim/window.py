@@ -69,10 +69,11 @@ class WindowSettings:
     grad_dtype: str
     density: float
     shard: bool
+    precision: torch.dtype = torch.float32  # of the algebra and the direction: float64 for float64 parameters
 
     @classmethod
-    def of(cls, group: dict) -> WindowSettings:
-        return cls(**{key: group[key] for key in WINDOW_KEYS})
+    def of(cls, group: dict, precision: torch.dtype = torch.float32) -> WindowSettings:
+        return cls(**{key: group[key] for key in WINDOW_KEYS}, precision=precision)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -121,7 +122,7 @@ class GradientWindow:
         """An empty window for gradients like `first_gradient`: row-sparse parts for the matrices whose gradient
         has few non-zero rows (where that pays), unless the window is compressed (it covers every coordinate)."""
         m, dtype, device = settings.num_grads, settings.dtype, first_gradient.device
-        accumulate = accumulate_dtype(m, layout.total_size)
+        accumulate = accumulate_dtype(m, layout.total_size, settings.precision)
         layout = window_makeup(layout, settings.density, settings.element_size,
                                lambda block: len(nonzero_rows(layout.matrix(first_gradient, block))))
         if settings.density < 1:
@@ -140,7 +141,7 @@ class GradientWindow:
                    sum_shards: Optional[Callable[[Tensor], Tensor]] = None) -> GradientWindow:
         """The window over saved tensors (used as they are, not copied). `layout` names the row-sparse blocks,
         `parts` their tensors by parameter index; `shared` holds the rest."""
-        accumulate = accumulate_dtype(settings.num_grads, layout.total_size)
+        accumulate = accumulate_dtype(settings.num_grads, layout.total_size, settings.precision)
         dense = DenseRows.from_state(shared, accumulate) if DenseRows.saved_in(shared) else \
             CompressedRows.from_state(shared, layout.local_size, settings.density, accumulate)
         sparse = {block.index: RowSparseRows.from_state(parts[block.index], block.rows, accumulate)
@@ -195,8 +196,8 @@ class GradientWindow:
         self.system.damp = settings.damp
 
     def insert_and_precondition(self, grad: Tensor, slot: int) -> Tensor:
-        """Stores the flat local gradient in slot `slot` and returns F⁻¹ĝ in fp32 over this process's columns, in
-        local order, where ĝ is the stored (possibly rounded or compressed) gradient."""
+        """Stores the flat local gradient in slot `slot` and returns F⁻¹ĝ over this process's columns, in local
+        order and in the settings' precision, where ĝ is the stored (possibly rounded or compressed) gradient."""
         with phase("store"):
             self._store(grad, slot)
         with phase("dots"):
@@ -209,10 +210,11 @@ class GradientWindow:
         with phase("combine"):
             dense_direction = self.dense.combine(coefficients)
             if not self.sparse:
-                return dense_direction
+                return dense_direction.to(self.settings.precision)
             sparse_directions = {index: part.combine(coefficients) for index, part in self.sparse.items()}
             if self._direction is None or self._direction.numel() != self.layout.local_size:
-                self._direction = torch.empty(self.layout.local_size, device=grad.device)
+                self._direction = torch.empty(self.layout.local_size, dtype=self.settings.precision,
+                                              device=grad.device)
             return self.layout.assemble(dense_direction, sparse_directions, self._direction)
 
     def _store(self, grad: Tensor, slot: int) -> None:
@@ -234,7 +236,7 @@ class GradientWindow:
         window = old.new_zeros(old.shape[0], old.shape[1] + layout.total_size - self.layout.total_size)
         window[:, :old.shape[1]] = old
         self.layout = replace(layout, row_sparse=self.layout.row_sparse)
-        self.dense = DenseRows(window, accumulate_dtype(self.num_grads, layout.total_size))
+        self.dense = DenseRows(window, accumulate_dtype(self.num_grads, layout.total_size, self.settings.precision))
         self._direction = None
 
     def _move_to_dense(self, index: int) -> None:

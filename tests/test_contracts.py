@@ -210,3 +210,26 @@ def test_zero_redundancy_takes_adamw_and_points_mfac_to_its_own_sharding(name, o
         return
     with pytest.raises(ValueError, match=r"ZeroRedundancyOptimizer .* use MFAC\(\.\.\., shard=True\)"):
         ZeroRedundancyOptimizer(model.parameters(), optimizer_class=MFAC, lr=1e-2)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_float64_model_keeps_float64_state_and_steps_past_fp32_precision(name):
+    # The same first step in float64 and in float32: the float64 run's state is float64, and its parameters move by
+    # amounts that fp32 cannot hold (an fp32 step would leave them on fp32's grid).
+    moved = {}
+    for dtype in (torch.float64, torch.float32):
+        model, optimizer = make(name, **({"grad_dtype": "float64"} if name == "MFAC" and dtype == torch.float64
+                                         else {}))
+        model.to(dtype)
+        start = weights(model)
+        optimizer.zero_grad()
+        model(torch.randn(8, 6, generator=torch.Generator().manual_seed(1)).to(dtype)).backward()
+        optimizer.step()
+        moved[dtype] = [after - before for after, before in zip(weights(model), start)]
+        if dtype == torch.float64:
+            assert all(value.dtype == torch.float64 for state in optimizer.state.values()
+                       for key, value in state.items()
+                       if torch.is_tensor(value) and value.is_floating_point() and key != "step")  # AdamW's counter
+    for wide, narrow in zip(moved[torch.float64][:4], moved[torch.float32][:4]):  # `unused` does not move
+        assert not torch.equal(wide, wide.float().double())  # not on fp32's grid
+        assert torch.allclose(wide, narrow.double(), rtol=1e-4, atol=1e-6)  # the same step

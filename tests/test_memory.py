@@ -93,7 +93,8 @@ def test_preflight_bound_is_within_a_third_of_what_the_window_holds_on_sst2_batc
                                                                                       glue_dir, tmp_path):
     # run_glue.py's preflight, from the config alone and the distinct token ids SST-2's batches can hold, against
     # the optimizer run on SST-2 batches as run_glue.py makes them (32 sentences, padded to the longest).
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
+                              BertForSequenceClassification)
 
     from mfac_optim.glue.data import most_ids_in_a_batch, read_glue_tsv
     from mfac_optim.hf_arguments import MFACTrainingArguments

@@ -15,8 +15,8 @@ TOLERANCE = 1e-4
 
 class DenseReference:
     """M-FAC from the definitions: F = λI + (1/m) Σ gᵢgᵢᵀ over the stored gradients, u = F⁻¹g by a dense float64
-    solve, momentum v ← μv + (1 − μ)u per group. The stored g is formed as the optimizer must form it (fp32
-    gradient plus wd · p, rounded to the window dtype; zeros, without weight decay, for a parameter with no
+    solve, momentum v ← μv + (1 − μ)u per group. The stored g is formed as the optimizer must form it (the
+    gradient plus wd · p in fp32, or float64 for float64 parameters, rounded to the window dtype; zeros, without weight decay, for a parameter with no
     gradient this step); everything after that is float64. A parameter without a gradient is left alone, as
     torch.optim leaves it: no update (the caller's), and its velocity kept."""
 
@@ -30,10 +30,11 @@ class DenseReference:
         pieces = []
         for group in groups:
             for p in group["params"]:
+                precision = torch.float64 if p.dtype == torch.float64 else torch.float32  # as torch.optim keeps it
                 if p.grad is None:
                     pieces.append(torch.zeros(p.numel()))
                 else:
-                    pieces.append((p.grad.float() + group["weight_decay"] * p.float()).reshape(-1))
+                    pieces.append((p.grad.to(precision) + group["weight_decay"] * p.to(precision)).reshape(-1))
         return torch.cat(pieces).to(self.grad_dtype).double().cpu()  # the reference solves on the CPU
 
     def direction(self, groups):
@@ -412,7 +413,7 @@ def test_closure_is_evaluated_with_grad_and_loss_returned():
         ({"momentum": -0.1}, "Invalid momentum: -0.1"),
         ({"weight_decay": -0.5}, "Invalid weight_decay: -0.5"),
         ({"grad_dtype": "int8"}, "Invalid grad_dtype: 'int8'"),
-        ({"grad_dtype": torch.float64}, "Invalid grad_dtype: torch.float64"),
+        ({"grad_dtype": torch.int32}, "Invalid grad_dtype: torch.int32"),
     ],
 )
 def test_invalid_arguments_are_rejected_with_their_name(kwargs, message):
@@ -533,7 +534,8 @@ def test_a_param_group_added_after_steps_joins_with_zero_history(momentum):
     # Gradual unfreezing: a second group joins after 6 steps of a 4-slot window (past a wrap). Against the float64
     # solve over the stored gradients, the new parameters' coordinates zero in every gradient stored before them.
     generator = torch.Generator().manual_seed(0)
-    first = [torch.randn(6, 5, generator=generator).requires_grad_(), torch.randn(5, generator=generator).requires_grad_()]
+    first = [torch.randn(6, 5, generator=generator).requires_grad_(),
+             torch.randn(5, generator=generator).requires_grad_()]
     added = [torch.randn(5, 3, generator=generator).requires_grad_()]
     num_grads, damp = 4, 1e-3
     optimizer = MFAC(first, lr=0.05, num_grads=num_grads, damp=damp, momentum=momentum)
@@ -559,3 +561,24 @@ def test_a_param_group_added_after_steps_joins_with_zero_history(momentum):
         expected = -0.05 * velocity
         worst = max(worst, ((flat(params) - before - expected).norm() / expected.norm()).item())
     assert worst < TOLERANCE
+
+
+@pytest.mark.parametrize("grad_dtype", ["float64", "float32"])
+def test_float64_parameters_get_a_float64_step(grad_dtype):
+    # Against the dense float64 solve over the stored gradients (float64 ones, or the float32-rounded ones): only
+    # float64 rounding is left, where fp32 algebra would leave ~1e-7.
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(12, 9, generator=generator, dtype=torch.float64).requires_grad_(),
+              torch.randn(9, generator=generator, dtype=torch.float64).requires_grad_()]
+    optimizer = MFAC(params, lr=0.05, num_grads=8, damp=1e-4, grad_dtype=grad_dtype, momentum=0.5)
+    reference = DenseReference(8, 1e-4, GRAD_DTYPES[grad_dtype])
+    worst = 0.0
+    for _ in range(20):  # past two wraps of the ring
+        for p in params:
+            p.grad = 0.1 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
+        expected = -0.05 * reference.direction(optimizer.param_groups)
+        before = flat(params)
+        optimizer.step()
+        worst = max(worst, ((flat(params) - before - expected).norm() / expected.norm()).item())
+    assert worst < 1e-10, worst
+    assert optimizer.state[params[0]]["momentum_buffer"].dtype == torch.float64
