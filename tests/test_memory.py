@@ -82,14 +82,14 @@ def test_bound_holds_where_the_rows_bound_is_past_the_row_sparse_rule(first_rows
 
 MINILM_L6_CONFIG = {**BERT_MINI_CONFIG, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
                     "intermediate_size": 1536}
-SST2_BATCH, SST2_LENGTH, SST2_STEPS = 32, 128, 12
+SST2_BATCH, SST2_LENGTH, SST2_STEPS = 32, 128, 6
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shapes", ["bert-mini", "MiniLM-L6"])
 @pytest.mark.parametrize("optim_args", [{"num_grads": 64, "grad_dtype": "bfloat16"},
                                         {"num_grads": 1024, "density": 0.01, "grad_dtype": "bfloat16"}])
-def test_preflight_bound_is_within_a_third_of_what_the_window_holds_on_sst2_batches(shapes, optim_args, tiny_bert,
+def test_preflight_bound_is_within_1_3_times_what_the_window_holds_on_sst2_batches(shapes, optim_args, tiny_bert,
                                                                                       glue_dir, tmp_path):
     # run_glue.py's preflight, from the config alone and the distinct token ids SST-2's batches can hold, against
     # the optimizer run on SST-2 batches as run_glue.py makes them (32 sentences, padded to the longest).
