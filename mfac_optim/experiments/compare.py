@@ -58,7 +58,7 @@ from ..glue.records import ALL_RESULTS, EVAL_PREDICTIONS, PROVENANCE_KEYS, RUN_I
 from ..training_log import LOAD_AVERAGE, TRAIN_SECONDS
 from .controls import read_controls
 from .paired import (ALPHA, TARGET_POWER, PairedDifference, SequentialRule, paired_difference, seeds_needed,
-                     t_test_power)
+                     t_statistics, t_test_power)
 
 # Prefixes of the eval entries that are not quality metrics (MNLI adds "_mm" copies of each).
 SEEDS_SECTION = "## Results over seeds"  # the model card section --model_card writes (and replaces)
@@ -302,14 +302,8 @@ def compare_groups(a: list[float], b: list[float], margin: float, confidence: fl
         return None
     delta, error, degrees = welch_parts(a, b)
     mann_whitney = float(stats.mannwhitneyu(a, b, alternative="two-sided", method="exact").pvalue)
-    if error == 0:  # both groups constant: the difference is exact
-        return Difference(delta, delta, delta, 1.0 if delta == 0 else 0.0, mann_whitney,
-                          0.0 if abs(delta) < margin else 1.0, margin)
-    half_width = stats.t.ppf((1 + confidence) / 2, degrees) * error
-    p_welch = 2 * float(stats.t.sf(abs(delta) / error, degrees))
-    p_tost = max(float(stats.t.sf((delta + margin) / error, degrees)), float(stats.t.cdf((delta - margin) / error,
-                                                                                          degrees)))
-    return Difference(delta, delta - half_width, delta + half_width, p_welch, mann_whitney, p_tost, margin)
+    low, high, p_welch, p_tost = t_statistics(delta, error, degrees, margin, confidence)
+    return Difference(delta, low, high, p_welch, mann_whitney, p_tost, margin)
 
 
 def holm(p_values: list[float]) -> list[float]:

@@ -47,24 +47,30 @@ class PairedDifference:
 def paired_difference(a: list[float], b: list[float], margin: float,
                       confidence: float = 0.95) -> Optional[PairedDifference]:
     """a[i] and b[i] come from one seed. None with fewer than two pairs."""
-    from scipy import stats
-
     if len(a) != len(b):
         raise ValueError(f"paired values need one b per a (got {len(a)} and {len(b)})")
     if len(a) < 2:
         return None
     differences = [x - y for x, y in zip(a, b)]
     n, delta, sd = len(differences), statistics.mean(differences), statistics.stdev(differences)
-    p_wilcoxon = wilcoxon_signed_rank(differences)
-    if sd == 0:  # every seed moved by the same amount: the difference is exact
-        return PairedDifference(delta, delta, delta, 1.0 if delta == 0 else 0.0, p_wilcoxon,
-                                0.0 if abs(delta) < margin else 1.0, margin, n, 0.0)
-    error, degrees = sd / math.sqrt(n), n - 1
+    low, high, p_t, p_tost = t_statistics(delta, sd / math.sqrt(n), n - 1, margin, confidence)
+    return PairedDifference(delta, low, high, p_t, wilcoxon_signed_rank(differences), p_tost, margin, n, sd)
+
+
+def t_statistics(delta: float, error: float, degrees: float, margin: float,
+                 confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """For a difference `delta` with standard error `error` on `degrees` degrees of freedom (paired or Welch):
+    its t interval (low, high), the two-sided t test's p, and the TOST's p within ±margin (the larger of its two
+    one-sided tests). A zero error makes the difference exact."""
+    from scipy import stats
+
+    if error == 0:
+        return delta, delta, 1.0 if delta == 0 else 0.0, 0.0 if abs(delta) < margin else 1.0
     half_width = stats.t.ppf((1 + confidence) / 2, degrees) * error
-    p_t = 2 * float(stats.t.sf(abs(delta) / error, degrees))
+    p = 2 * float(stats.t.sf(abs(delta) / error, degrees))
     p_tost = max(float(stats.t.sf((delta + margin) / error, degrees)),
                  float(stats.t.cdf((delta - margin) / error, degrees)))
-    return PairedDifference(delta, delta - half_width, delta + half_width, p_t, p_wilcoxon, p_tost, margin, n, sd)
+    return delta - half_width, delta + half_width, p, p_tost
 
 
 def wilcoxon_signed_rank(differences: list[float]) -> float:
