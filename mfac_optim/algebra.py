@@ -13,6 +13,8 @@ That update runs on the CPU. On other devices the factor is made afresh from S a
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -54,21 +56,25 @@ def refactors_every_step(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def drop_oldest_append_newest(factor: Tensor, column: Tensor, diagonal: Tensor) -> None:
+def drop_oldest_append_newest(factor: Tensor, column: Tensor, diagonal: Tensor, filled: int) -> None:
     """In place: R (upper, RᵀR = K over slots oldest first) becomes the factor of K without its first slot and with
     a new last one, whose entries of K are `column` (against the m − 1 kept slots, oldest first) and `diagonal`.
-    A non-positive last pivot (only from a ruined factor) leaves NaN there, for the residual check to catch."""
+    `filled` slots hold gradients after it: while the window fills, the first slot is an empty one, and only the
+    last `filled` rows and columns change (GramSystem.insert). A non-positive last pivot (only from a ruined
+    factor) leaves NaN there, for the residual check to catch."""
     kernels = cpu_passes() if factor.device.type == "cpu" else None
     if kernels is not None:
-        kernels.factor_drop_oldest_append_newest(factor, column, float(diagonal))
+        kernels.factor_drop_oldest_append_newest(factor, column, float(diagonal), filled)
     else:
-        _drop_oldest_append_newest_by_panels(factor, column, diagonal)
+        _drop_oldest_append_newest_by_panels(factor, column, diagonal, filled)
 
 
-def _drop_oldest_append_newest_by_panels(factor: Tensor, column: Tensor, diagonal: Tensor) -> None:
-    """The device-generic form of the update. R without its first column is upper Hessenberg, and the R of its QR
-    factorisation is the factor of K without the first slot; the QR goes by panels of columns, each a small
-    Householder QR whose orthogonal factor is then applied to the panel's rows right of it as one matmul."""
+def _drop_oldest_append_newest_by_panels(factor: Tensor, column: Tensor, diagonal: Tensor, filled: int) -> None:
+    """The device-generic form of the update, on the last `filled` rows and columns (the first of which is the
+    slot that leaves). R without its first column is upper Hessenberg, and the R of its QR factorisation is the
+    factor of K without the first slot; the QR goes by panels of columns, each a small Householder QR whose
+    orthogonal factor is then applied to the panel's rows right of it as one matmul."""
+    factor, column = factor[-filled:, -filled:], column[len(column) - (filled - 1):]
     n = factor.shape[0]
     hessenberg = factor[:, 1:]  # row k + 1 carries the rotated remainder of the oldest slot into the next panel
     for start in range(0, n - 1, PANEL_COLUMNS):
@@ -150,41 +156,52 @@ class GramSystem:
         """mλ, the diagonal K adds to S."""
         return self.num_grads * self.damp
 
-    def insert(self, slot: int, dots: Tensor) -> Tensor:
-        """Slot `slot`, the oldest, takes the new gradient, whose dot products with every stored one are `dots`.
-        Returns y = K⁻¹ e_slot, in slot order."""
+    def insert(self, slot: int, dots: Tensor, filled: int) -> Tensor:
+        """Slot `slot`, the oldest, takes the new gradient, whose dot products with every stored one are `dots`;
+        `filled` slots hold gradients now. Returns y = K⁻¹ e_slot, in slot order.
+
+        Until the window is full, the filled slots are 0 … filled − 1 and the empty ones come first in
+        chronological order: K is mλI on them and S + mλI on the filled ones, so the factor is √(mλ) I and then
+        the filled slots' factor, y is zero on the empty slots, and every operation here covers the filled slots
+        alone (the factor's empty rows are never touched)."""
         self.gram[slot, :] = dots
         self.gram[:, slot] = dots
         if refactors_every_step(self.factor.device) or float(self.factor_damp) != self.damp:
-            self._refactor(slot)
-            return self._solve(slot)
-        drop_oldest_append_newest(self.factor, chronological(dots, slot)[:-1], dots[slot] + self.shift)
-        solution = self._solve(slot)
-        if not self._accurate(solution, slot):
-            self._refactor(slot)
-            solution = self._solve(slot)
+            self._refactor(slot, filled)
+            return self._solve(slot, filled)
+        drop_oldest_append_newest(self.factor, chronological(dots, slot)[:-1], dots[slot] + self.shift, filled)
+        solution = self._solve(slot, filled)
+        if not self._accurate(solution, slot, filled):
+            self._refactor(slot, filled)
+            solution = self._solve(slot, filled)
         return solution
 
-    def _solve(self, newest: int) -> Tensor:
-        # Rᵀz = e_last has z = e_last / R_last,last, as Rᵀ is lower triangular.
-        last = torch.zeros(self.num_grads, 1, dtype=self.factor.dtype, device=self.factor.device)
+    def _solve(self, newest: int, filled: int) -> Tensor:
+        # Rᵀz = e_last has z = e_last / R_last,last, as Rᵀ is lower triangular; over the filled slots' block.
+        factor = self.factor[-filled:, -filled:]
+        last = torch.zeros(filled, 1, dtype=factor.dtype, device=factor.device)
         last[-1] = 1.0
-        solution = torch.linalg.solve_triangular(self.factor, last / self.factor[-1, -1], upper=True).squeeze(1)
+        solution = torch.zeros(self.num_grads, dtype=factor.dtype, device=factor.device)
+        solution[-filled:] = torch.linalg.solve_triangular(factor, last / factor[-1, -1], upper=True).squeeze(1)
         return by_slot(solution, newest)
 
-    def _accurate(self, solution: Tensor, slot: int) -> bool:
-        """Whether ‖Ky − e_slot‖∞ is within RESIDUAL_TOLERANCE of the scale ‖K‖‖y‖ (false for NaN). On a GPU
-        this is a host synchronisation the step needs: refactoring or not is a host decision."""
-        residual = torch.mv(self.gram, solution).add_(solution, alpha=self.shift)
+    def _accurate(self, solution: Tensor, slot: int, filled: int) -> bool:
+        """Whether ‖Ky − e_slot‖∞ is within RESIDUAL_TOLERANCE of the scale ‖K‖‖y‖ (false for NaN), over the filled
+        slots (y is zero on the others). On a GPU this is a host synchronisation the step needs: refactoring or
+        not is a host decision."""
+        gram, solution = self.gram[:filled, :filled], solution[:filled]
+        residual = torch.mv(gram, solution).add_(solution, alpha=self.shift)
         residual[slot] -= 1.0
-        scale = (self.gram.diagonal().max() + self.shift) * solution.abs().max()
+        scale = (gram.diagonal().max() + self.shift) * solution.abs().max()
         return bool(residual.abs().max() <= RESIDUAL_TOLERANCE * scale)
 
-    def _refactor(self, newest: int) -> None:
-        system = chronological(self.gram, newest, dims=(0, 1))
+    def _refactor(self, newest: int, filled: int) -> None:
+        system = chronological(self.gram, newest, dims=(0, 1))[-filled:, -filled:]
         system.diagonal().add_(self.shift)
+        self.factor.zero_()
+        self.factor.diagonal().fill_(math.sqrt(self.shift))
         # On a GPU, cholesky's check that K is positive definite is a host synchronisation: a failed factor must
         # stop the run, not turn into a silently wrong step.
-        self.factor.copy_(torch.linalg.cholesky(system, upper=True))
+        self.factor[-filled:, -filled:] = torch.linalg.cholesky(system, upper=True)
         self.factor_damp.fill_(self.damp)
         self.refactorizations += 1

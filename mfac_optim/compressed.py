@@ -147,33 +147,34 @@ class CompressedRows:
         padding = torch.arange(real, real + self.values.shape[2] - self.last_kept, device=chosen.device)
         return torch.cat([chosen, padding])
 
-    def dots(self, slot: int) -> Tensor:
-        """⟨c_j, c_slot⟩ for every slot j, accumulated in float64: the kept entries span the gradient's whole
-        dynamic range, so fp32 sums of their products lose digits in the Gram matrix, and with few entries per
-        block the float64 arithmetic costs little next to the gathers."""
+    def dots(self, slot: int, filled: int) -> Tensor:
+        """⟨c_j, c_slot⟩ for the first `filled` slots j, accumulated in float64: the kept entries span the gradient's
+        whole dynamic range, so fp32 sums of their products lose digits in the Gram matrix, and with few entries
+        per block the float64 arithmetic costs little next to the gathers."""
         kernels = self._fused or self._triton
         if kernels is not None:
-            return kernels.compressed_dots(self.values, self.offsets, slot, BLOCK)
+            return kernels.compressed_dots(self.values, self.offsets, slot, BLOCK, filled)
         new = torch.zeros(self.values.shape[0], BLOCK, dtype=torch.float64, device=self.values.device)
         new.scatter_(1, self.offsets[:, slot].long(), self.values[:, slot].double())
-        dots = torch.empty(self.num_grads, dtype=torch.float64, device=self.values.device)
-        for chunk in self._slot_chunks():
+        dots = torch.empty(filled, dtype=torch.float64, device=self.values.device)
+        for chunk in self._slot_chunks(filled):
             offsets, values = self.offsets[:, chunk], self.values[:, chunk]
             gathered = new.gather(1, offsets.long().reshape(offsets.shape[0], -1)).view(offsets.shape)
             dots[chunk] = (gathered * values.double()).sum(dim=(0, 2))
         return dots
 
     def combine(self, coefficients: Tensor) -> Tensor:
-        """Σ_j c_j · slot j over the local coordinates, in fp32."""
+        """Σ_j c_j · slot j over the first len(c) slots, over the local coordinates, in fp32."""
+        filled = len(coefficients)
         kernels = self._fused or self._triton
         if kernels is not None:
             if self._result is None:
                 self._result = torch.empty(self.error.numel(), dtype=torch.float32, device=self.values.device)
-            kernels.compressed_combine(self.values, self.offsets, coefficients.float(), self._result, BLOCK)
+            kernels.compressed_combine(self.values, self.offsets, coefficients.float(), self._result, BLOCK, filled)
             return self._result[:self.size]
         result = torch.zeros(self.values.shape[0], BLOCK, dtype=self.accumulate_dtype, device=self.values.device)
         coefficients = coefficients.to(self.accumulate_dtype)
-        for chunk in self._slot_chunks():
+        for chunk in self._slot_chunks(filled):
             offsets, values = self.offsets[:, chunk], self.values[:, chunk]
             scaled = values.to(self.accumulate_dtype) * coefficients[chunk][None, :, None]
             result.scatter_add_(1, offsets.long().reshape(offsets.shape[0], -1), scaled.reshape(offsets.shape[0], -1))
@@ -186,6 +187,6 @@ class CompressedRows:
         dense.scatter_(2, self.offsets.long().permute(1, 0, 2), self.values.float().permute(1, 0, 2))
         return dense.reshape(m, -1)[:, :self.size]
 
-    def _slot_chunks(self) -> Iterator[slice]:
-        for start in range(0, self.num_grads, self.SLOTS_PER_CHUNK):
-            yield slice(start, start + self.SLOTS_PER_CHUNK)
+    def _slot_chunks(self, filled: int) -> Iterator[slice]:
+        for start in range(0, filled, self.SLOTS_PER_CHUNK):
+            yield slice(start, min(start + self.SLOTS_PER_CHUNK, filled))

@@ -171,7 +171,7 @@ class MFAC(Optimizer):
             return loss
         window = self._current_window(grad)
         state = self._shared_state()
-        direction = window.insert_and_precondition(grad, int(state["step"]) % window.num_grads)
+        direction = window.insert_and_precondition(grad, int(state["step"]))
         self._save_window_state(window)
         state["step"] += 1
         with phase("update"):

@@ -73,41 +73,45 @@ class DenseRows:
         self.window[slot].copy_(grad)
         return True
 
-    def dots(self, slot: int) -> Tensor:
-        """G ĝ in float64 over these columns, ĝ = the stored row `slot` (first pass over the window)."""
+    def dots(self, slot: int, filled: int) -> Tensor:
+        """G ĝ in float64 over these columns for the first `filled` slots, ĝ = the stored row `slot` (first pass over
+        the window: the filled rows only, a contiguous view)."""
         if self._compiled is not None:
-            return self._compiled.window_dots(self.window, slot)
+            return self._compiled.window_dots(self.window[:filled], slot)
         stored = self.window[slot]
-        dots = torch.zeros(self.window.shape[0], dtype=torch.float64, device=self.window.device)
-        for columns, block in self._column_blocks():
+        dots = torch.zeros(filled, dtype=torch.float64, device=self.window.device)
+        for columns, block in self._column_blocks(filled):
             dots += torch.mv(block, stored[columns].to(self.accumulate_dtype))
         return dots
 
     def combine(self, coefficients: Tensor) -> Tensor:
-        """Gᵀ c over these columns, in the accumulation dtype (second pass over the window)."""
+        """Gᵀ c over these columns, in the accumulation dtype, for c over the first len(c) slots (second pass over
+        the window)."""
+        filled = len(coefficients)
         if self._compiled is not None:
             if self._direction_buffer is None:
                 self._direction_buffer = torch.empty(self.window.shape[1], dtype=torch.float32,
                                                      device=self.window.device)
-            self._compiled.window_combine(self.window, coefficients.float(), self._direction_buffer)
+            self._compiled.window_combine(self.window[:filled], coefficients.float(), self._direction_buffer)
             return self._direction_buffer
         result = torch.empty(self.window.shape[1], dtype=self.accumulate_dtype, device=self.window.device)
         coefficients = coefficients.to(self.accumulate_dtype)
-        for columns, block in self._column_blocks():
+        for columns, block in self._column_blocks(filled):
             result[columns] = torch.mv(block.t(), coefficients)
         return result
 
-    def _column_blocks(self) -> Iterator[tuple[slice, Tensor]]:
-        """The window in blocks of columns, in the accumulation dtype. A block of another dtype is converted into
-        one reused buffer: fresh allocations of this size cost more in page faults than the conversion."""
+    def _column_blocks(self, filled: int) -> Iterator[tuple[slice, Tensor]]:
+        """The first `filled` rows in blocks of columns, in the accumulation dtype. A block of another dtype is
+        converted into one reused buffer: fresh allocations of this size cost more in page faults than the
+        conversion."""
         for start in range(0, self.window.shape[1], BLOCK_COLUMNS):
             columns = slice(start, start + BLOCK_COLUMNS)
-            block = self.window[:, columns]
+            block = self.window[:filled, columns]
             if block.dtype != self.accumulate_dtype:
                 if self._block_buffer is None:
                     self._block_buffer = torch.empty(self.window.shape[0], min(BLOCK_COLUMNS, self.window.shape[1]),
                                                      dtype=self.accumulate_dtype, device=self.window.device)
-                block = self._block_buffer[:, :block.shape[1]].copy_(block)
+                block = self._block_buffer[:filled, :block.shape[1]].copy_(block)
             yield columns, block
 
 
@@ -201,29 +205,31 @@ class RowSparseRows:
         values[:, :self.values.shape[1]] = self.values
         self.indices, self.values = indices, values
 
-    def dots(self, slot: int) -> Tensor:
-        """s_j = Σ over the rows of slot j of ⟨stored row, new gradient's row⟩, in float64."""
+    def dots(self, slot: int, filled: int) -> Tensor:
+        """s_j = Σ over the rows of slot j of ⟨stored row, new gradient's row⟩, in float64, for the first `filled`
+        slots."""
         new = self._scratch_matrix().zero_()
         new.index_add_(0, self.indices[slot], self.values[slot].to(self.accumulate_dtype))  # padding adds zeros
         if self._compiled is not None:
-            return self._compiled.sparse_dots(self.indices, self.values, new)
-        dots = torch.empty(self.indices.shape[0], dtype=torch.float64, device=self.values.device)
-        for chunk in self._slot_chunks():
+            return self._compiled.sparse_dots(self.indices[:filled], self.values[:filled], new)
+        dots = torch.empty(filled, dtype=torch.float64, device=self.values.device)
+        for chunk in self._slot_chunks(filled):
             products = new[self.indices[chunk]] * self.values[chunk].to(self.accumulate_dtype)
             dots[chunk] = products.sum(dim=(1, 2), dtype=torch.float64)
         return dots
 
     def combine(self, coefficients: Tensor) -> Tensor:
-        """Σ_j c_j · (slot j scattered into a rows × columns matrix), in the accumulation dtype (fp32 or better), in
-        a scratch buffer the next call overwrites."""
+        """Σ_j c_j · (slot j scattered into a rows × columns matrix) over the first len(c) slots, in the
+        accumulation dtype (fp32 or better), in a scratch buffer the next call overwrites."""
+        filled = len(coefficients)
         if self._compiled is not None:  # they write every entry, in fp32 (their accumulation dtype)
             result = self._scratch_matrix()
-            self._compiled.sparse_combine(self.indices, self.values, coefficients.float(), result)
+            self._compiled.sparse_combine(self.indices[:filled], self.values[:filled], coefficients.float(), result)
             return result
         result = self._scratch_matrix().zero_()
         coefficients = coefficients.to(self.accumulate_dtype)
         with _adding_in_a_fixed_order(self.values.device):
-            for chunk in self._slot_chunks():
+            for chunk in self._slot_chunks(filled):
                 scaled = self.values[chunk].to(self.accumulate_dtype) * coefficients[chunk, None, None]
                 result.index_add_(0, self.indices[chunk].reshape(-1), scaled.reshape(-1, self.values.shape[2]))
         return result
@@ -249,9 +255,9 @@ class RowSparseRows:
         dense.scatter_add_(1, self.indices[:, :, None].expand_as(self.values), self.values)  # padding adds zeros
         return out
 
-    def _slot_chunks(self) -> Iterator[slice]:
-        for start in range(0, self.indices.shape[0], self.SLOTS_PER_CHUNK):
-            yield slice(start, start + self.SLOTS_PER_CHUNK)
+    def _slot_chunks(self, filled: int) -> Iterator[slice]:
+        for start in range(0, filled, self.SLOTS_PER_CHUNK):
+            yield slice(start, min(start + self.SLOTS_PER_CHUNK, filled))
 
 
 def tensor_bytes(*tensors: Optional[Tensor]) -> int:

@@ -47,11 +47,13 @@ class StorageKind(Protocol):
         """Stores the part's columns of a gradient in slot `slot`; False (nothing stored) where the part cannot hold
         it well: a row-sparse part whose gradient has too many rows to pay."""
 
-    def dots(self, slot: int) -> Tensor:
-        """⟨slot j, slot `slot`⟩ over the part's columns for every slot j, in float64."""
+    def dots(self, slot: int, filled: int) -> Tensor:
+        """⟨slot j, slot `slot`⟩ over the part's columns for each of the first `filled` slots j, in float64 (the
+        others are empty: zero)."""
 
     def combine(self, coefficients: Tensor) -> Tensor:
-        """Σⱼ cⱼ · slot j over the part's columns, in fp32 (a buffer the next call may overwrite)."""
+        """Σⱼ cⱼ · slot j over the part's columns and the first len(c) slots, in fp32 (a buffer the next call may
+        overwrite)."""
 
     def to_dense(self) -> Tensor:
         """The stored slots as dense rows over the part's columns."""
@@ -195,18 +197,23 @@ class GradientWindow:
         self.settings = settings
         self.system.damp = settings.damp
 
-    def insert_and_precondition(self, grad: Tensor, slot: int) -> Tensor:
-        """Stores the flat local gradient in slot `slot` and returns F⁻¹ĝ over this process's columns, in local
-        order and in the settings' precision, where ĝ is the stored (possibly rounded or compressed) gradient."""
+    def insert_and_precondition(self, grad: Tensor, stored: int) -> Tensor:
+        """Stores the flat local gradient as the window's gradient number `stored` (0-based; the ring's slot
+        `stored` mod m) and returns F⁻¹ĝ over this process's columns, in local order and in the settings'
+        precision, where ĝ is the stored (possibly rounded or compressed) gradient. Until the window is full, the
+        passes and the algebra cover only the filled slots: the empty ones hold zeros, so leaving them out is
+        exact."""
+        slot, filled = stored % self.num_grads, min(stored + 1, self.num_grads)
         with phase("store"):
             self._store(grad, slot)
         with phase("dots"):
-            dots = self.dense.dots(slot) + sum((part.dots(slot) for part in self.sparse.values()),
-                                               torch.zeros_like(self.system.gram[0]))
+            dots = torch.zeros_like(self.system.gram[0])
+            dots[:filled] = self.dense.dots(slot, filled) + sum(
+                (part.dots(slot, filled) for part in self.sparse.values()), dots[:filled])
             if self.sum_shards is not None:
                 dots = self.sum_shards(dots)
         with phase("m×m"):
-            coefficients = self.num_grads * self.system.insert(slot, dots)
+            coefficients = self.num_grads * self.system.insert(slot, dots, filled)[:filled]
         with phase("combine"):
             dense_direction = self.dense.combine(coefficients)
             if not self.sparse:

@@ -9,13 +9,13 @@ from mfac_optim.algebra import PANEL_COLUMNS, GramSystem, chronological
 from mfac_optim.kernels import cpu_passes
 
 
-def compiled_update(factor, column, diagonal):
-    cpu_passes().factor_drop_oldest_append_newest(factor, column, float(diagonal))
+def compiled_update(factor, column, diagonal, filled):
+    cpu_passes().factor_drop_oldest_append_newest(factor, column, float(diagonal), filled)
 
 
-def panels_on_cuda(factor, column, diagonal):
+def panels_on_cuda(factor, column, diagonal, filled):
     on_device = factor.cuda()
-    algebra._drop_oldest_append_newest_by_panels(on_device, column.cuda(), diagonal.cuda())
+    algebra._drop_oldest_append_newest_by_panels(on_device, column.cuda(), diagonal.cuda(), filled)
     factor.copy_(on_device)
 
 
@@ -38,13 +38,33 @@ def test_one_update_gives_the_factor_of_the_next_window(form, size):
     # Slots 0..size: the factor covers 0..size − 1; the update drops slot 0 and appends slot `size`.
     kernel = positive_definite(size + 1, torch.Generator().manual_seed(size))
     factor = torch.linalg.cholesky(kernel[:size, :size], upper=True).contiguous()
-    UPDATES[form](factor, kernel[size, 1:size].clone(), kernel[size, size].clone())
+    UPDATES[form](factor, kernel[size, 1:size].clone(), kernel[size, size].clone(), size)
     expected = torch.linalg.cholesky(kernel[1:, 1:], upper=True)
     assert torch.equal(factor.tril(-1), torch.zeros_like(factor))
     assert (factor.diagonal() > 0).all()
     scale = kernel.abs().max()
     assert (factor.T @ factor - kernel[1:, 1:]).abs().max() <= 1e-14 * scale  # backward error: ε-sized
     assert (factor - expected).abs().max() <= 1e-9 * expected.abs().max()  # and the factor itself (cond ≈ 1e5)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("filled", [1, 2, 7, PANEL_COLUMNS + 1])
+def test_an_update_while_the_window_fills_touches_only_the_filled_slots(form, filled):
+    # n positions oldest first: n − filled + 1 empty ones (K = mλ there), then the filled − 1 slots before this
+    # step. The update drops an empty one and appends the newest: the factor of K without its first position.
+    n, shift = PANEL_COLUMNS + 9, 1e-3
+    generator = torch.Generator().manual_seed(filled)
+    kernel = shift * torch.eye(n + 1, dtype=torch.float64)
+    kernel[n + 1 - filled:, n + 1 - filled:] = positive_definite(filled, generator)
+    factor = torch.linalg.cholesky(kernel[:n, :n], upper=True).contiguous()
+    swept = factor.clone()
+    UPDATES[form](factor, kernel[n, 1:n].clone(), kernel[n, n].clone(), filled)
+    expected = torch.linalg.cholesky(kernel[1:, 1:], upper=True)
+    assert torch.equal(factor[:n - filled, :], expected[:n - filled, :])  # √(mλ) I and zeros, untouched
+    assert (factor - expected).abs().max() <= 1e-9 * expected.abs().max()
+    if form == "compiled":  # the rows it skips are the ones a sweep over all n would copy onto themselves
+        UPDATES[form](swept, kernel[n, 1:n].clone(), kernel[n, n].clone(), n)
+        assert torch.equal(factor, swept)
 
 
 def new_kernel(num_grads: int, damp: float) -> GramSystem:
@@ -83,7 +103,7 @@ def solves_over_eight_wraps(scales: str, dim: int) -> GramSystem:
     for step in range(steps):
         slot = step % m
         rows[slot] = SCALES[scales](step, steps, generator) * torch.randn(dim, generator=generator, dtype=torch.float64)
-        solution = kernel.insert(slot, rows @ rows[slot])
+        solution = kernel.insert(slot, rows @ rows[slot], min(step + 1, m))
         expected = reference_solve(rows, slot, damp)
         # The direction m · Gᵀy is what the step uses; y itself is ill-determined along null directions of Gᵀ.
         error = (rows.T @ (solution - expected)).norm() / (rows.T @ expected).norm()
@@ -113,11 +133,11 @@ def test_the_first_insert_and_a_new_damp_make_the_factor_from_the_gram_matrix(up
     kernel, rows = new_kernel(m, 1e-3), torch.zeros(m, 50, dtype=torch.float64)
     for slot in range(m):
         rows[slot] = torch.randn(50, generator=generator, dtype=torch.float64)
-        kernel.insert(slot, rows @ rows[slot])
+        kernel.insert(slot, rows @ rows[slot], slot + 1)
     assert int(kernel.refactorizations) == 1
     kernel.damp = 1e-5  # as when a param group's damp is changed between steps
     rows[0] = torch.randn(50, generator=generator, dtype=torch.float64)
-    solution = kernel.insert(0, rows @ rows[0])
+    solution = kernel.insert(0, rows @ rows[0], m)
     assert int(kernel.refactorizations) == 2 and float(kernel.factor_damp) == 1e-5
     assert torch.allclose(solution, reference_solve(rows, 0, 1e-5), rtol=1e-10, atol=0)
 
@@ -128,14 +148,14 @@ def test_a_damaged_factor_is_caught_by_the_residual_and_remade(update_form, dama
     kernel, rows = new_kernel(m, 1e-6), torch.zeros(m, 80, dtype=torch.float64)
     for step in range(2 * m):
         rows[step % m] = torch.randn(80, generator=generator, dtype=torch.float64)
-        kernel.insert(step % m, rows @ rows[step % m])
+        kernel.insert(step % m, rows @ rows[step % m], min(step + 1, m))
     if damage == "perturbed":  # a factor 1e-6 off: as if rounding had drifted far
         kernel.factor[3:, 3:] *= 1 + 1e-6 * torch.rand(m - 3, m - 3, generator=generator, dtype=torch.float64)
     else:
         kernel.factor[5, 7] = float("nan")
     slot = (2 * m) % m
     rows[slot] = torch.randn(80, generator=generator, dtype=torch.float64)
-    solution = kernel.insert(slot, rows @ rows[slot])
+    solution = kernel.insert(slot, rows @ rows[slot], m)
     assert int(kernel.refactorizations) == 2
     assert relative_residual(rows, slot, 1e-6, solution) < 1e-14
     remade = torch.linalg.cholesky(chronological(rows @ rows.T, slot, dims=(0, 1))

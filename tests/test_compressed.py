@@ -169,13 +169,15 @@ def test_fused_passes_equal_the_torch_passes_and_float64(dtype, kernel_threads):
     dense = part.to_dense().double()
     assert dense[0, BLOCK - 1] == values[0, 0, -1].double()
     coefficients = torch.randn(m, dtype=torch.float64, generator=generator)
-    fused = part.dots(2), part.combine(coefficients).clone()
-    part._fused = None
-    unfused = part.dots(2), part.combine(coefficients)
-    for dots in (fused[0], unfused[0]):  # float64 sums of exact products
-        torch.testing.assert_close(dots, dense @ dense[2], rtol=1e-12, atol=1e-12)
-    for combined in (fused[1], unfused[1]):
-        torch.testing.assert_close(combined.double(), coefficients @ dense, rtol=1e-5, atol=1e-6)
+    passes = {}
+    for form in ("fused", "unfused"):
+        if form == "unfused":
+            part._fused = None
+        # Every slot, and the first 3 (a window still filling: its passes visit the filled slots only).
+        passes[form] = [(filled, part.dots(2, filled), part.combine(coefficients[:filled]).clone()) for filled in (m, 3)]
+    for filled, dots, combined in passes["fused"] + passes["unfused"]:
+        torch.testing.assert_close(dots, dense[:filled] @ dense[2], rtol=1e-12, atol=1e-12)  # float64 sums
+        torch.testing.assert_close(combined.double(), coefficients[:filled] @ dense[:filled], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

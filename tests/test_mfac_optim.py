@@ -234,10 +234,14 @@ def test_fused_cpu_passes_against_float64(dtype, kernel_threads):
     assert rows._compiled is kernels
     exact = window.double()
     # Off-diagonal dots of random rows are far smaller than their terms: bound the error by the terms' scale (n).
-    torch.testing.assert_close(rows.dots(2), exact @ exact[2], rtol=1e-5, atol=1e-7 * window.shape[1])
+    dots = rows.dots(2, 7)
+    torch.testing.assert_close(dots, exact @ exact[2], rtol=1e-5, atol=1e-7 * window.shape[1])
+    # A window filled up to 5 rows: the passes visit those alone, and each row's dot is summed as in the full window.
+    assert torch.equal(rows.dots(2, 5), dots[:5])
     coefficients = torch.randn(7, dtype=torch.float64, generator=generator)
-    torch.testing.assert_close(rows.combine(coefficients).double(), exact.T @ coefficients.float().double(),
-                               rtol=1e-5, atol=1e-5)
+    for filled in (7, 5):
+        torch.testing.assert_close(rows.combine(coefficients[:filled]).double(),
+                                   exact[:filled].T @ coefficients[:filled].float().double(), rtol=1e-5, atol=1e-5)
 
 
 def test_single_gradient_window_by_hand():

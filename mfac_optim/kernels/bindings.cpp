@@ -18,12 +18,13 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   // error feedback and top-k per block into slot `slot`
   m.def("compressed_store(Tensor(a!) error, Tensor grad, Tensor(b!) values, Tensor(c!) offsets, int slot, int block, "
         "int last_kept) -> ()", &compressed_store);
-  // dots of every compressed slot with slot `slot`, in float64
-  m.def("compressed_dots(Tensor values, Tensor offsets, int slot, int block) -> Tensor", &compressed_dots);
-  // result = sum_j c_j * compressed slot j, in fp32
-  m.def("compressed_combine(Tensor values, Tensor offsets, Tensor coefficients, Tensor(a!) result, int block) -> ()",
+  // dots of the first `filled` compressed slots with slot `slot`, in float64
+  m.def("compressed_dots(Tensor values, Tensor offsets, int slot, int block, int filled) -> Tensor", &compressed_dots);
+  // result = sum_j c_j * compressed slot j over the first `filled` slots, in fp32
+  m.def("compressed_combine(Tensor values, Tensor offsets, Tensor coefficients, Tensor(a!) result, int block, "
+        "int filled) -> ()",
         &compressed_combine);
   // in place: the upper Cholesky factor without its first row and column, plus a last one for `column`
-  m.def("factor_drop_oldest_append_newest(Tensor(a!) factor, Tensor column, float diagonal) -> ()",
+  m.def("factor_drop_oldest_append_newest(Tensor(a!) factor, Tensor column, float diagonal, int filled) -> ()",
         &factor_drop_oldest_append_newest);
 }

@@ -65,8 +65,13 @@ static void axpy(float a, const T* row, float* out, int64_t count) {
 }
 
 #ifdef __AVX2__
+// out[r] += ⟨rows[r], v⟩ for r < count_rows ≤ 4. A group of fewer rows (the last of a window filled up to a row count
+// that is not a multiple of 4) repeats its first row in the unused lanes, so every row's sum is formed in the same
+// order whatever the group: the dots of a filling window are those the full window gives its filled rows.
 template <typename T>
-static void dots_four_rows(const T* const* rows, const T* v, int64_t count, double* out) {
+static void dots_four_rows(const T* const* group, int count_rows, const T* v, int64_t count, double* out) {
+  const T* rows[4];
+  for (int r = 0; r < 4; ++r) rows[r] = group[r < count_rows ? r : 0];
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= count; k += 8) {
@@ -79,7 +84,7 @@ static void dots_four_rows(const T* const* rows, const T* v, int64_t count, doub
   float totals[4] = {horizontal_sum(a0), horizontal_sum(a1), horizontal_sum(a2), horizontal_sum(a3)};
   for (; k < count; ++k)
     for (int r = 0; r < 4; ++r) totals[r] += widen(rows[r][k]) * widen(v[k]);
-  for (int r = 0; r < 4; ++r) out[r] += totals[r];
+  for (int r = 0; r < count_rows; ++r) out[r] += totals[r];
 }
 #endif
 
@@ -131,9 +136,10 @@ static at::Tensor dots_impl(const at::Tensor& window, int64_t slot) {
   for_each_tile<T>(window, [&](int64_t k0, int64_t count, int64_t j, const T* const* rows, int rows_here) {
     double* mine = p + at::get_thread_num() * m + j;
 #ifdef __AVX2__
-    if (rows_here == 4) return dots_four_rows(rows, v + k0, count, mine);
-#endif
+    dots_four_rows(rows, rows_here, v + k0, count, mine);
+#else
     for (int r = 0; r < rows_here; ++r) mine[r] += dot(rows[r], v + k0, count);
+#endif
   });
   return partial.sum(0);
 }
@@ -211,38 +217,71 @@ void window_combine(at::Tensor window, at::Tensor coefficients, at::Tensor resul
 // Compressed window (mfac_optim/compressed.py): values and int16 offsets laid out (blocks, m, kept); a block of
 // `block` coordinates, with every slot's entries of it, is one unit of work, so its dense buffer stays in cache.
 
-// s_j = Σ over blocks of ⟨slot j, slot `slot`⟩: the new slot is scattered into a zeroed block buffer and every slot
-// gathers from it. Accumulated in float64 (see CompressedRows.dots): the kept entries span a wide dynamic range.
+#ifdef __AVX2__
+// low += a · b over lanes 0-3, high over lanes 4-7, widened to float64 (where a product of two floats is exact).
+static inline void add_products(__m256 a, __m256 b, __m256d& low, __m256d& high) {
+  low = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)), _mm256_cvtps_pd(_mm256_castps256_ps128(b)), low);
+  high = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1)),
+                         high);
+}
+#endif
+
+// Σ_e value[e] · dense[offset[e]] over one slot's `kept` entries of a block, in float64. Each product of two floats
+// is exact in float64; the AVX2 form gathers 8 entries at a time into independent partial sums, so the additions
+// do not wait on one another.
+template <typename T>
+static double gathered_dot(const T* values, const uint16_t* offsets, const float* dense, int64_t kept) {
+  int64_t e = 0;
+  double total = 0.0;
+#ifdef __AVX2__
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd(), s2 = _mm256_setzero_pd(), s3 = _mm256_setzero_pd();
+  for (; e + 16 <= kept; e += 16) {
+    const __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + e)));
+    const __m256i i1 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offsets + e + 8)));
+    const __m256 g0 = _mm256_i32gather_ps(dense, i0, 4), g1 = _mm256_i32gather_ps(dense, i1, 4);
+    const __m256 v0 = load8(values + e), v1 = load8(values + e + 8);
+    add_products(v0, g0, s0, s1);
+    add_products(v1, g1, s2, s3);
+  }
+  const __m256d s = _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3));
+  const __m128d half = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  total = _mm_cvtsd_f64(_mm_add_sd(half, _mm_unpackhi_pd(half, half)));
+#endif
+  for (; e < kept; ++e) total += double(widen(values[e])) * dense[offsets[e]];
+  return total;
+}
+
+// s_j = Σ over blocks of ⟨slot j, slot `slot`⟩ for the first `filled` slots: the new slot is scattered into a zeroed
+// block buffer and every slot gathers from it. Accumulated in float64 (see CompressedRows.dots): the kept entries
+// span a wide dynamic range.
 template <typename T>
 static at::Tensor compressed_dots_impl(const at::Tensor& values, const at::Tensor& offsets, int64_t slot,
-                                          int64_t block) {
+                                       int64_t block, int64_t filled) {
   const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2);
-  auto partial = at::zeros({at::get_num_threads(), m}, at::kDouble);
+  auto partial = at::zeros({at::get_num_threads(), filled}, at::kDouble);
   double* p = partial.data_ptr<double>();
   const T* v = reinterpret_cast<const T*>(values.data_ptr());
   const uint16_t* o = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     std::vector<float> dense(block, 0.f);
-    double* mine = p + at::get_thread_num() * m;
+    double* mine = p + at::get_thread_num() * filled;
     for (int64_t b = first; b < last; ++b) {
       const T* vb = v + b * m * kept;
       const uint16_t* ob = o + b * m * kept;
       for (int64_t e = 0; e < kept; ++e) dense[ob[slot * kept + e]] = widen(vb[slot * kept + e]);
-      for (int64_t j = 0; j < m; ++j) {
-        double total = 0.0;
-        for (int64_t e = 0; e < kept; ++e) total += double(widen(vb[j * kept + e])) * dense[ob[j * kept + e]];
-        mine[j] += total;
-      }
+      for (int64_t j = 0; j < filled; ++j) mine[j] += gathered_dot(vb + j * kept, ob + j * kept, dense.data(), kept);
       for (int64_t e = 0; e < kept; ++e) dense[ob[slot * kept + e]] = 0.f;
     }
   });
   return partial.sum(0);
 }
 
-// result (blocks · block, fp32) = Σ_j c_j · slot j; each thread owns whole blocks of the result.
+// result (blocks · block, fp32) = Σ_j c_j · slot j over the first `filled` slots; each thread owns whole blocks of
+// the result.
 template <typename T>
 static void compressed_combine_impl(const at::Tensor& values, const at::Tensor& offsets,
-                                    const at::Tensor& coefficients, at::Tensor& result, int64_t block) {
+                                    const at::Tensor& coefficients, at::Tensor& result, int64_t block,
+                                    int64_t filled) {
   const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2);
   const T* v = reinterpret_cast<const T*>(values.data_ptr());
   const uint16_t* o = reinterpret_cast<const uint16_t*>(offsets.data_ptr<int16_t>());
@@ -254,7 +293,7 @@ static void compressed_combine_impl(const at::Tensor& values, const at::Tensor& 
       std::fill(out_b, out_b + block, 0.f);
       const T* vb = v + b * m * kept;
       const uint16_t* ob = o + b * m * kept;
-      for (int64_t j = 0; j < m; ++j) {
+      for (int64_t j = 0; j < filled; ++j) {
         const float scale = c[j];
         for (int64_t e = 0; e < kept; ++e) out_b[ob[j * kept + e]] += scale * widen(vb[j * kept + e]);
       }
@@ -334,13 +373,15 @@ void compressed_store(at::Tensor error, at::Tensor grad, at::Tensor values, at::
   else compressed_store_impl<float>(error, grad, values, offsets, slot, block, last_kept);
 }
 
-at::Tensor compressed_dots(at::Tensor values, at::Tensor offsets, int64_t slot, int64_t block) {
-  return values.scalar_type() == at::kBFloat16 ? compressed_dots_impl<uint16_t>(values, offsets, slot, block)
-                                                  : compressed_dots_impl<float>(values, offsets, slot, block);
+at::Tensor compressed_dots(at::Tensor values, at::Tensor offsets, int64_t slot, int64_t block, int64_t filled) {
+  return values.scalar_type() == at::kBFloat16
+             ? compressed_dots_impl<uint16_t>(values, offsets, slot, block, filled)
+             : compressed_dots_impl<float>(values, offsets, slot, block, filled);
 }
 
 void compressed_combine(at::Tensor values, at::Tensor offsets, at::Tensor coefficients, at::Tensor result,
-                        int64_t block) {
-  if (values.scalar_type() == at::kBFloat16) compressed_combine_impl<uint16_t>(values, offsets, coefficients, result, block);
-  else compressed_combine_impl<float>(values, offsets, coefficients, result, block);
+                        int64_t block, int64_t filled) {
+  if (values.scalar_type() == at::kBFloat16)
+    compressed_combine_impl<uint16_t>(values, offsets, coefficients, result, block, filled);
+  else compressed_combine_impl<float>(values, offsets, coefficients, result, block, filled);
 }

@@ -10,17 +10,20 @@
 #include <cmath>
 #include <vector>
 
-void factor_drop_oldest_append_newest(at::Tensor factor, at::Tensor column, double diagonal) {
+// While the window fills, the slot that leaves is an empty one (filled < n): rows and columns before the last
+// `filled` hold √(mλ) I, which the sweep would copy onto itself, so it starts at row n − filled.
+void factor_drop_oldest_append_newest(at::Tensor factor, at::Tensor column, double diagonal, int64_t filled) {
   TORCH_CHECK(factor.device().is_cpu() && factor.scalar_type() == at::kDouble && factor.is_contiguous(),
               "factor: a contiguous CPU float64 matrix");
   const int64_t n = factor.size(0);
   TORCH_CHECK(column.numel() == n - 1, "column: the newest slot's n - 1 entries of K");
+  TORCH_CHECK(filled >= 1 && filled <= n, "filled: between 1 and n");
   double* R = factor.data_ptr<double>();
   std::vector<double> x(R + 1, R + n);  // the oldest slot's row beyond its diagonal, x[j] for column j + 1
   auto remaining = column.to(at::kDouble).contiguous();
   std::vector<double> c(remaining.data_ptr<double>(), remaining.data_ptr<double>() + n - 1);
   double norm_w = 0.0;
-  for (int64_t k = 0; k + 1 < n; ++k) {
+  for (int64_t k = n - filled; k + 1 < n; ++k) {
     const double* __restrict__ below = R + (k + 1) * n + (k + 1);  // R₂₂ row k, from its diagonal on
     double* __restrict__ out = R + k * n + k;                       // R′ row k, from its diagonal on
     double* __restrict__ xs = x.data() + k;

@@ -12,9 +12,9 @@ at::Tensor sparse_dots(at::Tensor indices, at::Tensor values, at::Tensor dense);
 void sparse_combine(at::Tensor indices, at::Tensor values, at::Tensor coefficients, at::Tensor result);
 void compressed_store(at::Tensor error, at::Tensor grad, at::Tensor values, at::Tensor offsets,
                       int64_t slot, int64_t block, int64_t last_kept);
-at::Tensor compressed_dots(at::Tensor values, at::Tensor offsets, int64_t slot, int64_t block);
+at::Tensor compressed_dots(at::Tensor values, at::Tensor offsets, int64_t slot, int64_t block, int64_t filled);
 void compressed_combine(at::Tensor values, at::Tensor offsets, at::Tensor coefficients, at::Tensor result,
-                        int64_t block);
+                        int64_t block, int64_t filled);
 
 // factor_update.cpp: the O(m²) update of the m × m Cholesky factor.
-void factor_drop_oldest_append_newest(at::Tensor factor, at::Tensor column, double diagonal);
+void factor_drop_oldest_append_newest(at::Tensor factor, at::Tensor column, double diagonal, int64_t filled);

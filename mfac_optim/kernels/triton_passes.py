@@ -73,10 +73,10 @@ def window_combine(window: torch.Tensor, coefficients: torch.Tensor, result: tor
 
 
 @triton.jit
-def _compressed_combine_kernel(values, offsets, coefficients, partial, slots, size, KEPT: tl.constexpr,
+def _compressed_combine_kernel(values, offsets, coefficients, partial, slots, filled, size, KEPT: tl.constexpr,
                                KEPT_TILE: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
-    """partial[run, block] = Σ over the run's SLOTS slots, in order, of c_j · slot j's kept entries in the block
-    (`size` entries per partial). A slot's offsets in a block are distinct, so its lanes never collide; the barrier
+    """partial[run, block] = Σ over the run's SLOTS slots (of the first `filled` of `slots`), in order, of c_j · slot
+    j's kept entries in the block (`size` entries per partial). A slot's offsets in a block are distinct, so its lanes never collide; the barrier
     orders one slot's writes before the next slot's reads."""
     block, run = tl.program_id(0), tl.program_id(1)
     out = partial + run.to(tl.int64) * size + block * BLOCK
@@ -84,7 +84,7 @@ def _compressed_combine_kernel(values, offsets, coefficients, partial, slots, si
     mask = entry < KEPT
     for index in range(0, SLOTS):
         slot = run * SLOTS + index
-        if slot < slots:
+        if slot < filled:
             scale = tl.load(coefficients + slot)
             base = (block.to(tl.int64) * slots + slot) * KEPT
             position = tl.load(offsets + base + entry, mask=mask, other=0).to(tl.int32)
@@ -95,16 +95,17 @@ def _compressed_combine_kernel(values, offsets, coefficients, partial, slots, si
 
 
 def compressed_combine(values: torch.Tensor, offsets: torch.Tensor, coefficients: torch.Tensor,
-                       result: torch.Tensor, block: int) -> None:
-    """result (blocks · block, fp32) = Σ_j c_j · slot j of the (blocks, m, kept) compressed window."""
+                       result: torch.Tensor, block: int, filled: int) -> None:
+    """result (blocks · block, fp32) = Σ_j c_j · slot j over the first `filled` slots of the (blocks, m, kept)
+    compressed window."""
     blocks, slots, kept = values.shape
 
     def launch(partial: torch.Tensor, runs: int, per_run: int) -> None:
-        _compressed_combine_kernel[(blocks, runs)](values, offsets, coefficients, partial, slots, result.numel(),
-                                                   KEPT=kept, KEPT_TILE=triton.next_power_of_2(kept), BLOCK=block,
-                                                   SLOTS=per_run)
+        _compressed_combine_kernel[(blocks, runs)](values, offsets, coefficients, partial, slots, filled,
+                                                   result.numel(), KEPT=kept, KEPT_TILE=triton.next_power_of_2(kept),
+                                                   BLOCK=block, SLOTS=per_run)
 
-    _combine_in_runs(slots, result, launch)
+    _combine_in_runs(filled, result, launch)
 
 
 def _combine_in_runs(slots: int, result: torch.Tensor, launch) -> None:
@@ -123,32 +124,35 @@ def _combine_in_runs(slots: int, result: torch.Tensor, launch) -> None:
 
 
 @triton.jit
-def _compressed_dots_kernel(values, offsets, new, partial, slots, KEPT: tl.constexpr, KEPT_TILE: tl.constexpr,
-                            BLOCK: tl.constexpr, SLOTS: tl.constexpr):
-    """partial[block, slot] = Σ over slot's kept entries of the block of value · new[block, offset], in float64."""
+def _compressed_dots_kernel(values, offsets, new, partial, slots, filled, KEPT: tl.constexpr,
+                            KEPT_TILE: tl.constexpr, BLOCK: tl.constexpr, SLOTS: tl.constexpr):
+    """partial[block, slot] = Σ over slot's kept entries of the block of value · new[block, offset], in float64, for
+    the first `filled` of `slots` slots."""
     block, slot_tile = tl.program_id(0), tl.program_id(1)
     entry = tl.arange(0, KEPT_TILE)
     mask = entry < KEPT
     for index in range(0, SLOTS):
         slot = slot_tile * SLOTS + index
-        if slot < slots:
+        if slot < filled:
             base = (block.to(tl.int64) * slots + slot) * KEPT
             position = tl.load(offsets + base + entry, mask=mask, other=0).to(tl.int32)
             value = tl.load(values + base + entry, mask=mask, other=0.0).to(tl.float64)
             other = tl.load(new + block * BLOCK + position, mask=mask, other=0.0)
-            tl.store(partial + block * slots + slot, tl.sum(value * other, axis=0))
+            tl.store(partial + block * filled + slot, tl.sum(value * other, axis=0))
 
 
-def compressed_dots(values: torch.Tensor, offsets: torch.Tensor, slot: int, block: int) -> torch.Tensor:
-    """⟨slot j, slot `slot`⟩ for every slot j of the (blocks, m, kept) compressed window, in float64: the new slot
-    is scattered into a dense float64 copy of its blocks (its offsets are distinct), which every slot gathers from."""
+def compressed_dots(values: torch.Tensor, offsets: torch.Tensor, slot: int, block: int,
+                    filled: int) -> torch.Tensor:
+    """⟨slot j, slot `slot`⟩ for the first `filled` slots j of the (blocks, m, kept) compressed window, in float64:
+    the new slot is scattered into a dense float64 copy of its blocks (its offsets are distinct), which every slot
+    gathers from."""
     blocks, slots, kept = values.shape
     new = torch.zeros(blocks, block, dtype=torch.float64, device=values.device)
     new.scatter_(1, offsets[:, slot].long(), values[:, slot].double())
-    partial = torch.empty(blocks, slots, dtype=torch.float64, device=values.device)
-    _compressed_dots_kernel[(blocks, triton.cdiv(slots, ROWS))](values, offsets, new, partial, slots, KEPT=kept,
-                                                                KEPT_TILE=triton.next_power_of_2(kept), BLOCK=block,
-                                                                SLOTS=ROWS)
+    partial = torch.empty(blocks, filled, dtype=torch.float64, device=values.device)
+    _compressed_dots_kernel[(blocks, triton.cdiv(filled, ROWS))](values, offsets, new, partial, slots, filled,
+                                                                 KEPT=kept, KEPT_TILE=triton.next_power_of_2(kept),
+                                                                 BLOCK=block, SLOTS=ROWS)
     return partial.sum(dim=0)
 
 
