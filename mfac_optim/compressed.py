@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .kernels import fused_passes_for, triton_passes_for
+from .phases import phase
 from .storage import tensor_bytes
 
 # Coordinates per block: int16 offsets address 0 … 32767, so every position of a block fits.
@@ -122,13 +123,20 @@ class CompressedRows:
         return tensor_bytes(self.values, self.offsets, self.error, self._result)
 
     def store(self, slot: int, grad: Tensor) -> bool:
-        """a = e + g; slot `slot` keeps each block's largest |a|, rounded; e ← a − c. All in the error buffer."""
-        if self._fused is not None:
-            self._fused.compressed_store(self.error, grad.contiguous(), self.values, self.offsets, slot, BLOCK,
-                                         self.last_kept)
-            return True
+        """a = e + g (the error feedback); slot `slot` keeps each block's largest |a|, rounded; e ← a − c. All in
+        the error buffer."""
+        with phase("error feedback"):
+            self.error[:self.size] += grad
+        with phase("top-k"):
+            if self._fused is not None:
+                self._fused.compressed_select(self.error, self.values, self.offsets, slot, BLOCK, self.last_kept,
+                                              self.size)
+            else:
+                self._select(slot)
+        return True
+
+    def _select(self, slot: int) -> None:
         accumulated = self.error.view(-1, BLOCK)
-        self.error[:self.size] += grad
         kept = torch.topk(accumulated.abs(), self.values.shape[2], dim=1, sorted=False).indices
         if self.size < accumulated.numel():  # a last block short of BLOCK: only its real coordinates compete
             kept[-1] = self._last_block_positions(accumulated[-1])
@@ -138,7 +146,6 @@ class CompressedRows:
         self.values[:, slot] = rounded
         self.offsets[:, slot] = kept.to(torch.int16)
         accumulated.scatter_(1, kept, exact - rounded.float())  # what rounding left behind stays in the error
-        return True
 
     def _last_block_positions(self, accumulated: Tensor) -> Tensor:
         """The last block's largest |a| among its real coordinates, then distinct padding positions past them."""

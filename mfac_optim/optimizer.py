@@ -17,7 +17,8 @@ from .distributed import DirectionGather, check_shard_position, shard_position, 
 from .hyperparameters import DEFAULTS, check_group_hyperparameters, check_window_settings, resolve_grad_dtype
 from .layout import Layout
 from .memory import optimizer_state_bytes
-from .window import GradientWindow, WindowSettings, phase
+from .phases import phase
+from .window import GradientWindow, WindowSettings
 
 # The optimizer's own state entries, beside the window's: counters and the shard position. The host reads them at
 # every step, so they stay on the CPU, as torch.optim keeps "step" (and so do the window's HOST_KEYS).

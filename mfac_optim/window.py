@@ -12,22 +12,13 @@ from typing import Callable, Optional, Protocol
 
 import torch
 from torch import Tensor
-from torch.profiler import record_function
 
 from .algebra import GramSystem, accumulate_dtype
 from .compressed import CompressedRows, kept_per_block
 from .hyperparameters import GRAD_DTYPES, WINDOW_KEYS, resolve_grad_dtype
 from .layout import Block, Layout, nonzero_rows
+from .phases import phase
 from .storage import DenseRows, RowSparseRows
-
-# The names under which a step's phases appear in torch.profiler (scripts/bench_mfac.py reads them).
-PHASE_PREFIX = "mfac::"
-PHASES = ("gradient", "store", "dots", "m×m", "combine", "update")
-
-
-def phase(name: str) -> record_function:
-    """A step phase as a torch.profiler range: free when no profiler runs."""
-    return record_function(PHASE_PREFIX + name)
 
 
 class StorageKind(Protocol):

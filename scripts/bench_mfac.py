@@ -60,7 +60,7 @@ import torch.multiprocessing as mp
 
 from mfac_optim import MFAC, algebra
 from mfac_optim.hyperparameters import GRAD_DTYPES
-from mfac_optim.window import PHASE_PREFIX, PHASES
+from mfac_optim.phases import PHASE_PREFIX, PHASES, SUBPHASES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,8 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="MFAC density: < 1 is the compressed window; with --model_config, several are measured "
                              "in one run next to AdamW")
     parser.add_argument("--fill", type=int, default=0,
-                        help="with --model_config: train this many further SST-2 batches before the timed ones, so "
-                             "that the window is full of real gradients (e.g. --fill 1024)")
+                        help="with --model_config: this many optimizer steps before the timed ones, on the real "
+                             "gradients of the first FILL_BATCHES SST-2 batches in turn, so that the window is full of "
+                             "real gradients (e.g. --fill 1024); without --model_config: the timed steps are the "
+                             "window's FILL-th and later (the step counter is set: a dense pass's time does not "
+                             "depend on what the slots hold), e.g. --fill 51 for a window of 512 a tenth full")
     parser.add_argument("--algebra", type=int, nargs="+", metavar="M",
                         help="time steps at these window sizes next to one float64 Cholesky of each size")
     parser.add_argument("--panel_update", action="store_true",
@@ -138,12 +141,18 @@ def read_bandwidth(num_bytes: int, device: torch.device) -> float:
     return num_bytes / min(fastest_seconds(reduction, 7, device) for reduction in (buffer.sum, buffer.max))
 
 
-def time_optimizer(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, steps: int, warmup: int) -> float:
+def time_optimizer(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, steps: int, warmup: int,
+                   stored: int = 0) -> float:
+    """The median step after `warmup` steps; with `stored`, each timed step of an MFAC window stores its
+    `stored`-th gradient (the step counter is set back before each): the passes visit that many filled slots,
+    whatever the slots hold."""
     generator = torch.Generator(device=param.device).manual_seed(0)
     gradients = itertools.cycle([torch.randn(param.shape, generator=generator, device=param.device) * 1e-3
                                  for _ in range(2)])
 
     def one_step():
+        if stored and "step" in optimizer.state[param]:
+            optimizer.state[param]["step"].fill_(stored - 1)
         param.grad = next(gradients)
         optimizer.step()
 
@@ -199,7 +208,7 @@ def model_and_batches(args: argparse.Namespace, device: torch.device) -> tuple[t
     activations and gradients are in the RSS baseline and not in the optimizer's share."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    batches = sst2_batches(args.model_config, args.train_file, args.batch_size, args.fill + args.steps + 2, device)
+    batches = sst2_batches(args.model_config, args.train_file, args.batch_size, args.steps + 2, device)
     config = AutoConfig.from_pretrained(args.model_config, num_labels=2, **args.config_overrides)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).to(device)
@@ -208,18 +217,47 @@ def model_and_batches(args: argparse.Namespace, device: torch.device) -> tuple[t
     return model, batches
 
 
+# Distinct real gradients the --fill steps take in turn: the window's slots then hold what training stores (for a
+# compressed window, top-k positions spread as a real gradient's are), without a forward and backward per step.
+FILL_BATCHES = 8
+
+
+def real_gradients(model: torch.nn.Module, batches: list) -> list[list[torch.Tensor]]:
+    """Each batch's gradients (forward, backward, clipping as in training), parameter by parameter."""
+    gradients = []
+    for batch in batches:
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        gradients.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    return gradients
+
+
+def fill_window(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gradients: list, steps: int) -> None:
+    for step in range(steps):
+        for p, grad in zip(model.parameters(), gradients[step % len(gradients)]):
+            p.grad = grad
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+
 def measure_mfac(model: torch.nn.Module, batches: list, args: argparse.Namespace, device: torch.device,
-                 shard: bool, density: float = 1.0) -> dict:
+                 shard: bool, density: float = 1.0, profile: bool = False) -> dict:
     baseline = peak_rss_bytes()
     mfac = MFAC(model.parameters(), lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
                 shard=shard, density=density)
     if args.fill:
-        time_training(model, mfac, batches[:args.fill], device)  # fills the window; not timed
-    step, total = time_training(model, mfac, batches[args.fill:], device)
+        fill_window(model, mfac, real_gradients(model, batches[:FILL_BATCHES]), args.fill)
+    step, total = time_training(model, mfac, batches, device)
+    phases = None
+    if profile:
+        with ProfiledPhases(device) as profiled:  # further steps, apart from the timing above
+            time_training(model, mfac, batches, device)
+        phases = profiled.medians()
     embedding = model.get_input_embeddings().weight
     rows = mfac.state[embedding]["row_values"].shape[1] if "row_values" in mfac.state[embedding] else None
     return {"step": step, "total": total, "state": mfac.memory_bytes(), "rss_growth": peak_rss_bytes() - baseline,
-            "rows": rows}
+            "rows": rows, "phases": phases, "floors": phases and phase_floors(mfac, model, device)}
 
 
 def print_setting(args: argparse.Namespace, model: torch.nn.Module, batches: list, rows: int | None,
@@ -227,7 +265,8 @@ def print_setting(args: argparse.Namespace, model: torch.nn.Module, batches: lis
     print(f"model                 {args.model_config} ({sum(p.numel() for p in model.parameters()):,} params)")
     print(f"num_grads m           {args.num_grads}")
     print(f"grad_dtype            {grad_dtype or args.grad_dtype}")
-    print(f"batches               {len(batches)} SST-2 batches of {args.batch_size} ({args.fill} to fill), "
+    print(f"batches               {len(batches)} SST-2 batches of {args.batch_size} (window filled by {args.fill} "
+          f"steps on {FILL_BATCHES} batches' gradients), "
           f"median length {statistics.median(b['input_ids'].shape[1] for b in batches)}")
     print(f"word-embedding rows   {rows} per slot (capacity after these batches)" if rows else
           "word-embedding rows   stored dense")
@@ -237,16 +276,16 @@ def benchmark_model(args: argparse.Namespace, device: torch.device) -> None:
     """Each density in turn (the window filled by the same real batches), then AdamW, in one process. Peak RSS
     growth is measured from the peak so far, so the first configuration's is the clean one: list the smallest first."""
     model, batches = model_and_batches(args, device)
-    results = {density: measure_mfac(model, batches, args, device, shard=False, density=density)
+    results = {density: measure_mfac(model, batches, args, device, shard=False, density=density, profile=True)
                for density in args.density}
-    adamw_step, adamw_total = time_training(model, torch.optim.AdamW(model.parameters(), lr=1e-9),
-                                            batches[args.fill:], device)
+    adamw_step, adamw_total = time_training(model, torch.optim.AdamW(model.parameters(), lr=1e-9), batches, device)
     print_setting(args, model, batches, next((mfac["rows"] for mfac in results.values() if mfac["rows"]), None))
     for density, mfac in results.items():
         print(f"MFAC density {density:<8g} state {mfac['state'] / 2**30:.2f} GiB; peak RSS growth "
               f"{mfac['rss_growth'] / 2**30:.2f} GiB; step (median) {mfac['step'] * 1e3:.0f} ms; whole training step "
               f"{mfac['total'] * 1e3:.0f} ms; throughput / AdamW {adamw_total / mfac['total']:.2f}")
     print(f"AdamW                 step (median) {adamw_step * 1e3:.0f} ms; whole training step {adamw_total * 1e3:.0f} ms")
+    print_floors({f"MFAC density {density:g}": mfac for density, mfac in results.items()}, device)
 
 
 def copy_bandwidth(num_bytes: int, device: torch.device) -> float:
@@ -387,7 +426,8 @@ class ProfiledPhases:
         steps = []
         for start, end, name in ranges:
             if name == STEP_RANGE:
-                steps.append({**dict.fromkeys(PHASES, 0.0), "step": (end - start) / 1e6, "_end": end})
+                steps.append({**dict.fromkeys(PHASES + SUBPHASES["store"], 0.0), "step": (end - start) / 1e6,
+                              "_end": end})
             elif steps and start < steps[-1]["_end"]:
                 steps[-1][name.removeprefix(PHASE_PREFIX)] += (end - start) / 1e6
         for step in steps:
@@ -399,14 +439,71 @@ class ProfiledPhases:
         """Each phase's median seconds per step over the steps after the first `skip` (the first step allocates the
         window)."""
         steps = self.steps()[skip:]
-        return {phase: statistics.median(step[phase] for step in steps) for phase in [*PHASES, "other", "step"]}
+        return {phase: statistics.median(step[phase] for step in steps)
+                for phase in [*PHASES, *SUBPHASES["store"], "other", "step"]}
+
+
+def fma_peak(device: torch.device) -> float:
+    """fp32 multiply-adds per second at the FMA peak of this CPU's cores: 2 FMA units × 8 lanes (AVX2) per core
+    per cycle, at the clock /proc/cpuinfo reports (None where it reports none, or off the CPU)."""
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/cpuinfo") as info:
+            mhz = next(float(line.split(":")[1]) for line in info if line.startswith("cpu MHz"))
+    except (OSError, StopIteration):
+        return None
+    return torch.get_num_threads() * 2 * 8 * mhz * 1e6
+
+
+def phase_floors(mfac: MFAC, model: torch.nn.Module, device: torch.device) -> dict[str, tuple[float, float]]:
+    """Per phase, (bytes it must move, fp32-equivalent multiply-adds it must do) at this window's fill: the floor a
+    phase could reach is the larger of bytes / read bandwidth and work / FMA peak. Float64 multiply-adds count
+    twice (4 lanes, not 8)."""
+    d = sum(p.numel() for p in model.parameters())
+    num_grads = mfac.param_groups[0]["num_grads"]
+    filled = min(int(mfac.state[next(model.parameters())]["step"]), num_grads)
+    visited = mfac.window_bytes() * filled / num_grads  # the filled slots' bytes: what each window pass reads
+    compressed = mfac.param_groups[0]["density"] < 1
+    floors = {
+        "gradient": (8 * d, 0),  # read the gradients, write the flat gradient
+        "error feedback": (12 * d, 0),  # read e and g, write e
+        "top-k": (4 * d, 0),  # read a (the kept entries' writes are a hundredth of it)
+        "dots": (visited, 0),
+        "m×m": (2 * 8 * num_grads ** 2, 2 * 3 * num_grads ** 2),  # the factor read and written, its rotations
+        "combine": (visited + 4 * d, 0),  # and the direction written
+        "update": (12 * d, 0),  # read the direction, read and write the parameters
+    }
+    # A dense store reads the gradient and writes one slot of the window.
+    floors["store"] = (floors["error feedback"][0] + floors["top-k"][0] if compressed else
+                       4 * d + mfac.window_bytes() / num_grads, 0)
+    return floors
+
+
+def print_floors(results: dict[str, dict], device: torch.device) -> None:
+    """Each phase's median time beside its floor at the read bandwidth measured now (and the FMA peak)."""
+    largest = max(mfac["floors"]["dots"][0] for mfac in results.values())
+    bandwidth, peak = read_bandwidth(int(min(max(largest, 1 << 28), 4 << 30)), device), fma_peak(device)
+    print(f"where an M-FAC step goes, ms (median per step, from torch.profiler), beside each phase's floor: its bytes "
+          f"at the read bandwidth measured now ({bandwidth / 1e9:.1f} GB/s)"
+          + (f" or its work at the FMA peak ({peak / 1e9:.0f} G fp32 FMA/s)" if peak else ""))
+    print(f"{'optimizer':<22} {'phase':<15} {'ms':>8} {'floor ms':>9} {'floor / ms':>11}")
+    for name, mfac in results.items():
+        for phase in [*PHASES, *SUBPHASES["store"], "other", "step"]:
+            seconds = mfac["phases"][phase]
+            if phase not in mfac["floors"]:
+                print(f"{name:<22} {phase:<15} {seconds * 1e3:>8.2f}")
+            elif seconds > 0:  # a dense window's store has no error feedback nor top-k
+                moved, work = mfac["floors"][phase]
+                floor = max(moved / bandwidth, work / peak if peak else 0)
+                print(f"{name:<22} {phase:<15} {seconds * 1e3:>8.2f} {floor * 1e3:>9.2f} {floor / seconds:>11.2f}")
 
 
 def print_phases(rows: list[tuple[str, dict[str, float]]]) -> None:
     print("where an M-FAC step goes, ms (median per step, from torch.profiler)")
-    print(f"{'optimizer':<40} " + " ".join(f"{phase:>11}" for phase in [*PHASES, "other", "step"]))
+    print(f"{'optimizer':<40} " + " ".join(f"{phase:>14}" for phase in [*PHASES, *SUBPHASES["store"], "other", "step"]))
     for name, phases in rows:
-        print(f"{name:<40} " + " ".join(f"{seconds * 1e3:>11.2f}" for seconds in phases.values()))
+        print(f"{name:<40} " + " ".join(f"{seconds * 1e3:>14.2f}" for seconds in phases.values()))
 
 
 def factor_policy(panel_update: bool, device: torch.device) -> str:
@@ -463,7 +560,7 @@ def main(argv=None) -> None:
     density = args.density[0]
     mfac = MFAC([param], lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
                 density=density)
-    mfac_seconds = time_optimizer(mfac, param, args.steps, warmup=2)
+    mfac_seconds = time_optimizer(mfac, param, args.steps, warmup=2, stored=args.fill)
     window_bytes = mfac.window_bytes()
     del mfac
     pass_bytes = 2 * window_bytes
@@ -477,6 +574,7 @@ def main(argv=None) -> None:
     print(f"num_grads m           {args.num_grads}")
     print(f"grad_dtype            {args.grad_dtype}")
     print(f"density               {density}")
+    print(f"filled slots          {min(args.fill, args.num_grads) if args.fill else 'the first few (--fill: more)'}")
     print(f"window                {window_bytes / 2**30:.2f} GiB")
     print(f"MFAC step (median)    {mfac_seconds * 1e3:.1f} ms")
     print(f"window bytes / step   {pass_bytes / 1e9:.2f} GB (two passes)")

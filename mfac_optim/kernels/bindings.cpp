@@ -15,9 +15,9 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   // result = sum_j c_j * (row-sparse slot j scattered), in fp32
   m.def("sparse_combine(Tensor indices, Tensor values, Tensor coefficients, Tensor(a!) result) -> ()",
         &sparse_combine);
-  // error feedback and top-k per block into slot `slot`
-  m.def("compressed_store(Tensor(a!) error, Tensor grad, Tensor(b!) values, Tensor(c!) offsets, int slot, int block, "
-        "int last_kept) -> ()", &compressed_store);
+  // top-k per block of the error buffer (after the error feedback) into slot `slot`; the error keeps the rest
+  m.def("compressed_select(Tensor(a!) error, Tensor(b!) values, Tensor(c!) offsets, int slot, int block, "
+        "int last_kept, int size) -> ()", &compressed_select);
   // dots of the first `filled` compressed slots with slot `slot`, in float64
   m.def("compressed_dots(Tensor values, Tensor offsets, int slot, int block, int filled) -> Tensor", &compressed_dots);
   // result = sum_j c_j * compressed slot j over the first `filled` slots, in fp32

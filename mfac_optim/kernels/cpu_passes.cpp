@@ -308,45 +308,94 @@ static inline uint16_t round_to_bf16(float x) {  // round to nearest even, as to
 static inline void round_to(float x, float* out) { *out = x; }
 static inline void round_to(float x, uint16_t* out) { *out = round_to_bf16(x); }
 
-// The compressed window's store (CompressedRows.store): per block of `block` coordinates, a = e + g in place, the
-// `kept` entries of largest |a| (ties by position) go to slot `slot` in ascending position, rounded to T, and the
-// error keeps a minus what was stored. The k-th largest |a| is found among candidates above a threshold taken from
-// a sample of the block (a full selection only when the sample misjudged), so a block costs about one pass.
+#ifdef __AVX2__
+// Appends to (candidates, positions) every |a[i]|, i < count, that is at least `threshold` (above it if `strictly`),
+// in position order: 8 compared at a time, so a block costs about one pass whatever the threshold.
+static void collect_candidates(const float* a, int64_t count, float threshold, bool strictly,
+                               std::vector<float>& candidates, std::vector<int32_t>& positions) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), bar = _mm256_set1_ps(threshold);
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256 magnitude = _mm256_andnot_ps(sign, _mm256_loadu_ps(a + i));
+    int mask = _mm256_movemask_ps(strictly ? _mm256_cmp_ps(magnitude, bar, _CMP_GT_OQ)
+                                           : _mm256_cmp_ps(magnitude, bar, _CMP_GE_OQ));
+    while (mask) {
+      const int lane = __builtin_ctz(mask);
+      candidates.push_back(std::fabs(a[i + lane]));
+      positions.push_back(int32_t(i + lane));
+      mask &= mask - 1;
+    }
+  }
+  for (; i < count; ++i) {
+    const float magnitude = std::fabs(a[i]);
+    if (strictly ? magnitude > threshold : magnitude >= threshold) {
+      candidates.push_back(magnitude);
+      positions.push_back(int32_t(i));
+    }
+  }
+}
+#else
+static void collect_candidates(const float* a, int64_t count, float threshold, bool strictly,
+                               std::vector<float>& candidates, std::vector<int32_t>& positions) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float magnitude = std::fabs(a[i]);
+    if (strictly ? magnitude > threshold : magnitude >= threshold) {
+      candidates.push_back(magnitude);
+      positions.push_back(int32_t(i));
+    }
+  }
+}
+#endif
+
+// The take-th largest of `values` (through `scratch`, so that `values` keep their order).
+static float kth_largest(const std::vector<float>& values, int64_t take, std::vector<float>& scratch) {
+  scratch.assign(values.begin(), values.end());
+  std::nth_element(scratch.begin(), scratch.begin() + (take - 1), scratch.end(), std::greater<float>());
+  return scratch[take - 1];
+}
+
+// The compressed window's selection (CompressedRows.store), after the error feedback has made the error buffer
+// a = e + g: per block of `block` coordinates, the `kept` entries of largest |a| (ties by position) go to slot
+// `slot` in ascending position, rounded to T, and the error keeps a minus what was stored. The k-th largest |a| is
+// found among candidates above a threshold taken from a sample of the block (a full selection only when the sample
+// misjudged), so a block costs about one pass. `size`: the coordinates the window really holds.
 template <typename T>
-static void compressed_store_impl(at::Tensor& error, const at::Tensor& grad, at::Tensor& values,
-                                  at::Tensor& offsets, int64_t slot, int64_t block, int64_t last_kept) {
-  const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2), size = grad.numel();
+static void compressed_select_impl(at::Tensor& error, at::Tensor& values, at::Tensor& offsets, int64_t slot,
+                                   int64_t block, int64_t last_kept, int64_t size) {
+  const int64_t blocks = values.size(0), m = values.size(1), kept = values.size(2);
   float* e = error.data_ptr<float>();
-  const float* g = grad.data_ptr<float>();
   T* v = reinterpret_cast<T*>(values.data_ptr());
   int16_t* o = offsets.data_ptr<int16_t>();
   constexpr int64_t kStride = 32;  // one sample per 32 coordinates
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> sample, candidates;
+    std::vector<float> sample, candidates, order;
     std::vector<int32_t> positions;
     for (int64_t b = first; b < last; ++b) {
       float* a = e + b * block;
       // The coordinates this block really holds, and its share of them (the last block may hold fewer).
       const int64_t real = std::max<int64_t>(1, std::min(block, size - b * block));
       const int64_t take = b == blocks - 1 ? last_kept : kept;
-      for (int64_t i = 0; i < real; ++i) a[i] += g[b * block + i];
       // Threshold: the sample's magnitude at twice the expected rank of the take-th largest, so that the candidates
       // above it number about 2·take and include the largest unless the sample misjudged (checked below).
       sample.clear();
       for (int64_t i = 0; i < real; i += kStride) sample.push_back(std::fabs(a[i]));
       const int64_t rank = std::min<int64_t>(sample.size() - 1, 2 * take / kStride + 2);
       std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
-      float threshold = sample[rank];
+      // A sample mostly zero (a block whose coordinates were rarely touched: word-embedding rows) gives a threshold of
+      // 0, above which every coordinate would be a candidate: the non-zero ones are collected instead, and if they
+      // are fewer than `take`, the take-th largest |a| is 0.
+      const float threshold = sample[rank];
       candidates.clear(); positions.clear();
-      for (int64_t i = 0; i < real; ++i)
-        if (std::fabs(a[i]) >= threshold) { candidates.push_back(std::fabs(a[i])); positions.push_back(int32_t(i)); }
-      if (static_cast<int64_t>(candidates.size()) < take) {  // misjudged: every coordinate is a candidate
+      collect_candidates(a, real, threshold, threshold == 0.0f, candidates, positions);
+      float kth = 0.0f;
+      if (static_cast<int64_t>(candidates.size()) < take) {  // every coordinate is a candidate
+        const bool misjudged = threshold > 0.0f;
         candidates.clear(); positions.clear();
-        for (int64_t i = 0; i < real; ++i) { candidates.push_back(std::fabs(a[i])); positions.push_back(int32_t(i)); }
+        collect_candidates(a, real, 0.0f, false, candidates, positions);
+        if (misjudged) kth = kth_largest(candidates, take, order);
+      } else {
+        kth = kth_largest(candidates, take, order);
       }
-      std::vector<float> order(candidates);
-      std::nth_element(order.begin(), order.begin() + (take - 1), order.end(), std::greater<float>());
-      const float kth = order[take - 1];
       int64_t above = 0;
       for (float x : candidates) above += x > kth;
       int64_t ties = take - above, n = 0;
@@ -366,11 +415,11 @@ static void compressed_store_impl(at::Tensor& error, const at::Tensor& grad, at:
   });
 }
 
-void compressed_store(at::Tensor error, at::Tensor grad, at::Tensor values, at::Tensor offsets,
-                      int64_t slot, int64_t block, int64_t last_kept) {
+void compressed_select(at::Tensor error, at::Tensor values, at::Tensor offsets, int64_t slot, int64_t block,
+                       int64_t last_kept, int64_t size) {
   if (values.scalar_type() == at::kBFloat16)
-    compressed_store_impl<uint16_t>(error, grad, values, offsets, slot, block, last_kept);
-  else compressed_store_impl<float>(error, grad, values, offsets, slot, block, last_kept);
+    compressed_select_impl<uint16_t>(error, values, offsets, slot, block, last_kept, size);
+  else compressed_select_impl<float>(error, values, offsets, slot, block, last_kept, size);
 }
 
 at::Tensor compressed_dots(at::Tensor values, at::Tensor offsets, int64_t slot, int64_t block, int64_t filled) {

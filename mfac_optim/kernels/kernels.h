@@ -10,8 +10,8 @@ at::Tensor window_dots(at::Tensor window, int64_t slot);
 void window_combine(at::Tensor window, at::Tensor coefficients, at::Tensor result);
 at::Tensor sparse_dots(at::Tensor indices, at::Tensor values, at::Tensor dense);
 void sparse_combine(at::Tensor indices, at::Tensor values, at::Tensor coefficients, at::Tensor result);
-void compressed_store(at::Tensor error, at::Tensor grad, at::Tensor values, at::Tensor offsets,
-                      int64_t slot, int64_t block, int64_t last_kept);
+void compressed_select(at::Tensor error, at::Tensor values, at::Tensor offsets, int64_t slot, int64_t block,
+                       int64_t last_kept, int64_t size);
 at::Tensor compressed_dots(at::Tensor values, at::Tensor offsets, int64_t slot, int64_t block, int64_t filled);
 void compressed_combine(at::Tensor values, at::Tensor offsets, at::Tensor coefficients, at::Tensor result,
                         int64_t block, int64_t filled);
