@@ -2,11 +2,15 @@
 
 Dense gradients of a given size (the window passes alone):
 
-    python scripts/bench_mfac.py --params 11171074 --num_grads 128 --grad_dtype bfloat16
+    python scripts/bench_mfac.py --params 11171074 --num_grads 128 --grad_dtype bfloat16 [--fill 13] \
+        [--authors_optim path/to/M-FAC]
 
-prints the median step time, the bytes the two window passes must move (each pass reads the whole window once),
-the read bandwidth measured in the same run, the ratio of achieved to measured bandwidth, and AdamW's step time
-on the same parameters.
+prints the median step time, the bytes the two window passes must move (each pass reads the filled slots once),
+the read bandwidth measured in the same run, the ratio of the floor those bytes set to the step, and AdamW's step
+time on the same parameters. `--fill F` times the window's F-th step (a window of m slots 1/10 full: F = m / 10);
+without it, every slot is visited (as by versions whose passes always visit all). `--authors_optim` times the
+authors' step in the same process (on the CPU with two stand-ins for what their code only has on CUDA; see
+`on_the_cpu`).
 
 A real model on real batches (row-sparse word-embedding gradients, as in training):
 
@@ -60,7 +64,11 @@ import torch.multiprocessing as mp
 
 from mfac_optim import MFAC, algebra
 from mfac_optim.hyperparameters import GRAD_DTYPES
-from mfac_optim.phases import PHASE_PREFIX, PHASES, SUBPHASES
+try:
+    from mfac_optim.phases import PHASE_PREFIX, PHASES, SUBPHASES
+except ImportError:  # a version from before the store's parts were marked: timed against this one (PYTHONPATH)
+    from mfac_optim.window import PHASE_PREFIX, PHASES
+    SUBPHASES = {"store": ()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,19 +101,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "compressed (density 0.01, bf16) and, with --authors_optim, the authors' M-FAC, each "
                              "with its window bandwidth against a device-to-device copy")
     parser.add_argument("--authors_optim", type=Path,
-                        help="a folder holding the authors' optim.py (github.com/IST-DASLab/M-FAC; fetched by you, "
-                             "never part of this project), for --compare_all")
+                        help="with --compare_all, or one flat parameter (--params): a folder holding the authors' "
+                             "optim.py (github.com/IST-DASLab/M-FAC; fetched by you, never part of this project)")
     parser.add_argument("--config_overrides", type=json.loads, default={},
                         help="JSON of config fields to change (e.g. bert-base shapes from bert-mini's folder)")
     args = parser.parse_args(argv)
     if (args.model_config is None) != (args.train_file is None):
         parser.error("--model_config and --train_file go together")
-    if (args.compare_all or args.authors_optim) and args.model_config is None:
-        parser.error("--compare_all and --authors_optim need --model_config and --train_file")
+    if args.compare_all and args.model_config is None:
+        parser.error("--compare_all needs --model_config and --train_file")
     if args.authors_optim and not (args.authors_optim / "optim.py").is_file():
         parser.error(f"--authors_optim: no optim.py in {args.authors_optim}")
-    if args.authors_optim and not args.device.startswith("cuda"):
-        parser.error("--authors_optim: the authors' M-FAC runs only on CUDA (its LU has no CPU version)")
+    if args.authors_optim and args.model_config is not None and not args.compare_all:
+        parser.error("--authors_optim: with --model_config, only with --compare_all")
     if args.ranks < 1 or (args.ranks > 1 and args.model_config is None):
         parser.error("--ranks: a positive number of processes, more than 1 only with --model_config")
     return args
@@ -296,18 +304,37 @@ def copy_bandwidth(num_bytes: int, device: torch.device) -> float:
     return 2 * num_bytes / fastest_seconds(lambda: target.copy_(source), 7, device)
 
 
-def authors_mfac(folder: Path, model: torch.nn.Module, num_grads: int, device: torch.device):
-    """The authors' M-FAC (their optim.py, imported from `folder`): fp32 window, m × m coefficients per step."""
+def authors_mfac(folder: Path, params: list, num_grads: int, device: torch.device):
+    """The authors' M-FAC (their optim.py, imported from `folder`): fp32 window, m × m coefficients per step.
+    Returns it, its window's bytes and whether it uses their CUDA kernels. On the CPU their code runs with two
+    stand-ins (`on_the_cpu`)."""
     import importlib.util
 
+    if device.type == "cpu":
+        on_the_cpu()
     # Their hinv_cuda, built in `folder` (python setup_cuda.py build_ext --inplace), is found through PYTHONPATH.
     spec = importlib.util.spec_from_file_location("authors_mfac_optim", folder / "optim.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    optimizer = module.MFAC(model.parameters(), lr=1e-9, ngrads=num_grads, damp=1e-6, moddev=device, optdev=device,
+    params = list(params)
+    optimizer = module.MFAC(params, lr=1e-9, ngrads=num_grads, damp=1e-6, moddev=device, optdev=device,
                             gpus=[device])
     kernels = "hinv_cuda" if module.USE_CUDA else "no hinv_cuda"
-    return optimizer, num_grads * sum(p.numel() for p in model.parameters()) * 4, kernels
+    return optimizer, num_grads * sum(p.numel() for p in params) * 4, kernels
+
+
+def on_the_cpu() -> None:
+    """What the authors' optim.py calls that has no CPU version, for this process: torch.lu without pivoting
+    (CUDA only), here from a Cholesky factor R of their symmetric positive definite matrix (U = diag(R) R, L = Uᵀ
+    scaled to a unit diagonal: the same factors), and nn.parallel.parallel_apply, which needs an accelerator, here
+    each function on its input in turn (they pass one per device, and here there is one device)."""
+    def lu_without_pivoting(matrix: torch.Tensor, pivot: bool = False) -> tuple[torch.Tensor, None]:
+        upper = torch.linalg.cholesky(matrix, upper=True)
+        upper = upper.diagonal()[:, None] * upper
+        return upper + (upper / upper.diagonal()[:, None]).T.tril(-1), None
+
+    torch.lu = lu_without_pivoting
+    torch.nn.parallel.parallel_apply = lambda functions, inputs: [f(x) for f, x in zip(functions, inputs)]
 
 
 def benchmark_all(args: argparse.Namespace, device: torch.device) -> None:
@@ -333,7 +360,7 @@ def benchmark_all(args: argparse.Namespace, device: torch.device) -> None:
             sparse_rows = embedding["row_values"].shape[1]
         del mfac
     if args.authors_optim:
-        optimizer, window, kernels = authors_mfac(args.authors_optim, model, args.num_grads, device)
+        optimizer, window, kernels = authors_mfac(args.authors_optim, model.parameters(), args.num_grads, device)
         rows.append((f"authors' M-FAC ({kernels}, fp32), m={args.num_grads}",
                      *time_training(model, optimizer, batches, device), window))
         del optimizer
@@ -379,6 +406,42 @@ def benchmark_sharded(args: argparse.Namespace) -> None:
         print(f"rank {rank}: MFAC state {result['state'] / 2**30:.2f} GiB, peak RSS growth "
               f"{result['rss_growth'] / 2**30:.2f} GiB, MFAC step (median) {result['step'] * 1e3:.0f} ms, "
               f"whole training step {result['total'] * 1e3:.0f} ms")
+
+
+def benchmark_window(args: argparse.Namespace, device: torch.device) -> None:
+    """One flat parameter of --params coordinates with dense random gradients: our step (and the authors', with
+    --authors_optim) against the bytes its window passes must move at the read bandwidth measured in the same run,
+    and AdamW's step."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(args.params, device=device) * 0.02)
+    density = args.density[0]
+    mfac = MFAC([param], lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
+                density=density)
+    filled = min(args.fill, args.num_grads) if args.fill else None
+    rows = [(f"MFAC {args.grad_dtype}", time_optimizer(mfac, param, args.steps, warmup=2, stored=args.fill),
+             mfac.window_bytes() * (filled or args.num_grads) / args.num_grads)]
+    del mfac
+    if args.authors_optim:
+        authors, window, kernels = authors_mfac(args.authors_optim, [param], args.num_grads, device)
+        rows.append((f"authors' ({kernels}, float32)", time_optimizer(authors, param, args.steps, warmup=2), window))
+        del authors
+    bandwidth = read_bandwidth(int(min(max(window for *_, window in rows), 4 << 30)), device)
+    adamw_seconds = time_optimizer(torch.optim.AdamW([param], lr=1e-9), param, args.steps, warmup=2)
+    print(f"device                {device} ({torch.get_num_threads()} threads)" if device.type == "cpu"
+          else f"device                {torch.cuda.get_device_name(device)}")
+    print(f"params d              {args.params:,}")
+    print(f"num_grads m           {args.num_grads}")
+    print(f"density               {density}")
+    print(f"filled slots          {filled if filled else 'all (the passes of an older version visit every slot)'}")
+    print(f"measured read bw      {bandwidth / 1e9:.1f} GB/s")
+    print(f"AdamW step (median)   {adamw_seconds * 1e3:.1f} ms")
+    print(f"{'optimizer':<32} {'step ms':>9} {'window GiB':>11} {'GB / step':>10} {'GB/s':>7} {'floor ms':>9} "
+          f"{'floor / step':>13}")
+    for name, seconds, window in rows:
+        moved = 2 * window  # two passes over the visited slots
+        floor = moved / bandwidth
+        print(f"{name:<32} {seconds * 1e3:>9.1f} {window / 2**30:>11.2f} {moved / 1e9:>10.2f} "
+              f"{moved / seconds / 1e9:>7.1f} {floor * 1e3:>9.1f} {floor / seconds:>13.2f}")
 
 
 def cholesky_seconds(size: int, device: torch.device) -> float:
@@ -554,34 +617,7 @@ def main(argv=None) -> None:
     if args.algebra:
         benchmark_algebra(args, device)
         return
-    torch.manual_seed(0)
-    param = torch.nn.Parameter(torch.randn(args.params, device=device) * 0.02)
-
-    density = args.density[0]
-    mfac = MFAC([param], lr=1e-9, num_grads=args.num_grads, damp=1e-6, grad_dtype=args.grad_dtype,
-                density=density)
-    mfac_seconds = time_optimizer(mfac, param, args.steps, warmup=2, stored=args.fill)
-    window_bytes = mfac.window_bytes()
-    del mfac
-    pass_bytes = 2 * window_bytes
-    bandwidth = read_bandwidth(min(window_bytes, 4 << 30), device)
-    adamw_seconds = time_optimizer(torch.optim.AdamW([param], lr=1e-9), param, args.steps, warmup=2)
-
-    achieved = pass_bytes / mfac_seconds
-    print(f"device                {device} ({torch.get_num_threads()} threads)" if device.type == "cpu"
-          else f"device                {torch.cuda.get_device_name(device)}")
-    print(f"params d              {args.params:,}")
-    print(f"num_grads m           {args.num_grads}")
-    print(f"grad_dtype            {args.grad_dtype}")
-    print(f"density               {density}")
-    print(f"filled slots          {min(args.fill, args.num_grads) if args.fill else 'the first few (--fill: more)'}")
-    print(f"window                {window_bytes / 2**30:.2f} GiB")
-    print(f"MFAC step (median)    {mfac_seconds * 1e3:.1f} ms")
-    print(f"window bytes / step   {pass_bytes / 1e9:.2f} GB (two passes)")
-    print(f"achieved bandwidth    {achieved / 1e9:.1f} GB/s")
-    print(f"measured read bw      {bandwidth / 1e9:.1f} GB/s")
-    print(f"ratio                 {achieved / bandwidth:.2f}")
-    print(f"AdamW step (median)   {adamw_seconds * 1e3:.1f} ms")
+    benchmark_window(args, device)
 
 
 if __name__ == "__main__":

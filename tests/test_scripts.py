@@ -653,13 +653,30 @@ def test_bench_reads_each_steps_phases_from_the_profiler():
     assert profiled.medians(skip=0)["step"] == sorted(step["step"] for step in steps)[2]
 
 
-def test_bench_refuses_the_authors_code_off_cuda(tiny_bert, glue_dir, tmp_path, capsys):
+def test_bench_takes_the_authors_code_with_a_model_only_in_the_comparison_of_all(tiny_bert, glue_dir, tmp_path,
+                                                                                  capsys):
     (tmp_path / "optim.py").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         bench_mfac.parse_args(["--model_config", str(tiny_bert), "--train_file", str(glue_dir / "SST-2" / "train.tsv"),
-                               "--compare_all", "--authors_optim", str(tmp_path), "--device", "cpu"])
-    assert exit_info.value.code == 2 and "runs only on CUDA" in capsys.readouterr().err
+                               "--authors_optim", str(tmp_path), "--device", "cpu"])
+    assert exit_info.value.code == 2 and "only with --compare_all" in capsys.readouterr().err
 
+
+def test_the_authors_lu_on_the_cpu_is_the_lu_without_pivoting(monkeypatch):
+    """Their code asks torch.lu for the LU of a symmetric positive definite matrix, without pivoting (CUDA only);
+    the stand-in's packed factors multiply back to the matrix, L with a unit diagonal and U upper triangular."""
+    monkeypatch.setattr(torch, "lu", None, raising=False)
+    monkeypatch.setattr(torch.nn.parallel, "parallel_apply", None)
+    bench_mfac.on_the_cpu()
+    rows = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    matrix = rows @ rows.T + 6 * torch.eye(6, dtype=torch.float64)
+    packed, pivots = torch.lu(matrix, pivot=False)
+    lower, upper = packed.tril(-1) + torch.eye(6, dtype=torch.float64), packed.triu()
+    assert pivots is None
+    torch.testing.assert_close(lower @ upper, matrix, rtol=1e-13, atol=1e-13)
+    # U's first row is the matrix's (no pivoting: Gaussian elimination leaves it as it is).
+    torch.testing.assert_close(upper[0], matrix[0], rtol=1e-14, atol=0)
+    assert torch.nn.parallel.parallel_apply([lambda x: x + 1], [2]) == [3]
 
 
 def test_controls_majority_class_and_zero_shot_cosine_by_hand(tmp_path, tiny_bert, capsys):
