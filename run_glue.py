@@ -14,7 +14,7 @@
 # limitations under the License.
 #
 # Modified from transformers' examples/pytorch/text-classification/run_glue.py: `--optim MFAC` and the blocks
-# marked "M-FAC fork" (their helpers live in mfac_optim.glue and mfac_optim.hf_trainer).
+# marked "M-FAC fork" (their helpers live in mfac_glue and mfac_optim.hf_trainer).
 
 # /// script
 # dependencies = [
@@ -36,7 +36,6 @@ import os
 import random
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
@@ -47,7 +46,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
     PreTrainedConfig,
     default_data_collator,
     set_seed,
@@ -55,17 +53,15 @@ from transformers import (
 from transformers.utils import check_min_version
 from transformers.utils.versions import require_version
 
-# M-FAC fork: the optimizer's arguments and Trainer, and what the script adds to HF's (mfac_optim.glue).
-from mfac_optim.glue.command_line import (check_before_loading_weights, parse_and_check_inputs,
-                                          quiet_transformers_logging)
-from mfac_optim.glue.adapters import check_lora_arguments
-from mfac_optim.glue.data import (GLUE_ON_THE_HUB, TASK_LABELS, TASK_TO_KEYS, check_data_arguments,
-                                   first_rows_of_each_split, hub_split_name, most_ids_in_a_batch,
-                                   sentence_keys)
-from mfac_optim.glue.metrics import GlueMetric
-from mfac_optim.glue.model_types import check_model_arguments, hub_options, load_config, load_tokenizer
-from mfac_optim.glue.records import model_source_record, write_eval_predictions, write_run_info
-from mfac_optim.hf_arguments import MFACTrainingArguments
+# M-FAC fork: the optimizer's Trainer, and what the script adds to HF's (mfac_glue), its two argument dataclasses
+# included (mfac_glue.arguments: the experiments parse a command line as this script does, without importing it).
+from mfac_glue.arguments import parse_arguments
+from mfac_glue.command_line import check_before_loading_weights, quiet_transformers_logging
+from mfac_glue.data import (GLUE_ON_THE_HUB, TASK_LABELS, TASK_TO_KEYS, first_rows_of_each_split, hub_split_name,
+                            most_ids_in_a_batch, sentence_keys)
+from mfac_glue.metrics import GlueMetric
+from mfac_glue.model_types import hub_options, load_config, load_tokenizer
+from mfac_glue.records import model_source_record, write_eval_predictions, write_run_info
 from mfac_optim.hf_trainer import MFACTrainer, examples_per_gradient
 
 
@@ -77,171 +73,6 @@ require_version("datasets>=1.8.0", "To fix: pip install -r requirements.txt")
 task_to_keys = TASK_TO_KEYS
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DataTrainingArguments:
-    """
-    Arguments pertaining to what data we are going to input our model for training and eval.
-
-    Using `HfArgumentParser` we can turn this class
-    into argparse arguments to be able to specify them on
-    the command line.
-    """
-
-    task_name: str | None = field(
-        default=None,
-        metadata={"help": "The name of the task to train on: " + ", ".join(task_to_keys.keys())},
-    )
-    dataset_name: str | None = field(
-        default=None, metadata={"help": "The name of the dataset to use (via the datasets library)."}
-    )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "The configuration name of the dataset to use (via the datasets library)."}
-    )
-    max_seq_length: int = field(
-        default=128,
-        metadata={
-            "help": (
-                "The maximum total input sequence length after tokenization. Sequences longer "
-                "than this will be truncated, sequences shorter will be padded."
-            )
-        },
-    )
-    overwrite_cache: bool = field(
-        default=False, metadata={"help": "Overwrite the cached preprocessed datasets or not."}
-    )
-    pad_to_max_length: bool = field(
-        default=True,
-        metadata={
-            "help": (
-                "Whether to pad all samples to `max_seq_length`. "
-                "If False, will pad the samples dynamically when batching to the maximum length in the batch."
-            )
-        },
-    )
-    max_train_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "For debugging purposes or quicker training, truncate the number of training examples to this "
-                "value if set."
-            )
-        },
-    )
-    max_eval_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "For debugging purposes or quicker training, truncate the number of evaluation examples to this "
-                "value if set."
-            )
-        },
-    )
-    max_predict_samples: int | None = field(
-        default=None,
-        metadata={
-            "help": (
-                "For debugging purposes or quicker training, truncate the number of prediction examples to this "
-                "value if set."
-            )
-        },
-    )
-    train_file: str | None = field(
-        default=None, metadata={"help": "A tsv (GLUE's own), csv or json file containing the training data."}
-    )
-    validation_file: str | None = field(
-        default=None, metadata={"help": "A tsv (GLUE's own), csv or json file containing the validation data."}
-    )
-    # M-FAC fork: MNLI's mismatched dev file, which HF reads from the Hub alone.
-    validation_mismatched_file: str | None = field(
-        default=None, metadata={"help": "MNLI only: the mismatched validation data (GLUE's dev_mismatched.tsv)."}
-    )
-    test_file: str | None = field(default=None, metadata={"help": "A tsv, csv or json file containing the test data."})
-
-    def __post_init__(self):
-        # M-FAC fork: GLUE's .tsv files too, and one error line naming the flag (mfac_optim.glue.data).
-        check_data_arguments(self)
-
-
-@dataclass
-class ModelArguments:
-    """
-    Arguments pertaining to which model/config/tokenizer we are going to fine-tune from.
-    """
-
-    # M-FAC fork: optional, so that --config_name and --tokenizer_name alone train a randomly initialised model.
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Path to pretrained model or model identifier from huggingface.co/models"}
-    )
-    config_name: str | None = field(
-        default=None, metadata={"help": "Pretrained config name or path if not the same as model_name"}
-    )
-    tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Pretrained tokenizer name or path if not the same as model_name"}
-    )
-    cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where do you want to store the pretrained models downloaded from huggingface.co"},
-    )
-    use_fast_tokenizer: bool = field(
-        default=True,
-        metadata={"help": "Whether to use one of the fast tokenizer (backed by the tokenizers library) or not."},
-    )
-    model_revision: str = field(
-        default="main",
-        metadata={"help": "The specific model version to use (can be a branch name, tag name or commit id)."},
-    )
-    token: str = field(
-        default=None,
-        metadata={
-            "help": (
-                "The token to use as HTTP bearer authorization for remote files. If not specified, will use the token "
-                "generated when running `hf auth login` (stored in `~/.huggingface`)."
-            )
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "help": (
-                "Whether to trust the execution of code from datasets/models defined on the Hub."
-                " This option should only be set to `True` for repositories you trust and in which you have read the"
-                " code, as it will execute code present on the Hub on your local machine."
-            )
-        },
-    )
-    ignore_mismatched_sizes: bool = field(
-        default=False,
-        metadata={"help": "Will enable to load a pretrained model whose head dimensions are different."},
-    )
-
-    # M-FAC fork: LoRA adapters through PEFT (mfac_optim.glue.adapters).
-    lora_r: int = field(
-        default=0, metadata={"help": "LoRA rank: 0 (the default) trains the whole model; r > 0 trains rank-r adapters "
-                                     "on --lora_target_modules, and the classification head in full."}
-    )
-    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA's scale numerator: updates are scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapters' input, in [0, 1)."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules that get adapters, by name or its last parts (BERT: query value); "
-                                        "default: PEFT's for the model type."}
-    )
-    lora_train_pooler: str = field(
-        default="auto", metadata={"help": "Train the pooler in full: true, false, or auto (when the checkpoint's "
-                                          "pooler was never trained: missing, or its bias all zeros)."}
-    )
-
-    def __post_init__(self):
-        check_model_arguments(self)  # M-FAC fork
-        check_lora_arguments(self)  # M-FAC fork
-
-
-# M-FAC fork: main() and the experiment tools (mfac_optim.experiments.tune) parse and check the same way, before any
-# model loads.
-def parse_arguments(argv):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, MFACTrainingArguments))
-    return parse_and_check_inputs(parser, argv)
 
 
 # M-FAC fork: `argv` (HF's reads sys.argv) and `callbacks` (added to the Trainer's), so that a tuning trial runs this
@@ -372,7 +203,7 @@ def main(argv=None, callbacks=None):
             trust_remote_code=model_args.trust_remote_code,
             ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         )
-    if preflight.lora is not None:  # M-FAC fork: LoRA adapters through PEFT (mfac_optim.glue.adapters)
+    if preflight.lora is not None:  # M-FAC fork: LoRA adapters through PEFT (mfac_glue.adapters)
         model = preflight.lora.apply(model)
         model.print_trainable_parameters()
 
@@ -491,7 +322,7 @@ def main(argv=None, callbacks=None):
             logger.info(f"Sample {index} of the training set: {train_dataset[index]}.")
 
     # Get the metric function
-    # M-FAC fork: computed locally (mfac_optim.glue.metrics), under the keys of HF's `evaluate` metrics.
+    # M-FAC fork: computed locally (mfac_glue.metrics), under the keys of HF's `evaluate` metrics.
     metric = GlueMetric(data_args.task_name, is_regression)
 
     # You can define your custom compute_metrics function. It takes an `EvalPrediction` object (a namedtuple with a

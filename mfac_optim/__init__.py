@@ -11,9 +11,9 @@ cancellation of g/λ − Gᵀ(…)/λ.
 Modules: optimizer (the torch.optim plumbing), layout (every offset), storage and compressed (the window's
 storage kinds: dense, row-sparse, top-k with error feedback), window (the ring buffer and the step's two passes),
 algebra (the m × m system), distributed (sharding across processes), memory (an upper bound before training),
-kernels (the compiled passes), glue (what run_glue.py adds to HF's script), optim_args (the text of --optim_args),
+kernels (the compiled passes), phases (the step's profiler ranges), optim_args (the text of --optim_args),
 hf_arguments and hf_trainer (the HF Trainer's `--optim MFAC`; they import transformers, so their names below load on
-first use).
+first use). The GLUE application and its experiments are the package `mfac_glue`, which imports this one.
 """
 from typing import Any
 

@@ -180,7 +180,7 @@ def sst2_batches(model_config: Path, train_file: Path, batch_size: int, count: i
     --pad_to_max_length false)."""
     from transformers import AutoTokenizer
 
-    from mfac_optim.glue.data import read_glue_tsv
+    from mfac_glue.data import read_glue_tsv
 
     columns = read_glue_tsv(str(train_file), "sst2")
     tokenizer = AutoTokenizer.from_pretrained(model_config)

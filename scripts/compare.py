@@ -1,6 +1,6 @@
-"""`python scripts/compare.py`: the module `mfac_optim.experiments.compare`, also the console script `mfac-compare`."""
+"""`python scripts/compare.py`: the module `mfac_glue.experiments.compare`, also the console script `mfac-compare`."""
 import sys
 
-from mfac_optim.experiments.compare import main
+from mfac_glue.experiments.compare import main
 
 sys.exit(main())

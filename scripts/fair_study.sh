@@ -28,7 +28,7 @@ EVIDENCE_DIR=${EVIDENCE_DIR:-$OUTPUT_ROOT/evidence}
 PROTOCOL=configs/study/protocol.json
 
 # A path in a study folder, named by the module that owns the folder's layout.
-study_path() { python -m mfac_optim.experiments.study_folder "$@"; }
+study_path() { python -m mfac_glue.experiments.study_folder "$@"; }
 
 declare -A FOLDER=([stsb]=STS-B [rte]=RTE [mrpc]=MRPC [sst2]=SST-2 [cola]=CoLA [qnli]=QNLI)
 # The cards' untuned M-FAC: lr 1e-4, damp 1e-6, num_grads 512, in a bf16 window (fp32 at 512 does not fit in

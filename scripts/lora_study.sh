@@ -24,7 +24,7 @@ PROTOCOL=configs/study/protocol.json
 SPACES=(lora_adamw lora_mfac lora_mfac_4096)
 
 declare -A FOLDER=([stsb]=STS-B [rte]=RTE [mrpc]=MRPC [sst2]=SST-2 [cola]=CoLA [qnli]=QNLI)
-study_path() { python -m mfac_optim.experiments.study_folder "$@"; }
+study_path() { python -m mfac_glue.experiments.study_folder "$@"; }
 
 data=$GLUE_DIR/${FOLDER[$TASK]}
 study=$OUTPUT_ROOT/$TASK/tune

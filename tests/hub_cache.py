@@ -17,7 +17,7 @@ SST2_TRAIN_ROWS = 2000
 def sst2_splits(glue_dir: Path) -> dict[str, dict[str, list]]:
     """nyu-mll/glue sst2 as the cache holds it: the first SST2_TRAIN_ROWS training rows and every dev row of the
     TSV files in `glue_dir`, with GLUE's idx column, and a test split without labels (-1, as GLUE's)."""
-    from mfac_optim.glue import data as glue_data
+    from mfac_glue import data as glue_data
 
     splits = {}
     for split, file, rows in (("train", "train.tsv", SST2_TRAIN_ROWS), ("validation", "dev.tsv", None)):

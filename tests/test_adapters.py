@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import run_glue
-from mfac_optim.glue import data as glue_data
+from mfac_glue import arguments as glue_arguments
+from mfac_glue import data as glue_data
 
 QUICK = ["--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--max_seq_length", "32",
          "--report_to", "none", "--disable_tqdm", "true", "--lora_r", "4", "--lora_alpha", "8"]
@@ -82,11 +83,11 @@ def test_mfac_learns_through_adapters_and_changes_only_adapters_head_and_pooler(
 def test_pooler_trains_only_when_the_checkpoint_never_trained_it(tmp_path, learnable_task, tiny_bert):
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    from mfac_optim.glue.adapters import lora_plan
+    from mfac_glue.adapters import lora_plan
 
     model, _ = learnable_task
     config = BertConfig.from_pretrained(model)
-    arguments = run_glue.ModelArguments(model_name_or_path=str(model), lora_r=4)
+    arguments = glue_arguments.ModelArguments(model_name_or_path=str(model), lora_r=4)
     assert lora_plan(arguments, config, AutoModelForSequenceClassification).full_modules == ("bert.pooler",)
     trained = tmp_path / "trained"
     weights = AutoModelForSequenceClassification.from_pretrained(model)
@@ -94,9 +95,9 @@ def test_pooler_trains_only_when_the_checkpoint_never_trained_it(tmp_path, learn
         weights.bert.pooler.dense.bias.add_(0.01)  # a pooler some training moved
     weights.save_pretrained(trained)
     for given, expected in (("auto", ()), ("true", ("bert.pooler",))):
-        arguments = run_glue.ModelArguments(model_name_or_path=str(trained), lora_r=4, lora_train_pooler=given)
+        arguments = glue_arguments.ModelArguments(model_name_or_path=str(trained), lora_r=4, lora_train_pooler=given)
         assert lora_plan(arguments, config, AutoModelForSequenceClassification).full_modules == expected
-    arguments = run_glue.ModelArguments(model_name_or_path=str(model), lora_r=4, lora_train_pooler="false")
+    arguments = glue_arguments.ModelArguments(model_name_or_path=str(model), lora_r=4, lora_train_pooler="false")
     assert lora_plan(arguments, config, AutoModelForSequenceClassification).full_modules == ()
 
 

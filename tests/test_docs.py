@@ -46,7 +46,7 @@ def answered_tasks() -> list[str]:
 
 def compare_output(task: str, *flags: str, capsys) -> list[str]:
     """The table rows compare.py prints over the task's kept records, with the options docs/results.md gives."""
-    from mfac_optim.experiments import compare
+    from mfac_glue.experiments import compare
 
     folder = STUDY / task
     compare.main([*map(str, sorted(folder.glob("seeds/*/seed*"))), "--markdown", "--max_load", "2.5",

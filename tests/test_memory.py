@@ -96,7 +96,7 @@ def test_preflight_bound_is_within_1_3_times_what_the_window_holds_on_sst2_batch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                               BertForSequenceClassification)
 
-    from mfac_optim.glue.data import most_ids_in_a_batch, read_glue_tsv
+    from mfac_glue.data import most_ids_in_a_batch, read_glue_tsv
     from mfac_optim.hf_arguments import MFACTrainingArguments
     from mfac_optim.hf_trainer import mfac_memory_bound
 

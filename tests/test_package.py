@@ -16,8 +16,8 @@ from mfac_optim import MFAC
 from mfac_optim.kernels import SOURCES, cpu_passes
 assert mfac_optim.__file__.startswith(sys.argv[1]), mfac_optim.__file__
 assert (SOURCES / "cpu_passes.cpp").is_file() and str(SOURCES).startswith(sys.argv[1])
-import mfac_optim.hf_trainer, mfac_optim.glue.command_line, mfac_optim.glue.records
-for module in (mfac_optim.hf_trainer, mfac_optim.glue.command_line, mfac_optim.glue.records):
+import mfac_optim.hf_trainer, mfac_glue.command_line, mfac_glue.records
+for module in (mfac_optim.hf_trainer, mfac_glue.command_line, mfac_glue.records):
     assert module.__file__.startswith(sys.argv[1]), module.__file__
 assert cpu_passes() is not None
 torch.manual_seed(0)
@@ -73,9 +73,9 @@ def test_the_tools_that_read_run_folders_or_pass_configs_on_start_without_transf
     code = """
 import contextlib, io, sys
 from pathlib import Path
-import mfac_optim.experiments.controls, mfac_optim.experiments.sweep
+import mfac_glue.experiments.controls, mfac_glue.experiments.sweep
 from mfac_optim import MFACArgumentError
-from mfac_optim.experiments import compare
+from mfac_glue.experiments import compare
 runs = [str(path) for path in sorted(Path(sys.argv[1]).glob("seeds/*/seed*"))]
 with contextlib.redirect_stdout(io.StringIO()) as table:
     compare.main(runs + ["--bootstrap", "0", "--max_load", "2.5"])
@@ -90,7 +90,7 @@ print(sorted(name for name in ("transformers", "datasets") if name in sys.module
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    from mfac_optim.glue.records import CHECKPOINTS, TRAINER_STATE
+    from mfac_glue.records import CHECKPOINTS, TRAINER_STATE
     assert TRAINER_STATE == TRAINER_STATE_NAME
     assert CHECKPOINTS == f"{PREFIX_CHECKPOINT_DIR}-*"
 
@@ -114,7 +114,7 @@ def test_console_scripts_and_run_glue_work_from_the_installed_copy(installed, tm
     for tool, process in running.items():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0 and out.startswith(f"usage: {tool}"), err[-2000:]
-    where = subprocess.run([sys.executable, "-c", "import run_glue, mfac_optim.experiments.tune as tune; "
+    where = subprocess.run([sys.executable, "-c", "import run_glue, mfac_glue.experiments.tune as tune; "
                             "print(run_glue.__file__); print(tune.__file__)"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=300, env=env)
     assert where.returncode == 0, where.stderr[-2000:]

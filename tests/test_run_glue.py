@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import run_glue
-from mfac_optim.glue import model_types as glue_model_types
-from mfac_optim.glue import data as glue_data
-from mfac_optim.glue.records import model_source_record
-from mfac_optim.glue.metrics import GlueMetric
+from mfac_glue import arguments as glue_arguments
+from mfac_glue import model_types as glue_model_types
+from mfac_glue import data as glue_data
+from mfac_glue.records import model_source_record
+from mfac_glue.metrics import GlueMetric
 from mfac_optim.hf_arguments import MFACArguments
 from conftest import SHARED_GLUE
 from hub_cache import sst2_splits
@@ -191,7 +192,7 @@ def test_samples_cut_before_tokenizing_are_the_rows_and_features_hf_keeps(tiny_b
     split = Dataset.from_dict({name: values[:300] for name, values in columns.items()})
     raw = DatasetDict({"train": split, "validation_matched": split, "validation_mismatched": split,
                        "test_matched": split})
-    limits = run_glue.DataTrainingArguments(task_name="mnli", max_train_samples=40, max_eval_samples=1000,
+    limits = glue_arguments.DataTrainingArguments(task_name="mnli", max_train_samples=40, max_eval_samples=1000,
                                             max_predict_samples=7)
 
     def tokenize(examples):
@@ -202,7 +203,7 @@ def test_samples_cut_before_tokenizing_are_the_rows_and_features_hf_keeps(tiny_b
     for name, rows in (("train", 40), ("validation_matched", 300), ("validation_mismatched", 300),
                        ("test_matched", 7)):
         assert cut[name].to_dict() == hfs[name].select(range(rows)).to_dict(), name
-    assert len(glue_data.first_rows_of_each_split(raw, run_glue.DataTrainingArguments(
+    assert len(glue_data.first_rows_of_each_split(raw, glue_arguments.DataTrainingArguments(
         task_name="mnli"))["train"]) == 300  # no limit: every row
 
 
@@ -213,7 +214,7 @@ def test_tokenizer_folder_without_vocabulary_is_refused(tmp_path):
     BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                intermediate_size=32).save_pretrained(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text('{"do_lower_case": true, "tokenizer_class": "BertTokenizer"}')
-    model_args = run_glue.ModelArguments(config_name=str(tmp_path), tokenizer_name=str(tmp_path))
+    model_args = glue_arguments.ModelArguments(config_name=str(tmp_path), tokenizer_name=str(tmp_path))
     with pytest.raises(RuntimeError, match="has only its 5 special tokens; the folder needs its vocab.txt"):
         glue_model_types.load_tokenizer(model_args)
 

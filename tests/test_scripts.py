@@ -16,11 +16,11 @@ import torch
 from scipy import stats as scipy_stats
 
 import run_glue
-from mfac_optim.glue import records as glue_records
+from mfac_glue import records as glue_records
 from mfac_optim import MFAC
 
 ROOT = Path(__file__).resolve().parent.parent
-from mfac_optim.experiments import compare, controls, paired, sweep  # noqa: E402
+from mfac_glue.experiments import compare, controls, paired, sweep  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))  # the benchmark is a script of its own
 import bench_mfac  # noqa: E402

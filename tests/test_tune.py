@@ -18,11 +18,11 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from mfac_optim.glue import json_config
+from mfac_glue import json_config
 
 ROOT = Path(__file__).resolve().parent.parent
-from mfac_optim.experiments import search_space, sweep, tune, tune_report, tune_trial  # noqa: E402
-from mfac_optim.experiments.study_folder import StudyFolder  # noqa: E402
+from mfac_glue.experiments import search_space, sweep, tune, tune_report, tune_trial  # noqa: E402
+from mfac_glue.experiments.study_folder import StudyFolder  # noqa: E402
 from hub_cache import sst2_splits  # noqa: E402
 
 
@@ -258,7 +258,7 @@ def test_small_study_spends_its_budget_resumes_never_reads_dev_and_writes_a_conf
     for name, expected in (("tuned_config", best_config), ("split_record", small_study.study_dir / "data" / "split.json"),
                            ("plot", small_study.study_dir / "tuning.png")):
         arguments = [str(small_study.study_dir), name] + (["sst2", "mfac"] if name == "tuned_config" else [])
-        printed = subprocess.run([sys.executable, "-m", "mfac_optim.experiments.study_folder", *arguments],
+        printed = subprocess.run([sys.executable, "-m", "mfac_glue.experiments.study_folder", *arguments],
                                  capture_output=True, text=True, check=True).stdout.strip()
         assert Path(printed) == expected and expected.is_file()
 

@@ -1,6 +1,9 @@
-"""What `run_glue.py` adds to HF's GLUE script, kept out of the script so that the script reads as HF's with a few
-marked blocks, and so that the scripts beside it (tune, sweep) share the same checks:
+"""The GLUE application of `mfac_optim`: what `run_glue.py` adds to HF's GLUE script, kept out of the script so that
+the script reads as HF's with a few marked blocks, and the experiments (`mfac_glue.experiments`: tune, sweep,
+compare, controls), which share the same checks. It imports the optimizer library, never the reverse, and never
+imports the script:
 
+- arguments: the script's two argument dataclasses and the parser main() and the experiments share;
 - json_config: a JSON file of arguments that later flags override;
 - command_line: every check that can fail before a model loads (one error line);
 - data: GLUE's .tsv files as distributed, and local files checked for the task's columns;
@@ -9,7 +12,7 @@ marked blocks, and so that the scripts beside it (tune, sweep) share the same ch
 - records: the run's run_info.json;
 - adapters: LoRA adapters through PEFT (`--lora_r`), and what trains in full beside them.
 
-They import transformers and datasets, so `mfac_optim` itself never imports them; this module, json_config and records
+They import transformers and datasets, which `mfac_optim` itself never imports; this module, json_config and records
 do not, so that the tools that only read configs or run folders (sweep, compare, controls) start without them.
 """
 from __future__ import annotations

@@ -24,9 +24,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..glue import exit_with_usage_error
-from ..glue.data import GLUE_TSV_LAYOUTS, TASK_TO_KEYS, read_glue_tsv
-from ..glue.metrics import GlueMetric
+from .. import exit_with_usage_error
+from ..data import GLUE_TSV_LAYOUTS, TASK_TO_KEYS, read_glue_tsv
+from ..metrics import GlueMetric
 
 ENCODE_BATCH = 64
 PROBE_C = 1.0  # logistic regression's inverse regularisation, sklearn's default: fixed, never chosen on dev

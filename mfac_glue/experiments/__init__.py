@@ -6,6 +6,7 @@
 - sweep: run_glue.py configs over seeds; compare: runs grouped by setting, with the statistics that say whether
   two groups differ; controls: a task's dev score without training.
 
-They need the `experiments` extra (Optuna, matplotlib) and import run_glue, which the distribution installs
-beside the package; `import mfac_optim` never imports them.
+They need the `experiments` extra (Optuna, matplotlib). They parse run_glue.py's command line as the script does
+(mfac_glue.arguments) and run the script as `python -m run_glue`, which the distribution installs beside the
+packages, without importing it; `import mfac_optim` never imports them.
 """

@@ -21,11 +21,11 @@ from typing import Any, Optional, Union
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from run_glue import DataTrainingArguments, ModelArguments
+from ..arguments import DataTrainingArguments, ModelArguments
 
-from ..glue import UsageError
-from ..glue.json_config import read_json_object
-from ..hf_arguments import HF_OPTIMIZERS, MFAC_NAME, MFACArguments, MFACTrainingArguments
+from .. import UsageError
+from ..json_config import read_json_object
+from mfac_optim.hf_arguments import HF_OPTIMIZERS, MFAC_NAME, MFACArguments, MFACTrainingArguments
 
 SECTIONS = ("optim", "flags", "optim_args", "description", "sampler")
 SAMPLERS = ("tpe", "grid")

@@ -18,7 +18,7 @@ import optuna
 from optuna.importance import FanovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
-from ..glue import UsageError
+from .. import UsageError
 from .search_space import SearchSpace, at_the_edge, search_space_from
 from .study_folder import StudyFolder
 

@@ -1,7 +1,7 @@
 """One trial of scripts/tune.py, in a process of its own (a trial's memory, an M-FAC window of GBs among it, goes
 back to the system when it ends, and a crash takes one trial down, not the study):
 
-    python -m mfac_optim.experiments.tune_trial STORAGE STUDY TRIAL_ID METRIC RUN_GLUE_ARGUMENTS...
+    python -m mfac_glue.experiments.tune_trial STORAGE STUDY TRIAL_ID METRIC RUN_GLUE_ARGUMENTS...
 
 run_glue.py runs with a callback that reports the evaluation at the end of each epoch to the Optuna trial, and
 stops the run when the study's pruner says so (exit status PRUNED_EXIT), recording the share of the run's steps
@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 import run_glue
 
-from ..glue import exit_with_usage_error
+from .. import exit_with_usage_error
 from .compare import eval_metrics
 from .tune_report import TRAINED_FRACTION, successive_halving
 

@@ -54,8 +54,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..glue.records import ALL_RESULTS, EVAL_PREDICTIONS, PROVENANCE_KEYS, RUN_INFO, TRAINER_STATE
-from ..training_log import LOAD_AVERAGE, TRAIN_SECONDS
+from ..records import ALL_RESULTS, EVAL_PREDICTIONS, PROVENANCE_KEYS, RUN_INFO, TRAINER_STATE
+from mfac_optim.training_log import LOAD_AVERAGE, TRAIN_SECONDS
 from .controls import read_controls
 from .paired import (ALPHA, TARGET_POWER, PairedDifference, SequentialRule, paired_difference, seeds_needed,
                      t_statistics, t_test_power)
@@ -323,7 +323,7 @@ def bootstrap_intervals(group: list[Run], reference: list[Run], metrics: list[st
     (`paired`: the shared seeds, one draw for both groups) and dev examples (the same ones for both groups, which
     saw the same dev set); None without kept predictions. The metrics share each resample, and a run drawn twice
     in one is scored once."""
-    from mfac_optim.glue.metrics import GlueMetric
+    from mfac_glue.metrics import GlueMetric
 
     if paired:
         group, reference = shared_seed_runs(group, reference)

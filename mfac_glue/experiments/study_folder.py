@@ -9,7 +9,7 @@ scripts/fair_study.sh read them.
     STUDY_DIR/<task>_<space>_tuned.json       the selected setting of each space
     STUDY_DIR/tuning.png                      the report's plot
 
-Shell scripts ask for a path with `python -m mfac_optim.experiments.study_folder STUDY_DIR NAME [TASK SPACE]`.
+Shell scripts ask for a path with `python -m mfac_glue.experiments.study_folder STUDY_DIR NAME [TASK SPACE]`.
 """
 from __future__ import annotations
 

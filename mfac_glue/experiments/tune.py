@@ -46,20 +46,20 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from run_glue import DataTrainingArguments, parse_arguments
+from ..arguments import DataTrainingArguments, parse_arguments
 
-from ..glue import UsageError, exit_with_usage_error
-from ..glue.json_config import config_flags, read_json_object
-from ..glue.data import GLUE_ON_THE_HUB, glue_split_from_hub, load_local_datasets
-from ..glue.records import ALL_RESULTS, file_source_record, model_source_record
-from ..optim_args import typed_value
+from .. import UsageError, exit_with_usage_error
+from ..json_config import config_flags, read_json_object
+from ..data import GLUE_ON_THE_HUB, glue_split_from_hub, load_local_datasets
+from ..records import ALL_RESULTS, file_source_record, model_source_record
+from mfac_optim.optim_args import typed_value
 from .search_space import SearchSpace, load_search_space, widened_range
 from .study_folder import StudyFolder, tuned_name
 from .sweep import DEFAULT_SEEDS, split_at_double_dash
 from .tune_report import TRAINED_FRACTION, WIDENED, format_params, report, successive_halving, trial_cost
 from .tune_trial import PRUNED_EXIT, MetricError, score
 
-TRIAL_MODULE = "mfac_optim.experiments.tune_trial"  # each trial runs in a process of its own
+TRIAL_MODULE = "mfac_glue.experiments.tune_trial"  # each trial runs in a process of its own
 DEFAULT_BUDGET = 6.0  # full-run equivalents per optimizer
 # Summed fractions of a run fall short of whole numbers by rounding (four full runs and six pruned thirds, in the
 # order one study finished them, added up to 5.999999999999999): so small a shortfall is no budget left.

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..glue import UsageError
-from ..glue.json_config import expand_json_config
-from ..glue.records import ALL_RESULTS, copy_records, remove_checkpoints
+from .. import UsageError
+from ..json_config import expand_json_config
+from ..records import ALL_RESULTS, copy_records, remove_checkpoints
 from .compare import eval_metrics
 
 DEFAULT_SEEDS = [1234, 1235, 1236, 1237, 1238]
