@@ -62,6 +62,7 @@ from mfac_glue.data import (GLUE_ON_THE_HUB, TASK_LABELS, TASK_TO_KEYS, first_ro
 from mfac_glue.metrics import GlueMetric
 from mfac_glue.model_types import hub_options, load_config, load_tokenizer
 from mfac_glue.records import model_source_record, write_eval_predictions, write_run_info
+from mfac_glue.trainer_callbacks import trainer_callbacks
 from mfac_optim.hf_trainer import MFACTrainer, examples_per_gradient
 
 
@@ -75,8 +76,8 @@ task_to_keys = TASK_TO_KEYS
 logger = logging.getLogger(__name__)
 
 
-# M-FAC fork: `argv` (HF's reads sys.argv) and `callbacks` (added to the Trainer's), so that a tuning trial runs this
-# main with its pruning callback.
+# M-FAC fork: `argv` (HF's reads sys.argv) and `callbacks` (added to the Trainer's, with those the process asked for:
+# a tuning trial's pruning callback, mfac_glue.trainer_callbacks).
 def main(argv=None, callbacks=None):
     # See all possible arguments in src/transformers/training_args.py
     # or by passing the --help flag to this script.
@@ -359,7 +360,7 @@ def main(argv=None, callbacks=None):
         processing_class=tokenizer,
         data_collator=data_collator,
         optimizer_memory_bound=preflight.optimizer_memory_bound,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), *trainer_callbacks()],
     )
     # M-FAC fork: run_info.json, what scripts/compare.py groups runs by.
     if trainer.is_world_process_zero():

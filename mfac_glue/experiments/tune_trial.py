@@ -3,22 +3,23 @@ back to the system when it ends, and a crash takes one trial down, not the study
 
     python -m mfac_glue.experiments.tune_trial STORAGE STUDY TRIAL_ID METRIC RUN_GLUE_ARGUMENTS...
 
-run_glue.py runs with a callback that reports the evaluation at the end of each epoch to the Optuna trial, and
-stops the run when the study's pruner says so (exit status PRUNED_EXIT), recording the share of the run's steps
-it trained (what the trial cost of the study's budget). A mistake in the arguments exits with status 2
+run_glue.py runs in this process, as a program (`python -m run_glue`, which the distribution installs beside the
+packages: this package never imports the script), with a callback that reports the evaluation at the end of each
+epoch to the Optuna trial and stops the run when the study's pruner says so (exit status PRUNED_EXIT), recording the
+share of the run's steps it trained (what the trial cost of the study's budget). A mistake in the arguments exits with status 2
 and one line, as run_glue.py does. tune.py reads the final score from the run's all_results.json.
 """
 from __future__ import annotations
 
 import math
+import runpy
 import sys
 
 import optuna
 from transformers import TrainerCallback
 
-import run_glue
-
 from .. import exit_with_usage_error
+from ..trainer_callbacks import add_trainer_callbacks
 from .compare import eval_metrics
 from .tune_report import TRAINED_FRACTION, successive_halving
 
@@ -70,8 +71,10 @@ def main(argv: list[str]) -> int:
     study = optuna.load_study(study_name=study_name, storage=storage)
     study.pruner = successive_halving(study.user_attrs["setting"])
     trial = optuna.Trial(study, int(trial_id))
+    add_trainer_callbacks(ReportToTrial(trial, metric))
+    sys.argv = ["run_glue.py", *run_glue_argv]
     try:
-        run_glue.main(run_glue_argv, callbacks=[ReportToTrial(trial, metric)])
+        runpy.run_module("run_glue", run_name="__main__", alter_sys=True)
     except optuna.TrialPruned as pruned:
         print(f"tune_trial: {pruned}", flush=True)
         return PRUNED_EXIT
