@@ -21,7 +21,7 @@ from torch import Tensor
 from .kernels import cpu_passes
 
 # A solve is accepted while ‖Ky − eᵢ‖∞ ≤ RESIDUAL_TOLERANCE · max(diag K) · ‖y‖∞. Updated factors stay near ε
-# (below 4e-15 over 20 wraps with λ = 1e-6 and gradient norms varying 100×: the rank-1 updates are of principal
+# (below 1.5e-15 over 20 wraps with λ = 1e-6 and gradient norms varying 100×: the rank-1 updates are of principal
 # blocks, so each column's rounding scales with its own slot's norm). The check is the net for what rounding has
 # not shown: a factor several orders of magnitude off, or a NaN pivot.
 RESIDUAL_TOLERANCE = 1e-10
@@ -51,7 +51,7 @@ def by_slot(values: Tensor, newest: int) -> Tensor:
 
 def refactors_every_step(device: torch.device) -> bool:
     """Whether the factor is made from S at every step rather than updated. On a GPU a float64 Cholesky is one
-    cuSOLVER call (H100: 0.6 ms at m = 1024, 9.1 ms at 8192), where the panel update launches a QR per panel and
+    cuSOLVER call (H100: 0.6 ms at m = 1024, 9.0 ms at 8192), where the panel update launches a QR per panel and
     took 7.8 and 47 ms (scripts/bench_mfac.py --algebra). A fresh factor needs no residual check either."""
     return device.type != "cpu"
 

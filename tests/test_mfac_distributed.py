@@ -131,6 +131,7 @@ def unsharded_run() -> tuple[list[torch.Tensor], MFAC]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_sharded_steps_equal_the_unsharded_optimizer(ranks):
     # fp32 partial dot products summed in another order differ by ~1e-7; 50 steps of training at λ = 1e-6 carry
     # that into the trajectory (the per-step exactness is test_each_process_stores_its_own_shard_and_the_step_is_exact).
@@ -142,6 +143,7 @@ def test_sharded_steps_equal_the_unsharded_optimizer(ranks):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_each_process_keeps_its_half_of_the_window(ranks):
     # Dense model, rank r keeps rows [30r/2, 30(r+1)/2) of the 30-row tensors and [5r/2, 5(r+1)/2) of the 5-row
     # ones: 15·40 + 15 + 2·30 + 2 = 677 and 15·40 + 15 + 3·30 + 3 = 708 of the 1,385 columns, in fp32, over 16
@@ -166,12 +168,14 @@ def test_each_process_keeps_its_half_of_the_window(ranks):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_sharded_resume_is_identical(ranks):
     for result in ranks:
         assert all(torch.equal(a, b) for a, b in zip(result["params"], result["resumed"]))
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_state_of_another_world_size_is_refused(ranks):
     _, optimizer = embedding_model(shard=True)  # no process group here: one unsharded process
     with pytest.raises(ValueError, match="rank 1 of 2, but this process is rank 0 of 1"):
@@ -261,6 +265,7 @@ def test_processes_without_use_cpu_on_a_cpu_machine_are_refused(monkeypatch, cap
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("window", ["compressed", "dense_window"])
 def test_each_process_stores_its_own_shard_and_the_step_is_exact(ranks, window):
     """Each process keeps (the top entries of) its own columns; together the stored rows C are the union, and every

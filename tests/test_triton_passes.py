@@ -76,9 +76,15 @@ def test_compressed_passes_equal_float64_and_the_combine_repeats_bit_for_bit(mon
 def test_compressed_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch):
     monkeypatch.setattr(compressed, "triton_passes_for", lambda storage, accumulate_dtype: triton_passes)
     monkeypatch.setattr(compressed, "fused_passes_for", lambda storage, accumulate_dtype: None)
+    calls = []
+    for name in ("compressed_dots", "compressed_combine"):
+        kernel = getattr(triton_passes, name)
+        monkeypatch.setattr(triton_passes, name,
+                            lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args))
     # The compressed test's six wraps at λ = 1e-6 (its first argument only labels the factor update's form).
     test_compressed.test_updates_equal_a_dense_float64_solve_over_the_stored_rows_across_wraps(
         "compiled", "bfloat16", 1e-6)
+    assert calls.count("compressed_dots") == calls.count("compressed_combine") > 0  # the Triton passes ran
 
 
 @pytest.mark.gpu

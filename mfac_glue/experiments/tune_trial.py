@@ -5,9 +5,9 @@ back to the system when it ends, and a crash takes one trial down, not the study
 
 run_glue.py runs in this process, as a program (`python -m run_glue`, which the distribution installs beside the
 packages: this package never imports the script), with a callback that reports the evaluation at the end of each
-epoch to the Optuna trial and stops the run when the study's pruner says so (exit status PRUNED_EXIT), recording the
-share of the run's steps it trained (what the trial cost of the study's budget). A mistake in the arguments exits with status 2
-and one line, as run_glue.py does. tune.py reads the final score from the run's all_results.json.
+epoch to the Optuna trial and stops the run when the study's pruner says so (exit status PRUNED_EXIT), recording
+the share of the run's steps it trained (what the trial cost of the study's budget). A mistake in the arguments
+exits with status 2 and one line, as run_glue.py does. tune.py reads the final score from the run's all_results.json.
 """
 from __future__ import annotations
 
