@@ -14,7 +14,7 @@
 # limitations under the License.
 #
 # Modified from transformers' examples/pytorch/text-classification/run_glue.py: `--optim MFAC` and the blocks
-# marked "M-FAC fork" (their helpers live in mfac_glue and mfac_optim.hf_trainer).
+# marked "M-FAC fork" (their helpers live in mfac_glue and mfac_optim.hf).
 
 # /// script
 # dependencies = [
@@ -63,7 +63,8 @@ from mfac_glue.metrics import GlueMetric
 from mfac_glue.model_types import hub_options, load_config, load_tokenizer
 from mfac_glue.records import model_source_record, write_eval_predictions, write_run_info
 from mfac_glue.trainer_callbacks import trainer_callbacks
-from mfac_optim.hf_trainer import MFACTrainer, examples_per_gradient
+from mfac_optim.hf.trainer import MFACTrainer
+from mfac_optim.hf.preflight import examples_per_gradient
 
 
 # Will error if the minimal version of Transformers is not installed. Remove at your own risks.

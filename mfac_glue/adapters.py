@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from mfac_optim.hf_trainer import names_module
+from mfac_optim.hf.cards import names_module
 from . import UsageError
 
 POOLER_CHOICES = ("auto", "true", "false")

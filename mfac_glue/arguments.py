@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from mfac_optim.hf_arguments import MFACTrainingArguments
+from mfac_optim.hf.arguments import MFACTrainingArguments
 
 from .adapters import check_lora_arguments
 from .command_line import parse_and_check_inputs

@@ -11,9 +11,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from mfac_optim.hf_arguments import MFAC_NAME
-from mfac_optim.hf_trainer import (check_mfac_fits, check_optimizer_state_matches, last_complete_checkpoint,
-                                   mfac_memory_bound)
+from mfac_optim.hf.arguments import MFAC_NAME
+from mfac_optim.hf.preflight import check_mfac_fits, mfac_memory_bound
+from mfac_optim.hf.checkpoints import check_optimizer_state_matches, last_complete_checkpoint
 from . import exit_with_usage_error
 from .adapters import LoraPlan, lora_plan
 from .data import check_columns, check_splits_given, load_local_datasets, local_data_files

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from mfac_optim.optim_args import parse_optim_args
+from mfac_optim.hf.optim_args import parse_optim_args
 from . import UsageError
 
 

@@ -116,7 +116,7 @@ def file_sha256(path: Path) -> str:
 
 def optimizer_record(training_args) -> dict[str, Any]:
     """The optimizer and its settings (for HF optimizers, the arguments the Trainer builds it from)."""
-    from mfac_optim.hf_arguments import MFAC_NAME  # here, not at the top: the tools that only read records skip transformers
+    from mfac_optim.hf.arguments import MFAC_NAME  # here, not at the top: the tools that only read records skip transformers
 
     if training_args.optim == MFAC_NAME:
         return {"optim": "MFAC", "optim_args": training_args.mfac.record()}

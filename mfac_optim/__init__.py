@@ -12,8 +12,8 @@ Modules: optimizer (the torch.optim plumbing), layout (every offset), storage an
 storage kinds: dense, row-sparse, top-k with error feedback), window (the ring buffer and the step's two passes),
 algebra (the m × m system), distributed (sharding across processes), memory (an upper bound before training),
 kernels (the compiled passes), phases (the step's profiler ranges), optim_args (the text of --optim_args),
-hf_arguments and hf_trainer (the HF Trainer's `--optim MFAC`; they import transformers, so their names below load on
-first use). The GLUE application and its experiments are the package `mfac_glue`, which imports this one.
+hf (the HF Trainer's `--optim MFAC`: arguments, trainer, preflight, checkpoints, cards; they import transformers, so
+their names below load on first use). The GLUE application and its experiments are the package `mfac_glue`, which imports this one.
 """
 from typing import Any
 
@@ -21,8 +21,8 @@ from .memory import memory_bound_bytes
 from .optimizer import MFAC
 
 # The HF Trainer glue imports transformers, which the optimizer alone does not need: its names load on first use.
-_HF_NAMES = {"MFACArguments": "hf_arguments", "MFACArgumentError": "optim_args",
-             "MFACTrainingArguments": "hf_arguments", "MFACTrainer": "hf_trainer"}
+_HF_NAMES = {"MFACArguments": "hf.arguments", "MFACArgumentError": "hf.optim_args",
+             "MFACTrainingArguments": "hf.arguments", "MFACTrainer": "hf.trainer"}
 
 __all__ = ["MFAC", "MFACArgumentError", "MFACArguments", "MFACTrainer", "MFACTrainingArguments", "memory_bound_bytes"]
 

@@ -1,5 +1,5 @@
 """An upper bound of MFAC's memory before any gradient exists, so that a window that cannot fit is refused before
-a model loads (run_glue.py, and the Trainer glue in hf_trainer.py). Each part of the window bounds its own bytes
+a model loads (run_glue.py, and the Trainer glue in hf/preflight.py). Each part of the window bounds its own bytes
 (storage.py, compressed.py, algebra.py); this adds them up with the optimizer's own buffers."""
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from mfac_optim.hf_arguments import MFACArguments
+from mfac_optim.hf.arguments import MFACArguments
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # lr and weight_decay default to the Trainer's flags, as MFACArguments.parse fills them in.

@@ -97,8 +97,8 @@ def test_preflight_bound_is_within_1_3_times_what_the_window_holds_on_sst2_batch
                               BertForSequenceClassification)
 
     from mfac_glue.data import most_ids_in_a_batch, read_glue_tsv
-    from mfac_optim.hf_arguments import MFACTrainingArguments
-    from mfac_optim.hf_trainer import mfac_memory_bound
+    from mfac_optim.hf.arguments import MFACTrainingArguments
+    from mfac_optim.hf.preflight import mfac_memory_bound
 
     shared_config = SHARED / "models" / "bert-mini-config" / "bert_config.json"
     mini = json.loads(shared_config.read_text()) if shared_config.exists() else BERT_MINI_CONFIG
@@ -144,7 +144,7 @@ def test_resuming_takes_the_window_once_not_twice(tmp_path):
 
     from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
-    from mfac_optim.hf_trainer import MFACTrainer
+    from mfac_optim.hf.trainer import MFACTrainer
 
     weight = torch.nn.Parameter(torch.zeros(4_000_000))
     saved = MFAC([weight], num_grads=32, damp=1e-3)  # an fp32 window of 32 × 4M: 0.48 GiB

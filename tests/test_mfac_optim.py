@@ -501,7 +501,7 @@ def test_one_table_of_defaults_for_the_signature_the_arguments_and_old_param_gro
     import inspect
     from dataclasses import fields
 
-    from mfac_optim.hf_arguments import MFACArguments
+    from mfac_optim.hf.arguments import MFACArguments
     from mfac_optim.hyperparameters import DEFAULTS, resolve_grad_dtype
 
     signature = {name: parameter.default for name, parameter in inspect.signature(MFAC.__init__).parameters.items()

@@ -16,8 +16,8 @@ from mfac_optim import MFAC
 from mfac_optim.kernels import SOURCES, cpu_passes
 assert mfac_optim.__file__.startswith(sys.argv[1]), mfac_optim.__file__
 assert (SOURCES / "cpu_passes.cpp").is_file() and str(SOURCES).startswith(sys.argv[1])
-import mfac_optim.hf_trainer, mfac_glue.command_line, mfac_glue.records
-for module in (mfac_optim.hf_trainer, mfac_glue.command_line, mfac_glue.records):
+import mfac_optim.hf.trainer, mfac_glue.command_line, mfac_glue.records
+for module in (mfac_optim.hf.trainer, mfac_glue.command_line, mfac_glue.records):
     assert module.__file__.startswith(sys.argv[1]), module.__file__
 assert cpu_passes() is not None
 torch.manual_seed(0)
@@ -63,7 +63,7 @@ def test_public_surface_is_what_a_user_needs_and_hf_names_load_lazily():
     names, modules = result.stdout.splitlines()
     assert names == str(["MFAC", "MFACArgumentError", "MFACArguments", "MFACTrainer", "MFACTrainingArguments",
                          "memory_bound_bytes"])
-    assert modules == "mfac_optim.hf_trainer MFACArguments.parse"
+    assert modules == "mfac_optim.hf.trainer MFACArguments.parse"
 
 
 def test_the_tools_that_read_run_folders_or_pass_configs_on_start_without_transformers():

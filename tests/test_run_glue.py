@@ -22,7 +22,7 @@ from mfac_glue import model_types as glue_model_types
 from mfac_glue import data as glue_data
 from mfac_glue.records import model_source_record
 from mfac_glue.metrics import GlueMetric
-from mfac_optim.hf_arguments import MFACArguments
+from mfac_optim.hf.arguments import MFACArguments
 from conftest import SHARED_GLUE
 from hub_cache import sst2_splits
 
@@ -477,7 +477,7 @@ def test_stsb_regression_keeps_its_predictions_and_clocks_its_evaluations(tmp_pa
 def test_training_clock_leaves_out_evaluations_and_checkpoint_saves(monkeypatch):
     from types import SimpleNamespace
 
-    from mfac_optim import hf_trainer
+    from mfac_optim.hf import trainer as hf_trainer
 
     now = [100.0]
     monkeypatch.setattr(hf_trainer.time, "perf_counter", lambda: now[0])
@@ -683,7 +683,7 @@ def test_push_to_hub_reaches_the_push_call(tmp_path, tiny_bert, glue_dir, monkey
 
 
 def test_a_checkpoint_is_complete_only_with_its_trainer_state_and_every_processs_whole_optimizer_file(tmp_path, caplog):
-    from mfac_optim.hf_trainer import incomplete_checkpoint_reason, last_complete_checkpoint
+    from mfac_optim.hf.checkpoints import incomplete_checkpoint_reason, last_complete_checkpoint
 
     def checkpoint(step: int, files: dict) -> Path:
         folder = tmp_path / f"checkpoint-{step}"
@@ -707,7 +707,7 @@ def test_a_checkpoint_is_complete_only_with_its_trainer_state_and_every_processs
         "trainer_state.json was cut short"
     assert incomplete_checkpoint_reason(checkpoint(50, {"model.safetensors": b"weights"})) == \
         "no trainer_state.json, the file the Trainer writes last"
-    with caplog.at_level("WARNING", logger="mfac_optim.hf_trainer"):
+    with caplog.at_level("WARNING", logger="mfac_optim.hf.checkpoints"):
         assert last_complete_checkpoint(str(tmp_path)) == str(whole)
     skipped = [record.getMessage() for record in caplog.records]
     assert [message.split(",")[0] for message in skipped] == [

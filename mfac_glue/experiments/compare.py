@@ -55,7 +55,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..records import ALL_RESULTS, EVAL_PREDICTIONS, PROVENANCE_KEYS, RUN_INFO, TRAINER_STATE
-from mfac_optim.training_log import LOAD_AVERAGE, TRAIN_SECONDS
+from mfac_optim.hf.training_log import LOAD_AVERAGE, TRAIN_SECONDS
 from .controls import read_controls
 from .paired import (ALPHA, TARGET_POWER, PairedDifference, SequentialRule, paired_difference, seeds_needed,
                      t_statistics, t_test_power)
@@ -740,7 +740,7 @@ def time_plot(grouped: dict[str, TaskGroups], path: Path, max_load: Optional[flo
 def add_to_model_card(run: Run, table: str) -> None:
     """Puts the seeds' table under the model card run_glue.py wrote for `run` (replacing an earlier one), as the
     M-FAC authors' cards give mean ± std over seeds beside the best run."""
-    from mfac_optim.hf_trainer import MODEL_CARD
+    from mfac_optim.hf.cards import MODEL_CARD
 
     card = run.path / MODEL_CARD
     if not card.is_file():

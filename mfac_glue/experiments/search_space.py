@@ -25,7 +25,7 @@ from ..arguments import DataTrainingArguments, ModelArguments
 
 from .. import UsageError
 from ..json_config import read_json_object
-from mfac_optim.hf_arguments import HF_OPTIMIZERS, MFAC_NAME, MFACArguments, MFACTrainingArguments
+from mfac_optim.hf.arguments import HF_OPTIMIZERS, MFAC_NAME, MFACArguments, MFACTrainingArguments
 
 SECTIONS = ("optim", "flags", "optim_args", "description", "sampler")
 SAMPLERS = ("tpe", "grid")

@@ -52,7 +52,7 @@ from .. import UsageError, exit_with_usage_error
 from ..json_config import config_flags, read_json_object
 from ..data import GLUE_ON_THE_HUB, glue_split_from_hub, load_local_datasets
 from ..records import ALL_RESULTS, file_source_record, model_source_record
-from mfac_optim.optim_args import typed_value
+from mfac_optim.hf.optim_args import typed_value
 from .search_space import SearchSpace, load_search_space, widened_range
 from .study_folder import StudyFolder, tuned_name
 from .sweep import DEFAULT_SEEDS, split_at_double_dash

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from .hyperparameters import DEFAULTS, check_group_hyperparameters, resolve_grad_dtype
+from ..hyperparameters import DEFAULTS, check_group_hyperparameters, resolve_grad_dtype
 from .optim_args import MFACArgumentError, parse_optim_args
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The keys the HF Trainer glue adds to the Trainer's log history (hf_trainer.TrainingClock), apart from it so that
+"""The keys the HF Trainer glue adds to the Trainer's log history (trainer.TrainingClock), apart from it so that
 the tools that read a kept history (compare) do not import transformers to find them."""
 
 TRAIN_SECONDS = "train_seconds"  # an evaluation's log entry: training time up to it, evaluations excluded

@@ -1,4 +1,4 @@
-"""The text of `--optim_args` and the error a bad one raises, apart from hf_arguments: the tools that only read a
+"""The text of `--optim_args` and the error a bad one raises, apart from arguments.py: the tools that only read a
 run's JSON config and pass it on (sweep) need them too, and start without transformers' import."""
 from __future__ import annotations
 
