@@ -16,14 +16,14 @@ on a GPU the dots and a deterministic combine are Triton kernels (kernels/triton
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .kernels import fused_passes_for, triton_passes_for
 from .phases import phase
-from .storage import tensor_bytes
+from .storage import slot_chunks, tensor_bytes
 
 # Coordinates per block: int16 offsets address 0 … 32767, so every position of a block fits.
 BLOCK = 1 << 15
@@ -164,7 +164,7 @@ class CompressedRows:
         new = torch.zeros(self.values.shape[0], BLOCK, dtype=torch.float64, device=self.values.device)
         new.scatter_(1, self.offsets[:, slot].long(), self.values[:, slot].double())
         dots = torch.empty(filled, dtype=torch.float64, device=self.values.device)
-        for chunk in self._slot_chunks(filled):
+        for chunk in slot_chunks(filled, self.SLOTS_PER_CHUNK):
             offsets, values = self.offsets[:, chunk], self.values[:, chunk]
             gathered = new.gather(1, offsets.long().reshape(offsets.shape[0], -1)).view(offsets.shape)
             dots[chunk] = (gathered * values.double()).sum(dim=(0, 2))
@@ -181,7 +181,7 @@ class CompressedRows:
             return self._result[:self.size]
         result = torch.zeros(self.values.shape[0], BLOCK, dtype=self.accumulate_dtype, device=self.values.device)
         coefficients = coefficients.to(self.accumulate_dtype)
-        for chunk in self._slot_chunks(filled):
+        for chunk in slot_chunks(filled, self.SLOTS_PER_CHUNK):
             offsets, values = self.offsets[:, chunk], self.values[:, chunk]
             scaled = values.to(self.accumulate_dtype) * coefficients[chunk][None, :, None]
             result.scatter_add_(1, offsets.long().reshape(offsets.shape[0], -1), scaled.reshape(offsets.shape[0], -1))
@@ -193,7 +193,3 @@ class CompressedRows:
         dense = torch.zeros(m, blocks, BLOCK, dtype=torch.float32, device=self.values.device)
         dense.scatter_(2, self.offsets.long().permute(1, 0, 2), self.values.float().permute(1, 0, 2))
         return dense.reshape(m, -1)[:, :self.size]
-
-    def _slot_chunks(self, filled: int) -> Iterator[slice]:
-        for start in range(0, filled, self.SLOTS_PER_CHUNK):
-            yield slice(start, min(start + self.SLOTS_PER_CHUNK, filled))

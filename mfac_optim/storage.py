@@ -213,7 +213,7 @@ class RowSparseRows:
         if self._compiled is not None:
             return self._compiled.sparse_dots(self.indices[:filled], self.values[:filled], new)
         dots = torch.empty(filled, dtype=torch.float64, device=self.values.device)
-        for chunk in self._slot_chunks(filled):
+        for chunk in slot_chunks(filled, self.SLOTS_PER_CHUNK):
             products = new[self.indices[chunk]] * self.values[chunk].to(self.accumulate_dtype)
             dots[chunk] = products.sum(dim=(1, 2), dtype=torch.float64)
         return dots
@@ -229,7 +229,7 @@ class RowSparseRows:
         result = self._scratch_matrix().zero_()
         coefficients = coefficients.to(self.accumulate_dtype)
         with _adding_in_a_fixed_order(self.values.device):
-            for chunk in self._slot_chunks(filled):
+            for chunk in slot_chunks(filled, self.SLOTS_PER_CHUNK):
                 scaled = self.values[chunk].to(self.accumulate_dtype) * coefficients[chunk, None, None]
                 result.index_add_(0, self.indices[chunk].reshape(-1), scaled.reshape(-1, self.values.shape[2]))
         return result
@@ -255,9 +255,10 @@ class RowSparseRows:
         dense.scatter_add_(1, self.indices[:, :, None].expand_as(self.values), self.values)  # padding adds zeros
         return out
 
-    def _slot_chunks(self, filled: int) -> Iterator[slice]:
-        for start in range(0, filled, self.SLOTS_PER_CHUNK):
-            yield slice(start, min(start + self.SLOTS_PER_CHUNK, filled))
+def slot_chunks(filled: int, per_chunk: int) -> Iterator[slice]:
+    """The first `filled` slots in runs of at most `per_chunk`: what the torch passes take at a time."""
+    for start in range(0, filled, per_chunk):
+        yield slice(start, min(start + per_chunk, filled))
 
 
 def tensor_bytes(*tensors: Optional[Tensor]) -> int:

@@ -308,13 +308,13 @@ static inline uint16_t round_to_bf16(float x) {  // round to nearest even, as to
 static inline void round_to(float x, float* out) { *out = x; }
 static inline void round_to(float x, uint16_t* out) { *out = round_to_bf16(x); }
 
-#ifdef __AVX2__
 // Appends to (candidates, positions) every |a[i]|, i < count, that is at least `threshold` (above it if `strictly`),
-// in position order: 8 compared at a time, so a block costs about one pass whatever the threshold.
+// in position order: with AVX2 8 compared at a time, so a block costs about one pass whatever the threshold.
 static void collect_candidates(const float* a, int64_t count, float threshold, bool strictly,
                                std::vector<float>& candidates, std::vector<int32_t>& positions) {
-  const __m256 sign = _mm256_set1_ps(-0.0f), bar = _mm256_set1_ps(threshold);
   int64_t i = 0;
+#ifdef __AVX2__
+  const __m256 sign = _mm256_set1_ps(-0.0f), bar = _mm256_set1_ps(threshold);
   for (; i + 8 <= count; i += 8) {
     const __m256 magnitude = _mm256_andnot_ps(sign, _mm256_loadu_ps(a + i));
     int mask = _mm256_movemask_ps(strictly ? _mm256_cmp_ps(magnitude, bar, _CMP_GT_OQ)
@@ -326,6 +326,7 @@ static void collect_candidates(const float* a, int64_t count, float threshold, b
       mask &= mask - 1;
     }
   }
+#endif
   for (; i < count; ++i) {
     const float magnitude = std::fabs(a[i]);
     if (strictly ? magnitude > threshold : magnitude >= threshold) {
@@ -334,18 +335,6 @@ static void collect_candidates(const float* a, int64_t count, float threshold, b
     }
   }
 }
-#else
-static void collect_candidates(const float* a, int64_t count, float threshold, bool strictly,
-                               std::vector<float>& candidates, std::vector<int32_t>& positions) {
-  for (int64_t i = 0; i < count; ++i) {
-    const float magnitude = std::fabs(a[i]);
-    if (strictly ? magnitude > threshold : magnitude >= threshold) {
-      candidates.push_back(magnitude);
-      positions.push_back(int32_t(i));
-    }
-  }
-}
-#endif
 
 // The take-th largest of `values` (through `scratch`, so that `values` keep their order).
 static float kth_largest(const std::vector<float>& values, int64_t take, std::vector<float>& scratch) {
