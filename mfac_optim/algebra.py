@@ -96,30 +96,25 @@ def _drop_oldest_append_newest_by_panels(factor: Tensor, column: Tensor, diagona
 
 
 class GramSystem:
-    """K = mλI + S over the Gram matrix `gram` and its factor `factor`, with their bookkeeping: `factor_damp`, the
-    λ the factor was made for (NaN: no factor yet), and `refactorizations`, how often it was made from S. All are
-    state tensors, updated in place, so that a resumed run continues bit for bit."""
+    """K = mλI + S over the Gram matrix "gram" and its factor "factor", with their bookkeeping: "factor_damp", the
+    λ the factor was made for (NaN: no factor yet), and "refactorizations", how often it was made from S. All are
+    entries of the window's state dict it is handed, updated in place, so that a resumed run continues bit for
+    bit."""
 
+    KEYS = ("gram", "factor", "factor_damp", "refactorizations")
     # The entries the host reads at every step: kept on the CPU, as torch.optim keeps "step".
     HOST_KEYS = ("factor_damp", "refactorizations")
 
-    def __init__(self, gram: Tensor, factor: Tensor, factor_damp: Tensor, refactorizations: Tensor,
-                 damp: float) -> None:
-        self.gram = gram
-        self.factor = factor
-        self.factor_damp = factor_damp
-        self.refactorizations = refactorizations
+    def __init__(self, state: dict[str, Tensor], damp: float) -> None:
+        self._state = state
         self.damp = damp
 
     @classmethod
-    def allocate(cls, num_grads: int, damp: float, device: torch.device) -> GramSystem:
-        """The system of an empty window (S = 0), without a factor yet."""
-        gram = torch.zeros(num_grads, num_grads, dtype=torch.float64, device=device)
-        return cls(gram, **cls.empty_factor(gram), damp=damp)
-
-    @classmethod
-    def from_state(cls, saved: dict[str, Tensor], damp: float) -> GramSystem:
-        return cls(saved["gram"], saved["factor"], saved["factor_damp"], saved["refactorizations"], damp)
+    def allocate(cls, num_grads: int, damp: float, state: dict[str, Tensor], device: torch.device) -> GramSystem:
+        """The system of an empty window (S = 0), without a factor yet, into `state`."""
+        state["gram"] = torch.zeros(num_grads, num_grads, dtype=torch.float64, device=device)
+        state.update(cls.empty_factor(state["gram"]))
+        return cls(state, damp)
 
     @staticmethod
     def saved_in(state: dict[str, Tensor]) -> bool:
@@ -138,9 +133,24 @@ class GramSystem:
         return {"factor": torch.zeros_like(gram), "factor_damp": torch.tensor(float("nan"), dtype=torch.float64),
                 "refactorizations": torch.tensor(0, dtype=torch.int64)}
 
-    def state(self) -> dict[str, Tensor]:
-        return {"gram": self.gram, "factor": self.factor, "factor_damp": self.factor_damp,
-                "refactorizations": self.refactorizations}
+    @property
+    def gram(self) -> Tensor:
+        return self._state["gram"]
+
+    @property
+    def factor(self) -> Tensor:
+        return self._state["factor"]
+
+    @property
+    def factor_damp(self) -> Tensor:
+        return self._state["factor_damp"]
+
+    @property
+    def refactorizations(self) -> Tensor:
+        return self._state["refactorizations"]
+
+    def saved(self) -> dict[str, Tensor]:
+        return {key: self._state[key] for key in self.KEYS}
 
     @staticmethod
     def bound_bytes(num_grads: int) -> int:
@@ -204,4 +214,4 @@ class GramSystem:
         # stop the run, not turn into a silently wrong step.
         self.factor[-filled:, -filled:] = torch.linalg.cholesky(system, upper=True)
         self.factor_damp.fill_(self.damp)
-        self.refactorizations += 1
+        self.refactorizations.add_(1)

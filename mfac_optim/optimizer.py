@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .config import MFACConfig, check_group, check_window_settings, defaults, keyword_signature, unknown_settings
 from .distributed import DirectionGather, check_shard_position, shard_position, sum_over_processes
-from .hyperparameters import DEFAULTS, check_group_hyperparameters, check_window_settings, resolve_grad_dtype
 from .layout import Layout
 from .memory import optimizer_state_bytes
 from .phases import phase
 from .window import GradientWindow, WindowSettings
 
-# The optimizer's own state entries, beside the window's: counters and the shard position. The host reads them at
-# every step, so they stay on the CPU, as torch.optim keeps "step" (and so do the window's HOST_KEYS).
-COUNTERS = ("step", "skipped_steps", "shard_rank", "shard_world_size")
+# The optimizer's own counter, beside the window's: the host reads it, so it stays on the CPU, as torch.optim keeps
+# "step" (and so do the window's HOST_KEYS).
+COUNTERS = ("skipped_steps",)
 
 
 class MFAC(Optimizer):
@@ -51,16 +51,13 @@ class MFAC(Optimizer):
             under DDP). Without a process group this changes nothing. State dicts are per rank.
     """
 
-    def __init__(self, params: Iterable, *, lr: float = 1e-4, num_grads: int = 1024, damp: float = 1e-6,
-                 momentum: float = 0.0, weight_decay: float = 0.0,
-                 grad_dtype: Union[str, torch.dtype] = torch.float32, shard: bool = False,
-                 density: float = 1.0) -> None:
-        defaults = dict(lr=lr, num_grads=num_grads, damp=damp, momentum=momentum, weight_decay=weight_decay,
-                        grad_dtype=resolve_grad_dtype(grad_dtype), shard=shard, density=density)
-        check_group_hyperparameters(defaults)
+    def __init__(self, params: Iterable, **settings: Any) -> None:
+        # The settings and their defaults are MFACConfig's (config.py); the signature below spells them out.
+        unknown_settings(settings, "MFAC")
+        config = MFACConfig(**settings)
         refuse_zero_redundancy()
         self._start_working_objects()
-        super().__init__(params, defaults)
+        super().__init__(params, config.as_dict())
 
     def _start_working_objects(self) -> None:
         """What the optimizer keeps besides its state, all of it made again from the state when needed: a copy
@@ -73,10 +70,8 @@ class MFAC(Optimizer):
         self._gather = DirectionGather()
 
     def add_param_group(self, param_group: dict) -> None:
-        if "grad_dtype" in param_group:
-            param_group["grad_dtype"] = resolve_grad_dtype(param_group["grad_dtype"])
         super().add_param_group(param_group)
-        check_group_hyperparameters(self.param_groups[-1])
+        check_group(self.param_groups[-1])
         check_window_settings(self.param_groups)
         devices = {p.device for g in self.param_groups for p in g["params"]}
         if len(devices) > 1:
@@ -108,12 +103,12 @@ class MFAC(Optimizer):
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         for index, param in zip(saved_ids, [p for group in self.param_groups for p in group["params"]]):
             if index in state_dict["state"]:
-                self.state[param] = {key: value.clone() if on_host(key) else value.to(device=param.device, copy=True)
+                self.state[param] = {key: loaded_copy(key, value, param.device)
                                      for key, value in state_dict["state"][index].items()}
         self._window = None  # made again from the loaded state at the next step
         if self._params() and self._params()[0] in self.state and GradientWindow.saved_in(self._shared_state()):
             GradientWindow.upgrade_saved(self._shared_state())
-            check_shard_position(self._shared_state(), self._stored_layout())
+            check_shard_position(self._shared_state(), self._layout())
 
     def __setstate__(self, state: dict) -> None:
         """Param groups saved before a setting existed get its default (torch.optim's place for upgrades); a copy
@@ -121,8 +116,8 @@ class MFAC(Optimizer):
         super().__setstate__(state)
         self._start_working_objects()
         for group in self.param_groups:
-            for key in ("shard", "density"):
-                group.setdefault(key, DEFAULTS[key])
+            for key, default in defaults().items():
+                group.setdefault(key, default)
 
     def memory_bytes(self, with_buffers: bool = False) -> int:
         """Bytes of state this optimizer holds in this process (its shard of the window, the Gram matrix, momentum,
@@ -171,15 +166,9 @@ class MFAC(Optimizer):
             self._skip_nonfinite()
             return loss
         window = self._current_window(grad)
-        state = self._shared_state()
-        direction = window.insert_and_precondition(grad, int(state["step"]))
-        self._save_window_state(window)
-        state["step"] += 1
+        direction = window.insert_and_precondition(grad)
         with phase("update"):
-            update = self._with_momentum(window.layout, direction)
-            if window.layout.world_size > 1:
-                update = self._gather(window.layout, update)
-            self._update_params(window.layout, update)
+            self._write_update(window.layout, direction)
         return loss
 
     def _params(self) -> list[Tensor]:
@@ -216,29 +205,23 @@ class MFAC(Optimizer):
         return torch.cat(pieces, out=self._gradient)
 
     def _current_window(self, first_gradient: Optional[Tensor] = None) -> GradientWindow:
-        """The window, following the param groups' settings at this step: made from the state when there is one
-        (after load_state_dict), else allocated for `first_gradient`."""
+        """The window, following the param groups' settings at this step: made once, over the state when there is
+        one (after load_state_dict), else allocated for `first_gradient`."""
         check_window_settings(self.param_groups)
         settings = WindowSettings.of(self.param_groups[0], self._precision())
-        layout, shared = self._stored_layout(), self._shared_state()
+        if self._window is not None:
+            if self._window.layout.shapes != tuple(p.shape for p in self._params()):
+                self._take_new_parameters(self._layout())
+            self._window.follow(settings, *shard_position(settings.shard))
+            return self._window
+        layout, params = self._layout(), self._params()
+        shared, param_states = self.state[params[0]], [self.state[p] for p in params]
         sum_shards = sum_over_processes if layout.world_size > 1 else None
         if GradientWindow.saved_in(shared):
-            check_shard_position(shared, layout)
-        if self._window is not None:
-            if self._window.layout.shapes != layout.shapes:
-                self._take_new_parameters(layout)
-            self._window.follow(settings)
-        elif GradientWindow.saved_in(shared):
-            params = self._params()
-            parts = {index: self.state[params[index]] for index in layout.row_sparse}
-            self._window = GradientWindow.from_state(layout, settings, shared, parts, sum_shards)
+            self._window = GradientWindow.from_state(layout, settings, shared, param_states, sum_shards)
         else:
-            self._window = GradientWindow.allocate(layout, settings, first_gradient, sum_shards)
-            shared.update(step=torch.tensor(0, dtype=torch.int64),
-                          skipped_steps=shared.get("skipped_steps", torch.tensor(0, dtype=torch.int64)),  # before this
-                          shard_rank=torch.tensor(layout.rank, dtype=torch.int64),
-                          shard_world_size=torch.tensor(layout.world_size, dtype=torch.int64))
-            self._save_window_state(self._window)
+            self._window = GradientWindow.allocate(layout, settings, first_gradient, shared, param_states, sum_shards)
+            shared.setdefault("skipped_steps", torch.tensor(0, dtype=torch.int64))
         return self._window
 
     def _take_new_parameters(self, layout: Layout) -> None:
@@ -254,20 +237,11 @@ class MFAC(Optimizer):
         if "momentum_buffer" in shared:
             velocity = shared["momentum_buffer"]
             shared["momentum_buffer"] = torch.cat([velocity, velocity.new_zeros(layout.local_size - velocity.numel())])
-        self._save_window_state(self._window)
 
-    def _save_window_state(self, window: GradientWindow) -> None:
-        """The window's tensors into the optimizer's state, for state_dict(): a step may have replaced some (a
-        row-sparse part that grew, or moved to dense storage)."""
-        window.save_into(self._shared_state(), [self.state[param] for param in self._params()])
-
-    def _stored_layout(self) -> Layout:
-        """This process's layout as the state records it: row-sparse parameters hold row indices."""
-        params = self._params()
+    def _layout(self) -> Layout:
+        """This process's layout of the parameters that require grad (the window decides its row-sparse blocks)."""
         rank, world_size = shard_position(self.param_groups[0]["shard"])
-        return Layout(tuple(p.shape for p in params), rank, world_size,
-                      frozenset(index for index, p in enumerate(params)
-                                if GradientWindow.holds_row_sparse_part(self.state[p])))
+        return Layout(tuple(p.shape for p in self._params()), rank, world_size)
 
     def _skip_nonfinite(self) -> None:
         # Counted under the first parameter, where the window state will be made: before the first stored gradient
@@ -277,6 +251,13 @@ class MFAC(Optimizer):
         if not self._warned_nonfinite:
             warnings.warn("MFAC: gradient contains NaN or Inf; step skipped (window and parameters unchanged)")
             self._warned_nonfinite = True
+
+    def _write_update(self, layout: Layout, direction: Tensor) -> None:
+        """The parameters take the step: with momentum, gathered from every process's columns when sharded."""
+        update = self._with_momentum(layout, direction)
+        if layout.world_size > 1:
+            update = self._gather(layout, update)
+        self._update_params(layout, update)
 
     def _with_momentum(self, layout: Layout, direction: Tensor) -> Tensor:
         """This rank's update: per group with momentum μ > 0, v ← μv + (1 − μ)u (kept for this rank's blocks),
@@ -330,11 +311,17 @@ def refuse_zero_redundancy() -> None:
         frame = frame.f_back
 
 
-def on_host(key: str) -> bool:
-    """Whether a state entry stays on the CPU when loaded (the host reads it at every step)."""
-    return key in COUNTERS or key in GradientWindow.HOST_KEYS
+def loaded_copy(key: str, value: Tensor, device: torch.device) -> Tensor:
+    """A loaded state entry, copied: on the CPU where the host reads it at every step, else on the parameter's
+    device; contiguous, as the window's passes read it."""
+    if key in COUNTERS or key in GradientWindow.HOST_KEYS:
+        return value.clone(memory_format=torch.contiguous_format)
+    return value.to(device=device, copy=True, memory_format=torch.contiguous_format)
 
 
 def trained(group: dict) -> list[Tensor]:
     """A param group's parameters that require grad."""
     return [p for p in group["params"] if p.requires_grad]
+
+
+MFAC.__init__.__signature__ = keyword_signature(MFAC.__init__, leading=2)

@@ -69,9 +69,7 @@ def test_an_update_while_the_window_fills_touches_only_the_filled_slots(form, fi
 
 def new_kernel(num_grads: int, damp: float) -> GramSystem:
     """A kernel as the optimizer makes it: Gram matrix zero, no factor yet (λ NaN)."""
-    gram = torch.zeros(num_grads, num_grads, dtype=torch.float64)
-    return GramSystem(gram, torch.zeros_like(gram), torch.tensor(float("nan"), dtype=torch.float64),
-                        torch.tensor(0), damp)
+    return GramSystem.allocate(num_grads, damp, {}, torch.device("cpu"))
 
 
 def reference_solve(rows: torch.Tensor, slot: int, damp: float) -> torch.Tensor:

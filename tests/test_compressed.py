@@ -7,6 +7,9 @@ import torch
 
 from mfac_optim import MFAC, memory_bound_bytes
 from mfac_optim.compressed import BLOCK, CompressedRows, kept_of
+from mfac_optim.kernels import cpu_passes
+from mfac_optim.kernels.torch_passes import TorchPasses
+from mfac_optim.storage import PartPlan
 from mfac_optim.layout import Layout
 
 TOLERANCE = 1e-4
@@ -163,16 +166,18 @@ def test_fused_passes_equal_the_torch_passes_and_float64(dtype, kernel_threads):
                            for _ in range(blocks * m)]).view(blocks, m, kept)
     offsets[0, 0, -1] = BLOCK - 1  # the largest offset an int16 holds
     values = torch.randn(blocks, m, kept, generator=generator).to(dtype)
-    part = CompressedRows(values, offsets.to(torch.int16), torch.zeros(blocks * BLOCK), size, kept / BLOCK,
-                          torch.float32)
-    assert part._fused is not None, "the fused CPU kernels must build on the CI machine"
+    assert cpu_passes() is not None, "the fused CPU kernels must build on the CI machine"
+    saved = {"compressed_values": values, "compressed_offsets": offsets.to(torch.int16),
+             "error": torch.zeros(blocks * BLOCK)}
+    plan = PartPlan(CompressedRows, m, size, dtype, torch.float32, density=kept / BLOCK)
+    part = CompressedRows.from_state(plan, saved, cpu_passes())
     dense = part.to_dense().double()
     assert dense[0, BLOCK - 1] == values[0, 0, -1].double()
     coefficients = torch.randn(m, dtype=torch.float64, generator=generator)
     passes = {}
     for form in ("fused", "unfused"):
         if form == "unfused":
-            part._fused = None
+            part = CompressedRows.from_state(plan, saved, TorchPasses(torch.float32))
         # Every slot, and the first 3 (a window still filling: its passes visit the filled slots only).
         passes[form] = [(filled, part.dots(2, filled), part.combine(coefficients[:filled]).clone()) for filled in (m, 3)]
     for filled, dots, combined in passes["fused"] + passes["unfused"]:
@@ -184,10 +189,10 @@ def test_fused_passes_equal_the_torch_passes_and_float64(dtype, kernel_threads):
 def test_fused_store_selects_and_feeds_back_as_the_torch_store(dtype, kernel_threads):
     size = 3 * BLOCK + 1000
     generator = torch.Generator().manual_seed(6)
-    fused = CompressedRows.allocate(4, size, 0.01, dtype, torch.float32, "cpu")
-    unfused = CompressedRows.allocate(4, size, 0.01, dtype, torch.float32, "cpu")
-    assert fused._fused is not None
-    unfused._fused = None
+    plan = PartPlan(CompressedRows, 4, size, dtype, torch.float32, density=0.01)
+    assert cpu_passes() is not None
+    fused = CompressedRows.allocate(plan, {}, torch.device("cpu"), cpu_passes())
+    unfused = CompressedRows.allocate(plan, {}, torch.device("cpu"), TorchPasses(torch.float32))
     for slot in range(6):  # wraps once
         gradient = torch.randn(size, generator=generator) * torch.exp(2 * torch.randn(size, generator=generator))
         gradient[:5000] = 0  # a stretch where only the error feeds the selection
@@ -202,9 +207,8 @@ def test_fused_store_selects_and_feeds_back_as_the_torch_store(dtype, kernel_thr
 
 def kept_entries(size: int, density: float, fused: bool) -> int:
     """Entries one store keeps of a gradient without zeros over `size` coordinates."""
-    rows = CompressedRows.allocate(2, size, density, torch.float32, torch.float32, "cpu")
-    if not fused:
-        rows._fused = None
+    plan = PartPlan(CompressedRows, 2, size, torch.float32, torch.float32, density=density)
+    rows = CompressedRows.allocate(plan, {}, torch.device("cpu"), cpu_passes() if fused else TorchPasses(torch.float32))
     rows.store(0, torch.randn(size, generator=torch.Generator().manual_seed(size)) + 3.0)  # no zero entry
     return int((rows.to_dense()[0] != 0).sum())
 

@@ -1,32 +1,30 @@
-"""The README's tables are what they claim to be: the `--optim_args` table is the parser's (every MFACArguments field,
-with its default, and no other key), and each answered task's results are what compare.py prints from the kept
-records with the commands in docs/results.md."""
+"""The README's tables are what they claim to be: the `--optim_args` table is the settings' declaration (every
+MFACConfig field, with its default, allowed values and meaning, and no other key), and each answered task's results
+are what compare.py prints from the kept records with the commands in docs/results.md."""
 import re
-from dataclasses import MISSING, fields
 from pathlib import Path
 
-from mfac_optim.hf.arguments import MFACArguments
+from mfac_optim.config import defaults, settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # lr and weight_decay default to the Trainer's flags, as MFACArguments.parse fills them in.
 FROM_FLAGS = {"lr": "`--learning_rate`", "weight_decay": "`--weight_decay`"}
 
 
-def optim_args_table() -> dict[str, str]:
-    """key -> default cell, from the table under the README's marker comment."""
+def optim_args_table() -> dict[str, list[str]]:
+    """key -> [default, allowed, meaning] cells, from the table under the README's marker comment."""
     text = README.read_text()
     rows = text[text.index("<!-- optim_args table"):].split("\n\n")[0].splitlines()
     cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows if row.startswith("| `")]
-    return {re.fullmatch(r"`(\w+)`", key).group(1): default for key, default, *_ in cells}
+    return {re.fullmatch(r"`(\w+)`", key).group(1): rest for key, *rest in cells}
 
 
-def test_optim_args_table_lists_every_key_with_its_default():
+def test_optim_args_table_is_the_settings_declaration():
     table = optim_args_table()
-    parsed = {f.name: f.default for f in fields(MFACArguments) if f.name != "given"}
-    assert set(table) == set(parsed)
-    for key, default in parsed.items():
-        assert default is not MISSING
-        assert table[key] == FROM_FLAGS.get(key, str(default)), key
+    assert list(table) == list(settings())
+    for key, declared in settings().items():
+        default = FROM_FLAGS.get(key, str(defaults()[key]))
+        assert table[key] == [default, declared.allowed, declared.meaning], key
 
 
 RESULTS = README.parent / "docs" / "results.md"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mfac_optim import kernels
-from mfac_optim.storage import DenseRows
+from mfac_optim.storage import DenseRows, PartPlan
 
 X86_64_V3 = kernels.X86_64_V3_FLAGS | {"sse2", "sse4_2", "popcnt"}
 OLDER_X86 = frozenset({"sse2", "sse4_2", "popcnt", "avx"})  # e.g. a Sandy Bridge compute node: AVX without AVX2
@@ -58,9 +58,7 @@ def test_a_cpu_without_avx2_builds_and_loads_its_own_portable_module(cpu, monkey
     # Its passes (scalar code: no AVX2 is compiled in) against float64.
     generator = torch.Generator().manual_seed(0)
     window = torch.randn(5, 3000, generator=generator)
-    monkeypatch.setattr("mfac_optim.storage.fused_passes_for", lambda *args: portable)
-    rows = DenseRows(window, torch.float32)
-    assert rows._compiled is portable
+    rows = DenseRows({"window": window}, PartPlan(DenseRows, 5, 3000, torch.float32, torch.float32), portable)
     exact = window.double()
     torch.testing.assert_close(rows.dots(1, 5), exact @ exact[1], rtol=1e-5, atol=1e-4)
     coefficients = torch.randn(5, dtype=torch.float64, generator=generator)
@@ -80,7 +78,7 @@ with exclusive_build(sys.argv[1]):
 
 # A child that loads the kernels as the optimizer does, on a machine whose last build was cut short.
 LOAD_THE_KERNELS = r"""
-from mfac_optim.kernels import cpu_passes
+from mfac_optim.kernels import cpu_passes, passes_for
 assert cpu_passes() is not None, "no kernels"
 print("loaded")
 """

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mfac_optim import MFAC, algebra, memory_bound_bytes
-from mfac_optim.hyperparameters import GRAD_DTYPES
-from mfac_optim.kernels import cpu_passes
-from mfac_optim.storage import DenseRows
+from mfac_optim.config import GRAD_DTYPES
+from mfac_optim.kernels import cpu_passes, passes_for
+from mfac_optim.storage import DenseRows, PartPlan
 
 TOLERANCE = 1e-4
 
@@ -230,8 +230,8 @@ def test_fused_cpu_passes_against_float64(dtype, kernel_threads):
     assert kernels is not None, "the fused CPU kernels must build on the CI machine"
     generator = torch.Generator().manual_seed(0)
     window = torch.randn(7, 3 * 8192 + 13, generator=generator).to(dtype)
-    rows = DenseRows(window, torch.float32)
-    assert rows._compiled is kernels
+    assert passes_for(torch.device("cpu"), dtype, torch.float32) is kernels
+    rows = DenseRows({"window": window}, PartPlan(DenseRows, 7, window.shape[1], dtype, torch.float32), kernels)
     exact = window.double()
     # Off-diagonal dots of random rows are far smaller than their terms: bound the error by the terms' scale (n).
     dots = rows.dots(2, 7)
@@ -497,27 +497,27 @@ def test_cuda_matches_dense_reference(grad_dtype):
 
 
 
-def test_one_table_of_defaults_for_the_signature_the_arguments_and_old_param_groups():
+def test_the_settings_declared_once_drive_the_signature_the_arguments_and_old_param_groups():
     import inspect
-    from dataclasses import fields
 
+    from mfac_optim.config import defaults
     from mfac_optim.hf.arguments import MFACArguments
-    from mfac_optim.hyperparameters import DEFAULTS, resolve_grad_dtype
 
-    signature = {name: parameter.default for name, parameter in inspect.signature(MFAC.__init__).parameters.items()
-                 if name not in ("self", "params")}
-    signature["grad_dtype"] = resolve_grad_dtype(signature["grad_dtype"])
-    assert signature == DEFAULTS
-    assert {f.name: f.default for f in fields(MFACArguments) if f.name != "given"} == DEFAULTS
-    # A param group saved before shard and density existed gets their defaults when loaded.
-    optimizer = MFAC([torch.nn.Parameter(torch.zeros(3))])
+    signature = {name: parameter.default for name, parameter in inspect.signature(MFAC).parameters.items()
+                 if name != "params"}
+    assert signature == defaults() == MFAC([torch.nn.Parameter(torch.zeros(3))]).defaults
+    assert MFACArguments.parse(None, defaults()["lr"], defaults()["weight_decay"]).kwargs() == defaults()
+    with pytest.raises(TypeError, match="unknown setting.*num_grad.*allowed: lr, num_grads"):
+        MFAC([torch.nn.Parameter(torch.zeros(3))], num_grad=8)
+    assert MFAC([torch.nn.Parameter(torch.zeros(3))], grad_dtype=torch.bfloat16).defaults["grad_dtype"] == "bfloat16"
+    # A param group saved before a setting existed gets its default when loaded.
+    optimizer = MFAC([torch.nn.Parameter(torch.zeros(3))], num_grads=8)
     old = optimizer.state_dict()
     for group in old["param_groups"]:
         del group["shard"], group["density"]
     restored = MFAC([torch.nn.Parameter(torch.zeros(3))])
     restored.__setstate__({"state": {}, "param_groups": old["param_groups"], "defaults": {}})
-    assert (restored.param_groups[0]["shard"], restored.param_groups[0]["density"]) == (DEFAULTS["shard"],
-                                                                                          DEFAULTS["density"])
+    assert {key: restored.param_groups[0][key] for key in defaults()} == {**defaults(), "num_grads": 8}
 
 
 def test_window_and_held_bytes_by_hand():

@@ -6,9 +6,12 @@ import torch
 
 pytest.importorskip("triton")
 import test_compressed  # noqa: E402
-from mfac_optim import MFAC, compressed, storage  # noqa: E402
+from mfac_optim import MFAC  # noqa: E402
+from mfac_optim import window as window_module  # noqa: E402
 from mfac_optim.compressed import BLOCK, CompressedRows  # noqa: E402
 from mfac_optim.kernels import triton_passes  # noqa: E402
+from mfac_optim.kernels.torch_passes import TorchPasses  # noqa: E402
+from mfac_optim.storage import PartPlan  # noqa: E402
 from test_mfac_optim import TOLERANCE, run_against_reference, set_random_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,12 +39,11 @@ def test_passes_equal_float64_across_tiles_and_splits(dtype):
 def test_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch, grad_dtype):
     calls = []
 
-    def triton_for_every_window(window, accumulate_dtype):
-        calls.append(window.dtype)
+    def triton_for_every_window(device, dtype, accumulate_dtype):
+        calls.append(dtype)
         return triton_passes
 
-    monkeypatch.setattr(storage, "fused_passes_for", lambda storage, accumulate_dtype: None)
-    monkeypatch.setattr(storage, "triton_passes_for", triton_for_every_window)
+    monkeypatch.setattr(window_module, "passes_for", triton_for_every_window)
     worst = run_against_reference([(40, 30), (30,), (7,)], 16, 1e-6, 40, grad_dtype=grad_dtype, device=DEVICE)
     assert calls and set(calls) == {grad_dtype}
     assert worst < TOLERANCE, worst
@@ -53,7 +55,8 @@ def test_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch, g
 def test_compressed_passes_equal_float64_and_the_combine_repeats_bit_for_bit(monkeypatch, dtype, runs, filled):
     monkeypatch.setattr(triton_passes, "PARTIAL_BYTES", 4 * 4 * BLOCK * runs)
     size, generator = 3 * BLOCK + 100, torch.Generator().manual_seed(1)
-    rows = CompressedRows.allocate(6, size, 0.01, dtype, torch.float32, "cpu")
+    rows = CompressedRows.allocate(PartPlan(CompressedRows, 6, size, dtype, torch.float32, density=0.01), {},
+                                   torch.device("cpu"), TorchPasses(torch.float32))
     for slot in range(5):  # slot 5 stays empty: its offsets are the initial distinct ones, its values zero
         rows.store(slot, torch.randn(size, generator=generator) * torch.exp(2 * torch.randn(size, generator=generator)))
     values, offsets = rows.values.to(DEVICE), rows.offsets.to(DEVICE)
@@ -74,8 +77,7 @@ def test_compressed_passes_equal_float64_and_the_combine_repeats_bit_for_bit(mon
 @pytest.mark.skipif(torch.cuda.is_available(), reason="test_compressed's CPU tensors reach Triton only through its "
                     "interpreter, which conftest turns on without CUDA")
 def test_compressed_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch):
-    monkeypatch.setattr(compressed, "triton_passes_for", lambda storage, accumulate_dtype: triton_passes)
-    monkeypatch.setattr(compressed, "fused_passes_for", lambda storage, accumulate_dtype: None)
+    monkeypatch.setattr(window_module, "passes_for", lambda device, dtype, accumulate_dtype: triton_passes)
     calls = []
     for name in ("compressed_dots", "compressed_combine"):
         kernel = getattr(triton_passes, name)
@@ -173,8 +175,7 @@ def test_row_sparse_combine_equals_float64_and_repeats_bit_for_bit(monkeypatch, 
 
 
 def test_row_sparse_optimizer_with_the_triton_passes_matches_the_dense_solve(monkeypatch):
-    monkeypatch.setattr(storage, "triton_passes_for", lambda storage, accumulate_dtype: triton_passes)
-    monkeypatch.setattr(storage, "fused_passes_for", lambda storage, accumulate_dtype: None)
+    monkeypatch.setattr(window_module, "passes_for", lambda device, dtype, accumulate_dtype: triton_passes)
     worst = run_against_reference([(120, 6), (6, 6), (6,)], 16, 1e-6, 40, sparse_rows={0: 7}, device=DEVICE)
     assert "row_values" in run_against_reference.last_optimizer.state[
         run_against_reference.last_optimizer.param_groups[0]["params"][0]]

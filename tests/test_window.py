@@ -35,12 +35,12 @@ def test_each_direction_equals_a_dense_float64_solve_across_wraps(damp):
     layout = Layout((torch.Size(EMBEDDING), torch.Size(MATRIX), torch.Size(VECTOR)))
     generator = torch.Generator().manual_seed(0)
     gradients = [gradient(generator) for _ in range(steps)]
-    window = GradientWindow.allocate(layout, settings, gradients[0])
+    window = GradientWindow.allocate(layout, settings, gradients[0], {}, [{}, {}, {}])
     assert list(window.sparse) == [0], "the embedding is kept row-sparse"
     slots = [torch.zeros_like(gradients[0]) for _ in range(num_grads)]
     for step, g in enumerate(gradients):
         slot = step % num_grads  # the oldest slot is replaced
-        direction = window.insert_and_precondition(g, step)
+        direction = window.insert_and_precondition(g)
         slots[slot] = g
         expected = dense_solve(slots, g, damp, num_grads)
         torch.testing.assert_close(direction.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
@@ -54,12 +54,14 @@ def test_a_window_made_from_its_saved_state_goes_on_identically():
     layout = Layout((torch.Size(EMBEDDING), torch.Size(MATRIX), torch.Size(VECTOR)))
     generator = torch.Generator().manual_seed(1)
     gradients = [gradient(generator) for _ in range(6)]
-    window = GradientWindow.allocate(layout, settings, gradients[0])
-    for step, g in enumerate(gradients[:4]):
-        window.insert_and_precondition(g, step)
-    shared, parts = window.state()
+    shared, param_states = {}, [{}, {}, {}]
+    window = GradientWindow.allocate(layout, settings, gradients[0], shared, param_states)
+    for g in gradients[:4]:
+        window.insert_and_precondition(g)
+    assert set(param_states[0]) == {"row_indices", "row_values"} and not param_states[1] and not param_states[2]
     copies = ({key: value.clone() for key, value in shared.items()},
-              {index: {key: value.clone() for key, value in part.items()} for index, part in parts.items()})
-    restored = GradientWindow.from_state(window.layout, settings, *copies)
-    for step, g in enumerate(gradients[4:], start=4):
-        assert torch.equal(window.insert_and_precondition(g, step), restored.insert_and_precondition(g, step))
+              [{key: value.clone() for key, value in state.items()} for state in param_states])
+    restored = GradientWindow.from_state(layout, settings, *copies)
+    assert restored.layout == window.layout  # the saved state says which blocks are row-sparse
+    for g in gradients[4:]:
+        assert torch.equal(window.insert_and_precondition(g), restored.insert_and_precondition(g))

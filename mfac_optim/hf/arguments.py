@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..hyperparameters import DEFAULTS, check_group_hyperparameters, resolve_grad_dtype
+from ..config import MFACConfig, settings
 from .optim_args import MFACArgumentError, parse_optim_args
 
 logger = logging.getLogger(__name__)
@@ -27,40 +27,28 @@ OPTIMIZERS_WITHOUT_ARGS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla"
 
 
 @dataclass(frozen=True)
-class MFACArguments:
-    """MFAC's constructor arguments, as `--optim_args` gives them (defaults: MFAC's)."""
+class MFACArguments(MFACConfig):
+    """MFAC's settings (MFACConfig: their defaults and checks), as `--optim_args` gives them, with the keys it
+    named."""
 
-    lr: float = DEFAULTS["lr"]
-    num_grads: int = DEFAULTS["num_grads"]
-    damp: float = DEFAULTS["damp"]
-    momentum: float = DEFAULTS["momentum"]
-    weight_decay: float = DEFAULTS["weight_decay"]
-    grad_dtype: str = DEFAULTS["grad_dtype"]
-    shard: bool = DEFAULTS["shard"]
-    density: float = DEFAULTS["density"]
     given: tuple[str, ...] = field(default=(), compare=False)  # the keys --optim_args named, for the record
 
     @classmethod
     def parse(cls, optim_args: Optional[str], learning_rate: float, weight_decay: float) -> MFACArguments:
         """From `--optim_args`; `lr` and `weight_decay` default to `--learning_rate` and `--weight_decay`."""
         given = parse_optim_args(optim_args) if optim_args else {}
-        allowed = [f.name for f in fields(cls) if f.name != "given"]
-        unknown = sorted(set(given) - set(allowed))
+        unknown = sorted(set(given) - set(settings()))
         if unknown:
             raise MFACArgumentError(f"--optim_args: unknown key(s) {', '.join(unknown)} for MFAC (allowed: "
-                                    f"{', '.join(allowed)})")
-        values = {"lr": learning_rate, "weight_decay": weight_decay, **given}
+                                    f"{', '.join(settings())})")
         try:
-            values["grad_dtype"] = resolve_grad_dtype(values.get("grad_dtype", DEFAULTS["grad_dtype"]))
-            arguments = cls(**values, given=tuple(given))
-            check_group_hyperparameters(arguments.kwargs())
+            return cls(**{"lr": learning_rate, "weight_decay": weight_decay, **given}, given=tuple(given))
         except ValueError as error:
             raise MFACArgumentError(f"--optim_args: {error}") from None
-        return arguments
 
     def kwargs(self) -> dict[str, Any]:
         """For `MFAC(params, **kwargs)`."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "given"}
+        return self.as_dict()
 
     def record(self) -> dict[str, Any]:
         """lr, weight_decay and what --optim_args named: how the run was made."""

@@ -1,7 +1,7 @@
 """The window passes' kernels. On the CPU: compiled from the C++ sources beside this file on first use (some
 seconds, then cached by torch) and found relative to the installed package. On a GPU: the Triton kernels of
-triton_passes.py, which cover the dots and the combine of every storage kind. Where neither applies, the callers'
-torch passes serve instead.
+triton_passes.py, which cover the dots and the combine of every storage kind. Where neither applies, the torch
+passes of torch_passes.py serve instead; `passes_for` picks one of the three for a window.
 
 The CPU build targets a fixed instruction set, never the building machine's own (-march=native): torch caches
 builds per user, Python and torch version, not per CPU, so on a cluster with a shared home a build made on a newer
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+
+from .torch_passes import TorchPasses
 
 SOURCES = Path(__file__).resolve().parent
 CPP_SOURCES = ("cpu_passes.cpp", "factor_update.cpp", "bindings.cpp")  # and kernels.h, which they include
@@ -121,24 +123,27 @@ def exclusive_build(build_directory: str) -> Iterator[None]:
         yield
 
 
-def triton_passes_for(storage: torch.Tensor, accumulate_dtype: torch.dtype) -> Optional[object]:
-    """The Triton passes (triton_passes.py) if they apply to this window storage (a contiguous CUDA tensor, fp32
-    accumulation) and Triton is installed, else None. They name their functions as the compiled module does, so a
-    caller takes `fused_passes_for(...) or triton_passes_for(...)` for a pass both provide."""
-    applies = (storage.device.type == "cuda" and accumulate_dtype == torch.float32 and storage.is_contiguous()
-               and storage.dtype in (torch.float32, torch.bfloat16, torch.float16))
-    if not applies:
-        return None
-    try:
-        from . import triton_passes
-    except ImportError:  # torch's CUDA wheels bring Triton; other builds may not
-        return None
-    return triton_passes
+def passes_for(device: torch.device, dtype: torch.dtype, accumulate_dtype: torch.dtype) -> object:
+    """The backend of a window's passes, picked once when the window is made: the compiled CPU kernels for a CPU
+    window of fp32 or bf16 summed in fp32, the Triton kernels for a GPU window of fp32, bf16 or fp16 summed in fp32,
+    else (float64 sums, other dtypes, no compiler, no Triton) the torch passes. All three have the same function
+    names and signatures (torch_passes.py)."""
+    if accumulate_dtype == torch.float32:
+        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            compiled = cpu_passes()
+            if compiled is not None:
+                return compiled
+        if device.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16):
+            try:
+                from . import triton_passes
+            except ImportError:  # torch's CUDA wheels bring Triton; other builds may not
+                pass
+            else:
+                return triton_passes
+    return TorchPasses(accumulate_dtype)
 
 
-def fused_passes_for(storage: torch.Tensor, accumulate_dtype: torch.dtype) -> Optional[object]:
-    """The fused CPU passes if they apply to this window storage (CPU, fp32 or bf16, contiguous, fp32
-    accumulation), else None."""
-    applies = (storage.device.type == "cpu" and accumulate_dtype == torch.float32 and storage.is_contiguous()
-               and storage.dtype in (torch.float32, torch.bfloat16))
-    return cpu_passes() if applies else None
+def buffer_bytes(passes: object) -> int:
+    """The scratch a backend keeps between steps: the torch passes' converted block (the compiled and Triton passes
+    keep none)."""
+    return passes.buffer_bytes() if isinstance(passes, TorchPasses) else 0

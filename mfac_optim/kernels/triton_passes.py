@@ -3,13 +3,16 @@ combine, and the row-sparse dots and combine. Each reads the window once, in its
 float64 across tiles (float64 throughout for the compressed dots, as on the CPU). No atomics, so results are
 deterministic. Offsets into a window are int64, since Triton's int32 wraps past 2³¹ entries (bert-mini's dense
 window at m = 1024 has 3.4 billion). The functions have the names and signatures of the compiled CPU module's, so
-the storage kinds call either without knowing which. The tests run them on the CPU under TRITON_INTERPRET=1.
+the storage kinds call any of them without knowing which. The tests run them on the CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 import torch
+
+# The compressed store's selection is torch's top-k on a GPU (the only pass without a Triton kernel).
+from .torch_passes import compressed_select  # noqa: F401  (part of this backend's functions)
 
 ROWS = 16  # window rows per program: one load of the new row's segment serves them all
 COLUMNS = 512  # columns per inner iteration
