@@ -13,8 +13,10 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 #
-# Modified from transformers' examples/pytorch/text-classification/run_glue.py: `--optim MFAC` and the blocks
-# marked "M-FAC fork" (their helpers live in mfac_glue and mfac_optim.hf).
+# Forks transformers v5.0.0: examples/pytorch/text-classification/run_glue.py at the tag v5.0.0 of
+# huggingface/transformers. Changes: `--optim MFAC`, the script's dependency list, and the blocks marked
+# "M-FAC fork" (their helpers live in mfac_glue and mfac_optim.hf). `bash scripts/upstream_diff.sh <transformers
+# clone>` prints the tag's commit and the diff against that file.
 
 # /// script
 # dependencies = [
@@ -70,9 +72,9 @@ from mfac_optim.hf.preflight import examples_per_gradient
 # Will error if the minimal version of Transformers is not installed. Remove at your own risks.
 check_min_version("5.0.0")
 
-require_version("datasets>=1.8.0", "To fix: pip install -r requirements.txt")
+require_version("datasets>=1.8.0", "To fix: pip install -r requirements.txt")  # M-FAC fork: the project's file
 
-task_to_keys = TASK_TO_KEYS
+task_to_keys = TASK_TO_KEYS  # M-FAC fork: GLUE's sentence keys from mfac_glue, which checks local files by them
 
 logger = logging.getLogger(__name__)
 

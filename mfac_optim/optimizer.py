@@ -1,7 +1,9 @@
-"""`MFAC`, the torch.optim plumbing: param groups and their hyperparameters, the state (kept as tensors in
-`self.state`, so state_dict() round-trips it), flattening the gradients, momentum and the parameter update. The
-window (window.py) owns its storage and its m × m system; it is made at the first step, or from the state after
-load_state_dict. Offsets are the layout's (layout.py); sharding across processes is in distributed.py.
+"""`MFAC`, the torch.optim plumbing: param groups and their settings (declared in config.py), the state (kept as
+tensors in `self.state`, its only owner, so state_dict() round-trips it), flattening the gradients, momentum and
+the parameter update. A step reads as gather (the flat gradient), precondition (the window), write (the update).
+The window (window.py) works over the state dicts it is handed, with its storage and its m × m system; it is made
+at the first step, or from the state after load_state_dict. Offsets are the layout's (layout.py); sharding across
+processes is in distributed.py.
 """
 from __future__ import annotations
 

@@ -63,7 +63,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mfac_optim import MFAC, algebra
-from mfac_optim.config import GRAD_DTYPES
+try:
+    from mfac_optim.config import GRAD_DTYPES
+except ImportError:  # a version from before the settings' declaration: timed against this one (PYTHONPATH)
+    from mfac_optim.hyperparameters import GRAD_DTYPES
 try:
     from mfac_optim.phases import PHASE_PREFIX, PHASES, SUBPHASES
 except ImportError:  # a version from before the store's parts were marked: timed against this one (PYTHONPATH)

@@ -800,3 +800,23 @@ def test_controls_are_rows_of_their_tasks_table_and_lines_of_its_time_plot(tmp_p
 def test_labels_read_a_warmup_ratio_as_a_share_of_the_steps():
     assert compare.describe("warmup_steps", 0.142486) == "warmup=14%"
     assert compare.describe("warmup_steps", 100) == "warmup_steps=100"
+
+
+def test_upstream_diff_names_the_tag_commit_and_shows_the_fork_as_a_diff(tmp_path):
+    """A stand-in clone of transformers whose tag holds run_glue.py with one line of HF's own: the script resolves
+    the tag in run_glue.py's header to its commit and prints exactly that line's change."""
+    ours = (ROOT / "run_glue.py").read_text()
+    tag = re.search(r"^# Forks transformers (v[\d.]+):", ours, re.MULTILINE).group(1)
+    upstream_file = tmp_path / "transformers" / "examples/pytorch/text-classification/run_glue.py"
+    upstream_file.parent.mkdir(parents=True)
+    upstream_file.write_text(ours.replace('check_min_version("5.0.0")', 'check_min_version("5.0.0.dev0")'))
+    git = ["git", "-C", str(tmp_path / "transformers"), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-qm", "release"], ["tag", tag]):
+        subprocess.run(git + command, check=True)
+    commit = subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    result = subprocess.run(["bash", str(ROOT / "scripts/upstream_diff.sh"), str(tmp_path / "transformers")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    changed = [line for line in result.stdout.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert result.stdout.splitlines()[0] == f"transformers {tag} is commit {commit}"
+    assert changed == ['-check_min_version("5.0.0.dev0")', '+check_min_version("5.0.0")']
