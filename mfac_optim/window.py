@@ -9,7 +9,7 @@ gradient ĝ as the next slot i and returns F⁻¹ĝ = m · Gᵀ K⁻¹ eᵢ for 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import field, fields, make_dataclass, replace
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .algebra import GramSystem, accumulate_dtype
 from .compressed import CompressedRows, kept_per_block
-from .config import FIXED, GRAD_DTYPES, resolve_grad_dtype, window_keys
+from .config import FIXED, GRAD_DTYPES, MFACConfig, resolve_grad_dtype, window_keys
 from .distributed import check_shard_position
 from .kernels import buffer_bytes, passes_for
 from .layout import Block, Layout, nonzero_rows
@@ -74,16 +74,8 @@ class StorageKind(Protocol):
         """The stored slots as dense rows over the part's columns."""
 
 
-@dataclass(frozen=True)
-class WindowSettings:
-    """What defines the one window shared by all param groups: the settings config.py marks shared or fixed."""
-
-    num_grads: int
-    damp: float
-    grad_dtype: str
-    density: float
-    shard: bool
-    precision: torch.dtype = torch.float32  # of the algebra and the direction: float64 for float64 parameters
+class WindowSettingsMethods:
+    """What `WindowSettings` does besides holding its fields."""
 
     @classmethod
     def of(cls, group: dict, precision: torch.dtype = torch.float32) -> WindowSettings:
@@ -92,6 +84,15 @@ class WindowSettings:
     @property
     def dtype(self) -> torch.dtype:
         return GRAD_DTYPES[self.grad_dtype]
+
+
+# What defines the one window shared by all param groups: the settings config.py marks shared or fixed (the fields
+# are made from that declaration), and `precision`, the dtype of the algebra and the direction (float64 for float64
+# parameters, else fp32).
+WindowSettings = make_dataclass(
+    "WindowSettings", [(f.name, f.type) for f in fields(MFACConfig) if f.name in window_keys()] +
+    [("precision", "torch.dtype", field(default=torch.float32))], bases=(WindowSettingsMethods,), frozen=True,
+    namespace={"__module__": __name__})
 
 
 def plan_parts(layout: Layout, num_grads: int, dtype: torch.dtype, density: float, accumulate: torch.dtype,
