@@ -548,27 +548,30 @@ class StartingStep(TrainerCallback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", KILL_STAGES)
-def test_a_run_killed_while_saving_a_checkpoint_resumes_to_the_same_model(uninterrupted_run, killed_runs, stage,
-                                                                          caplog):
+def test_a_run_killed_while_saving_a_checkpoint_resumes_to_the_same_model(uninterrupted_run, killed_runs, caplog):
+    # One test over the stages: the runs they resume come from one build of the killed runs (a parametrized test
+    # would build them again on each test worker that draws a stage).
     straight, command = uninterrupted_run
     root, exits = killed_runs
-    output = root / stage
-    assert exits[stage] == -9
-    assert (output / "checkpoint-3").is_dir() and (output / "checkpoint-6").is_dir()
-    # The same command again (in this process: the kill needed one of its own, the resume does not) resumes from
-    # the newest complete checkpoint and ends where the uninterrupted run did.
-    caplog.set_level("WARNING", logger="mfac_optim")
-    start = StartingStep()
-    run_glue.main([*command, "--output_dir", str(output)], callbacks=[start])
-    skipped = re.findall(r"Skipping (\S+), which is incomplete \(([^)]*)\)", caplog.text)
-    if stage == "state":
-        assert skipped == [] and start.step == 6
-    else:
-        assert [Path(folder).name for folder, _ in skipped] == ["checkpoint-6"], caplog.text[-2000:]
-        assert start.step == 3
-    final, expected = load_file(output / "model.safetensors"), load_file(straight / "model.safetensors")
-    assert final.keys() == expected.keys() and all(torch.equal(final[key], expected[key]) for key in final)
+    expected = load_file(straight / "model.safetensors")
+    for stage in KILL_STAGES:
+        output = root / stage
+        assert exits[stage] == -9, stage
+        assert (output / "checkpoint-3").is_dir() and (output / "checkpoint-6").is_dir(), stage
+        # The same command again (in this process: the kill needed one of its own, the resume does not) resumes
+        # from the newest complete checkpoint and ends where the uninterrupted run did.
+        caplog.clear()
+        caplog.set_level("WARNING", logger="mfac_optim")
+        start = StartingStep()
+        run_glue.main([*command, "--output_dir", str(output)], callbacks=[start])
+        skipped = re.findall(r"Skipping (\S+), which is incomplete \(([^)]*)\)", caplog.text)
+        if stage == "state":
+            assert skipped == [] and start.step == 6, stage
+        else:
+            assert [Path(folder).name for folder, _ in skipped] == ["checkpoint-6"], (stage, caplog.text[-2000:])
+            assert start.step == 3, stage
+        final = load_file(output / "model.safetensors")
+        assert final.keys() == expected.keys() and all(torch.equal(final[key], expected[key]) for key in final), stage
 
 
 # --- where run_glue.py keeps HF's behaviour: a pretrained head's label order, the model card, the push, resume -
