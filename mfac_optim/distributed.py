@@ -1,16 +1,27 @@
-"""Sharding the window across processes (see docs/design.md): each process keeps its rows of every parameter
-(`Layout` says which), the dot products are summed over processes so that all solve the same m × m system, and the
-processes' directions are gathered into the full one. The math modules never call torch.distributed themselves.
+"""Sharding the window across processes (see docs/design.md). Two ways:
+
+- `shard=True` over whole parameters (DDP): each process keeps its rows of every parameter (`Layout` says which),
+  the dot products are summed over processes so that all solve the same m × m system, and the processes'
+  directions are gathered into the full one;
+- parameters that FSDP2 (`fully_shard`) made DTensors: each process keeps the window of its own shards, the dot
+  products are summed over the processes that split the parameters, and each process updates its shards alone.
+
+The math modules never call torch.distributed themselves.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .layout import Layout
+
+try:  # torch.distributed.tensor is public from torch 2.4 on; builds without distributed support lack it
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    DTensor = ()  # isinstance(x, ()) is False: no tensor is a DTensor
 
 
 def shard_position(shard: bool) -> tuple[int, int]:
@@ -33,6 +44,40 @@ def check_shard_position(state: dict, layout: Layout) -> None:
 def sum_over_processes(dots: Tensor) -> Tensor:
     dist.all_reduce(dots)
     return dots
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """The part of a tensor this process holds: a DTensor's local shard (FSDP2), any other tensor itself. Updating
+    the shard in place updates the parameter."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def fsdp_sum(params: Sequence[Tensor]) -> Optional[Callable[[Tensor], Tensor]]:
+    """For parameters that FSDP2 made DTensors: the sum of each process's partial dot products over the processes
+    among which the parameters are split (one all-reduce of m numbers). Under HSDP the replicas hold the same
+    shards, so the sum runs over the sharding mesh dimension only. None for plain tensors."""
+    dtensors = [p for p in params if isinstance(p, DTensor)]
+    if not dtensors:
+        return None
+    if len(dtensors) != len(params):
+        raise ValueError("MFAC: some parameters are DTensors (FSDP2) and some are not; shard the whole model with "
+                         "fully_shard, so that every process keeps the window of its own shards")
+    mesh, placements = dtensors[0].device_mesh, tuple(dtensors[0].placements)
+    if any(p.device_mesh != mesh or tuple(p.placements) != placements for p in dtensors):
+        raise ValueError("MFAC: the DTensor parameters lie on different meshes or placements; one window needs them "
+                         "all sharded alike (fully_shard over one mesh)")
+    sharded = [dim for dim, placement in enumerate(placements) if placement.is_shard()]
+    if len(sharded) != 1 or not all(placement.is_replicate() for dim, placement in enumerate(placements)
+                                    if dim not in sharded):
+        raise ValueError(f"MFAC: DTensor parameters must be sharded along one mesh dimension and replicated along "
+                         f"any other (fully_shard, or HSDP), got placements {placements}")
+    group = mesh.get_group(sharded[0])
+
+    def sum_over_shards(dots: Tensor) -> Tensor:
+        dist.all_reduce(dots, group=group)
+        return dots
+
+    return sum_over_shards
 
 
 class DirectionGather:

@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .config import MFACConfig, check_group, check_window_settings, defaults, keyword_signature, unknown_settings
-from .distributed import DirectionGather, check_shard_position, shard_position, sum_over_processes
+from .distributed import (DirectionGather, check_shard_position, fsdp_sum, local_shard, shard_position,
+                          sum_over_processes)
 from .layout import Layout
 from .memory import optimizer_state_bytes
 from .phases import phase
@@ -143,7 +144,7 @@ class MFAC(Optimizer):
         steps not counted) is in slot (t − 1) mod num_grads. A sharded process fills its own columns, the others
         stay zero."""
         if not GradientWindow.saved_in(self._shared_state()):
-            total = sum(p.numel() for p in self._params())
+            total = sum(p.numel() for p in self._local_params())
             return torch.zeros(self.param_groups[0]["num_grads"], total, device=self._params()[0].device)
         return self._current_window().stored_rows()
 
@@ -196,9 +197,11 @@ class MFAC(Optimizer):
             for p in trained(group):
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("MFAC does not support sparse gradients; use dense embedding gradients")
-                grad = torch.zeros_like(p, dtype=precision) if p.grad is None else p.grad.to(precision)
+                shard = local_shard(p)
+                grad = torch.zeros_like(shard, dtype=precision) if p.grad is None else \
+                    local_shard(p.grad).to(precision)
                 if group["weight_decay"] != 0 and p.grad is not None:
-                    grad = grad.add(p.to(precision), alpha=group["weight_decay"])
+                    grad = grad.add(shard.to(precision), alpha=group["weight_decay"])
                 pieces.append(grad.reshape(-1))
         size = sum(piece.numel() for piece in pieces)
         if self._gradient is None or self._gradient.numel() != size or self._gradient.device != pieces[0].device \
@@ -212,13 +215,13 @@ class MFAC(Optimizer):
         check_window_settings(self.param_groups)
         settings = WindowSettings.of(self.param_groups[0], self._precision())
         if self._window is not None:
-            if self._window.layout.shapes != tuple(p.shape for p in self._params()):
+            if self._window.layout.shapes != tuple(p.shape for p in self._local_params()):
                 self._take_new_parameters(self._layout())
             self._window.follow(settings, *shard_position(settings.shard))
             return self._window
         layout, params = self._layout(), self._params()
         shared, param_states = self.state[params[0]], [self.state[p] for p in params]
-        sum_shards = sum_over_processes if layout.world_size > 1 else None
+        sum_shards = sum_over_processes if layout.world_size > 1 else fsdp_sum(params)
         if GradientWindow.saved_in(shared):
             self._window = GradientWindow.from_state(layout, settings, shared, param_states, sum_shards)
         else:
@@ -241,9 +244,19 @@ class MFAC(Optimizer):
             shared["momentum_buffer"] = torch.cat([velocity, velocity.new_zeros(layout.local_size - velocity.numel())])
 
     def _layout(self) -> Layout:
-        """This process's layout of the parameters that require grad (the window decides its row-sparse blocks)."""
-        rank, world_size = shard_position(self.param_groups[0]["shard"])
-        return Layout(tuple(p.shape for p in self._params()), rank, world_size)
+        """This process's layout of the parameters that require grad (the window decides its row-sparse blocks):
+        over their local shards when FSDP2 has sharded them (then the window is this process's alone: each keeps
+        the window of its own shards and updates them, and only the dot products are summed)."""
+        shard = self.param_groups[0]["shard"]
+        if shard and fsdp_sum(self._params()) is not None:
+            raise ValueError("Invalid shard: True (FSDP2 has sharded the parameters already, and each process keeps "
+                             "the window of its own shards; leave shard at False)")
+        rank, world_size = shard_position(shard)
+        return Layout(tuple(p.shape for p in self._local_params()), rank, world_size)
+
+    def _local_params(self) -> list[Tensor]:
+        """The parts of the parameters this process holds: their FSDP2 shards, or the parameters themselves."""
+        return [local_shard(p) for p in self._params()]
 
     def _skip_nonfinite(self) -> None:
         # Counted under the first parameter, where the window state will be made: before the first stored gradient
@@ -286,8 +299,8 @@ class MFAC(Optimizer):
         start = 0
         for group in self.param_groups:
             params = trained(group)
-            moved = [(p, piece.view_as(p).to(p.dtype)) for piece, p in zip(pieces[start:start + len(params)], params)
-                     if p.grad is not None]
+            moved = [(local_shard(p), piece.view_as(local_shard(p)).to(p.dtype))
+                     for piece, p in zip(pieces[start:start + len(params)], params) if p.grad is not None]
             if moved:
                 lr = group["lr"]
                 torch._foreach_add_([p for p, _ in moved], [step for _, step in moved],
