@@ -23,6 +23,7 @@ from mfac_glue import json_config
 ROOT = Path(__file__).resolve().parent.parent
 from mfac_glue.experiments import search_space, sweep, tune, tune_report, tune_trial  # noqa: E402
 from mfac_glue.experiments.study_folder import StudyFolder  # noqa: E402
+import postgres_server  # noqa: E402
 from hub_cache import sst2_splits  # noqa: E402
 
 
@@ -283,12 +284,40 @@ def test_a_grid_runs_each_point_once_and_stops_when_covered(small_study, capsys)
     assert line.startswith(f"grid: best learning_rate {best:.3g}: ") and edge in line
 
 
+@pytest.fixture(scope="module")
+def postgresql():
+    """A PostgreSQL server of the system's binaries, with a password-protected role (tests/postgres_server.py)."""
+    if postgres_server.server_binaries() is None:
+        pytest.skip("no PostgreSQL server binaries (Debian: apt install postgresql)")
+    with postgres_server.postgresql_server() as server:
+        yield server
+
+
 @pytest.mark.slow
-def test_two_workers_share_a_study_and_finish_it_without_repeating_a_trial(small_study):
+def test_workers_on_a_postgresql_server_finish_one_study_retry_a_killed_workers_trial_and_never_write_the_password(
+        small_study, postgresql):
+    """Three workers given the storage through MFAC_TUNE_STORAGE: the first is killed (with its trial's process)
+    during its first trial; the two started after the grace period fail that trial through its stopped heartbeat,
+    run it again with the same parameters, and finish the study together without repeating a trial. The role's
+    password is nowhere in the study folder (records, logs, configs, model cards, plots) nor in what they print."""
+    grace = 4
     command = [sys.executable, str(ROOT / "scripts" / "tune.py"), str(small_study.config), "--space",
                str(small_study.spaces["adamw"]), "--study_dir", str(small_study.study_dir), "--budget", "2",
-               "--validation_size", "48", *small_study.extra]
-    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               "--validation_size", "48", "--grace_period", str(grace), *small_study.extra]
+    environment = {**os.environ, "MFAC_TUNE_STORAGE": postgresql.url}
+    killed = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    first_log = small_study.study_dir / "trials" / "adamw" / "0" / "trial.log"
+    try:
+        deadline = time.monotonic() + 120
+        while not (first_log.is_file() and first_log.stat().st_size > 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(killed.pid, signal.SIGKILL)  # the worker and its trial's run: a lost machine
+        killed_output = killed.communicate(timeout=60)[0]
+    finally:
+        killed.kill()
+    time.sleep(grace + 1)
+    workers = [subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]
     try:
         outputs = [worker.communicate(timeout=600)[0] for worker in workers]
@@ -296,17 +325,24 @@ def test_two_workers_share_a_study_and_finish_it_without_repeating_a_trial(small
         for worker in workers:
             worker.kill()
     assert [worker.returncode for worker in workers] == [0, 0], outputs
-    study = load(small_study, "adamw")
+    study = optuna.load_study(study_name="adamw", storage=postgresql.url)
+    lost = study.trials[0]
+    assert lost.state == TrialState.FAIL and [trial.state for trial in study.trials].count(TrialState.FAIL) == 1
+    retry = next(trial for trial in study.trials
+                 if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trial) == 0)
+    assert retry.params == lost.params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
     trials = finished(study)
-    assert len(study.trials) == len(trials)  # nothing failed, nothing left running
-    assert len({json.dumps(trial.params) for trial in trials}) == len(trials)
-    # Each worker starts a trial only while budget is left: at most one trial each past the budget.
-    assert 2 <= spent(study) < 2 + 2
-    # The workers ran trials at the same time.
+    assert len(study.trials) == len(trials) + 1  # nothing else failed, nothing left running
+    assert len({json.dumps(trial.params) for trial in trials}) == len(trials)  # no trial ran twice
+    assert 2 <= spent(study) < 2 + 2  # each worker starts a trial only while budget is left
     spans = [(trial.datetime_start, trial.datetime_complete) for trial in trials]
-    assert any(a_start < b_end and b_start < a_end
+    assert any(a_start < b_end and b_start < a_end  # the two workers ran trials at the same time
                for index, (a_start, a_end) in enumerate(spans) for b_start, b_end in spans[index + 1:])
-    assert all(f"trial {trial.number}:" in "".join(outputs) for trial in trials)
+    printed = killed_output + "".join(outputs)
+    assert "study in postgresql+psycopg://tuner:***@127.0.0.1" in printed
+    password = postgres_server.PASSWORD.encode()
+    written = [path for path in small_study.study_dir.rglob("*") if path.is_file() and password in path.read_bytes()]
+    assert written == [] and postgres_server.PASSWORD not in printed
 
 
 @pytest.mark.slow

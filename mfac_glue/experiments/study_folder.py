@@ -19,6 +19,18 @@ from pathlib import Path
 from typing import Optional
 
 
+# The environment variable that holds the storage URL: tune.py's default for --storage, and how a trial's process
+# gets it (a command line is visible to every user of the machine).
+STORAGE_VARIABLE = "MFAC_TUNE_STORAGE"
+
+
+def storage_for_display(url: str) -> str:
+    """The storage URL as it may be printed or recorded: its password masked."""
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
 @dataclass(frozen=True)
 class StudyFolder:
     root: Path

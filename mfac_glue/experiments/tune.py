@@ -7,7 +7,8 @@ training file, and writes the best trial as a run_glue.py config that scripts/sw
     python scripts/tune.py --report runs/tune/stsb          # every optimizer tuned in that folder, side by side
 
 Each search space (configs/search/*.json) is one study named after its file, kept in STUDY_DIR/study.db
-(SQLite) or in --storage (any Optuna RDB URL, e.g. PostgreSQL, for workers on several machines): run the command
+(SQLite) or in --storage (any Optuna RDB URL, e.g. PostgreSQL, for workers on several machines; or the
+MFAC_TUNE_STORAGE environment variable, so that a password stays off command lines): run the command
 again and an interrupted search resumes where it stopped; finished trials are never repeated, and a trial that was
 running when its worker stopped runs again with the same parameters. Several workers may run the same command at
 once: they share the study, and each starts a new trial only while budget is left.
@@ -54,7 +55,7 @@ from ..data import GLUE_ON_THE_HUB, glue_split_from_hub, load_local_datasets
 from ..records import ALL_RESULTS, file_source_record, model_source_record
 from mfac_optim.hf.optim_args import typed_value
 from .search_space import SearchSpace, load_search_space, widened_range
-from .study_folder import StudyFolder, tuned_name
+from .study_folder import STORAGE_VARIABLE, StudyFolder, storage_for_display, tuned_name
 from .sweep import DEFAULT_SEEDS, split_at_double_dash
 from .tune_report import TRAINED_FRACTION, WIDENED, format_params, report, successive_halving, trial_cost
 from .tune_trial import PRUNED_EXIT, MetricError, score
@@ -95,8 +96,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="successive halving: at each rung the best 1/N of the trials go on (default 3)")
     parser.add_argument("--trial_seed", type=int, default=DEFAULT_TRIAL_SEED,
                         help=f"seed of every trial's run (default {DEFAULT_TRIAL_SEED}; not an evaluation seed)")
-    parser.add_argument("--storage", help="Optuna storage URL shared by the workers (default: sqlite in "
-                        "STUDY_DIR; e.g. postgresql://host/db for workers on several machines)")
+    parser.add_argument("--storage", default=os.environ.get(STORAGE_VARIABLE),
+                        help=f"Optuna storage URL shared by the workers (default: ${STORAGE_VARIABLE}, else sqlite "
+                        "in STUDY_DIR; e.g. postgresql+psycopg://user@host/db for workers on several machines). "
+                        "Its password is never written out")
+    parser.add_argument("--grace_period", type=float, default=GRACE_SECONDS,
+                        help=f"seconds after which a worker whose heartbeat stopped is taken for dead: its running "
+                        f"trial fails and runs again (default {GRACE_SECONDS})")
     parser.add_argument("--metric", help="eval metric to select by (default: the task's main metric; loss and mse "
                         "are minimised, the others maximised)")
     parser.add_argument("--validation_size", type=float, default=0.1,
@@ -113,6 +119,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for flag, value in (("config", args.config), ("--space", args.space), ("--study_dir", args.study_dir)):
         if value is None:
             exit_with_usage_error(f"{flag}: required (or --report STUDY_DIR)")
+    if not args.grace_period > 0:
+        exit_with_usage_error(f"--grace_period: seconds, must be > 0 (got {args.grace_period:g})")
     if not args.budget > 0:
         exit_with_usage_error(f"--budget: full-run equivalents, must be > 0 (got {args.budget:g})")
     if args.min_epochs < 1 or args.reduction_factor < 2:
@@ -271,14 +279,16 @@ def trial_sampler(seed: int, trial_number: int) -> optuna.samplers.TPESampler:
     return optuna.samplers.TPESampler(seed=seed + trial_number, n_startup_trials=STARTUP_TRIALS, constant_liar=True)
 
 
-def shared_storage(url: str) -> optuna.storages.RDBStorage:
+def shared_storage(url: str, grace_period: float = GRACE_SECONDS) -> optuna.storages.RDBStorage:
     """The study's storage, with heartbeats: a trial whose worker died (killed, or its machine lost) is failed by
-    the next worker that looks, and runs again with the same parameters."""
+    the next worker that looks, once its heartbeat is `grace_period` seconds old, and runs again with the same
+    parameters. A worker beats several times within the grace period."""
+    heartbeat = max(1, min(HEARTBEAT_SECONDS, int(grace_period / 4)))
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}  # workers wait for the file
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+                url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=math.ceil(grace_period),
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES))
         except sqlalchemy.exc.DBAPIError:
             # Workers that start together race to make the tables and their version row; the loser
@@ -311,7 +321,7 @@ class Search:
         self.folder = StudyFolder(args.study_dir)
         self.storage_url = args.storage or self.folder.storage_url
         self.study = optuna.create_study(
-            study_name=space.name, storage=shared_storage(self.storage_url), load_if_exists=True,
+            study_name=space.name, storage=shared_storage(self.storage_url, args.grace_period), load_if_exists=True,
             direction="minimize" if self.metric in MINIMIZED else "maximize",
             pruner=successive_halving(vars(args)),  # its rungs only: the full setting hashes the model's weights
             # A grid's points are handed out through the storage, so workers and a resumed search share one grid.
@@ -397,13 +407,15 @@ class Search:
         output_dir.mkdir(parents=True)
         run = search_run_config(trial_config(self.base, values, self.space), self.folder, output_dir,
                                 self.args.trial_seed)
-        # Optuna's Trial takes the storage's id of the trial (its number counts within the study only).
-        command = [sys.executable, "-m", TRIAL_MODULE, self.storage_url, self.space.name, str(trial._trial_id),
-                   self.metric, *config_flags(run)]
+        # Optuna's Trial takes the storage's id of the trial (its number counts within the study only). The storage
+        # URL goes through the environment: a command line is visible to every user of the machine.
+        command = [sys.executable, "-m", TRIAL_MODULE, self.space.name, str(trial._trial_id), self.metric,
+                   *config_flags(run)]
         start, cpu_start = time.perf_counter(), children_cpu_seconds()
         try:
             with open(StudyFolder.trial_log(output_dir), "w") as log:
-                code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+                code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, STORAGE_VARIABLE: self.storage_url})
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
@@ -508,6 +520,7 @@ def search(args: argparse.Namespace, extra: list[str]) -> int:
     # A stop by SIGTERM (a scheduler's time limit) goes through the same path as Ctrl-C: the running trial is marked.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     study_search = Search(args, base, space)
+    print(f"{space.name}: study in {storage_for_display(study_search.storage_url)}", flush=True)
     study_search.run()
     path = study_search.write_best_config()
     best = study_search.study.best_trial

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import UsageError
 from .search_space import SearchSpace, at_the_edge, search_space_from
-from .study_folder import StudyFolder
+from .study_folder import StudyFolder, storage_for_display
 
 TRAINED_FRACTION = "trained_fraction"  # a trial's user attribute: the share of a full run's steps it trained
 SHARED_NAMES = {"learning_rate": "lr"}  # the same hyperparameter under the flag's name and M-FAC's key
@@ -141,7 +141,8 @@ def load_summaries(study_dir: Path, storage: Optional[str] = None) -> list[Study
             if len({trial.value for trial in complete}) >= 2 else {}
         base = setting["base"]
         widened = study.user_attrs.get(WIDENED, {})
-        space = search_space_from(setting["space"], name, f"{storage} (study {name})").with_ranges(widened)
+        space = search_space_from(setting["space"], name, f"{storage_for_display(storage)} (study {name})").with_ranges(
+            widened)
         wall_seconds = sum(trial.user_attrs.get("wall_seconds", 0.0) for trial in study.get_trials())
         summaries.append(StudySummary(name, study.user_attrs["budget"], setting["metric"],
                                       study.direction == optuna.study.StudyDirection.MAXIMIZE,

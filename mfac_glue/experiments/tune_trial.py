@@ -1,7 +1,7 @@
 """One trial of scripts/tune.py, in a process of its own (a trial's memory, an M-FAC window of GBs among it, goes
 back to the system when it ends, and a crash takes one trial down, not the study):
 
-    python -m mfac_glue.experiments.tune_trial STORAGE STUDY TRIAL_ID METRIC RUN_GLUE_ARGUMENTS...
+    MFAC_TUNE_STORAGE=URL python -m mfac_glue.experiments.tune_trial STUDY TRIAL_ID METRIC RUN_GLUE_ARGUMENTS...
 
 run_glue.py runs in this process, as a program (`python -m run_glue`, which the distribution installs beside the
 packages: this package never imports the script), with a callback that reports the evaluation at the end of each
@@ -12,6 +12,7 @@ exits with status 2 and one line, as run_glue.py does. tune.py reads the final s
 from __future__ import annotations
 
 import math
+import os
 import runpy
 import sys
 
@@ -21,6 +22,7 @@ from transformers import TrainerCallback
 from .. import exit_with_usage_error
 from ..trainer_callbacks import add_trainer_callbacks
 from .compare import eval_metrics
+from .study_folder import STORAGE_VARIABLE
 from .tune_report import TRAINED_FRACTION, successive_halving
 
 PRUNED_EXIT = 3
@@ -67,8 +69,8 @@ class ReportToTrial(TrainerCallback):
 
 
 def main(argv: list[str]) -> int:
-    storage, study_name, trial_id, metric, *run_glue_argv = argv
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study_name, trial_id, metric, *run_glue_argv = argv
+    study = optuna.load_study(study_name=study_name, storage=os.environ[STORAGE_VARIABLE])
     study.pruner = successive_halving(study.user_attrs["setting"])
     trial = optuna.Trial(study, int(trial_id))
     add_trainer_callbacks(ReportToTrial(trial, metric))
