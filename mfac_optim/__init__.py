@@ -8,28 +8,33 @@ rows), damp λ > 0, and the dampened empirical Fisher F = λI + (1/m) GᵀG. Eac
 i of G and moves the parameters along u = F⁻¹g = m · Gᵀ K⁻¹ eᵢ with K = mλI + GGᵀ (m × m), a form without the
 cancellation of g/λ − Gᵀ(…)/λ.
 
-Modules: optimizer (the torch.optim plumbing), layout (every offset), storage and compressed (the window's
-storage kinds: dense, row-sparse, top-k with error feedback), window (the ring buffer and the step's two passes),
-algebra (the m × m system), distributed (sharding across processes), memory (an upper bound before training),
-kernels (the compiled passes), phases (the step's profiler ranges), optim_args (the text of --optim_args),
-hf (the HF Trainer's `--optim MFAC`: arguments, trainer, preflight, checkpoints, cards; they import transformers, so
-their names below load on first use). The GLUE application and its experiments are the package `mfac_glue`, which imports this one.
+Modules: optimizer (the torch.optim plumbing), config (each setting declared once), layout (every offset), storage
+and compressed (the window's storage kinds: dense, row-sparse, top-k with error feedback), window (the ring buffer
+and the step's two passes), algebra (the m × m system), distributed (sharding across processes: shard=True and
+FSDP2), distributed_checkpoint (loading through torch.distributed.checkpoint), memory (an upper bound before
+training), kernels (the passes: compiled, Triton, torch), phases (the step's profiler ranges), hf (the HF Trainer's
+`--optim MFAC`: arguments, optim_args, trainer, preflight, checkpoints, cards; they import transformers, so their
+names below load on first use). The GLUE application and its experiments are the package `mfac_glue`, which imports
+this one.
 """
 from typing import Any
 
 from .memory import memory_bound_bytes
 from .optimizer import MFAC
 
-# The HF Trainer glue imports transformers, which the optimizer alone does not need: its names load on first use.
-_HF_NAMES = {"MFACArguments": "hf.arguments", "MFACArgumentError": "hf.optim_args",
-             "MFACTrainingArguments": "hf.arguments", "MFACTrainer": "hf.trainer"}
+# The HF Trainer glue imports transformers, and the DCP planner torch.distributed.checkpoint, which the optimizer
+# alone does not need: their names load on first use.
+_LAZY_NAMES = {"MFACArguments": "hf.arguments", "MFACArgumentError": "hf.optim_args",
+               "MFACTrainingArguments": "hf.arguments", "MFACTrainer": "hf.trainer",
+               "MFACLoadPlanner": "distributed_checkpoint"}
 
-__all__ = ["MFAC", "MFACArgumentError", "MFACArguments", "MFACTrainer", "MFACTrainingArguments", "memory_bound_bytes"]
+__all__ = ["MFAC", "MFACArgumentError", "MFACArguments", "MFACLoadPlanner", "MFACTrainer", "MFACTrainingArguments",
+           "memory_bound_bytes"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _HF_NAMES:
+    if name in _LAZY_NAMES:
         from importlib import import_module
 
-        return getattr(import_module(f".{_HF_NAMES[name]}", __name__), name)
+        return getattr(import_module(f".{_LAZY_NAMES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

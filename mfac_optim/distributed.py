@@ -52,10 +52,9 @@ def local_shard(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def fsdp_sum(params: Sequence[Tensor]) -> Optional[Callable[[Tensor], Tensor]]:
-    """For parameters that FSDP2 made DTensors: the sum of each process's partial dot products over the processes
-    among which the parameters are split (one all-reduce of m numbers). Under HSDP the replicas hold the same
-    shards, so the sum runs over the sharding mesh dimension only. None for plain tensors."""
+def fsdp_group(params: Sequence[Tensor]) -> Optional[dist.ProcessGroup]:
+    """For parameters that FSDP2 made DTensors: the processes among which the parameters are split (under HSDP the
+    replicas hold the same shards: the sharding mesh dimension's processes only). None for plain tensors."""
     dtensors = [p for p in params if isinstance(p, DTensor)]
     if not dtensors:
         return None
@@ -71,13 +70,48 @@ def fsdp_sum(params: Sequence[Tensor]) -> Optional[Callable[[Tensor], Tensor]]:
                                     if dim not in sharded):
         raise ValueError(f"MFAC: DTensor parameters must be sharded along one mesh dimension and replicated along "
                          f"any other (fully_shard, or HSDP), got placements {placements}")
-    group = mesh.get_group(sharded[0])
+    return mesh.get_group(sharded[0])
+
+
+def fsdp_sum(params: Sequence[Tensor]) -> Optional[Callable[[Tensor], Tensor]]:
+    """For FSDP2 parameters: the sum of each process's partial dot products over the processes among which the
+    parameters are split (one all-reduce of m numbers). None for plain tensors."""
+    group = fsdp_group(params)
+    if group is None:
+        return None
 
     def sum_over_shards(dots: Tensor) -> Tensor:
         dist.all_reduce(dots, group=group)
         return dots
 
     return sum_over_shards
+
+
+def window_shard(params: Sequence[Tensor], shard: bool) -> tuple[int, int]:
+    """(rank, number) of the window shard this process keeps: its part of a `shard=True` window, or of the FSDP2
+    shards; (0, 1) for a whole window."""
+    group = fsdp_group(params)
+    if group is not None:
+        return dist.get_rank(group), dist.get_world_size(group)
+    return shard_position(shard)
+
+
+# A per-process state entry's name in a state dict: the entry's own name and the shard it holds, so that a
+# checkpoint of every process's state (DCP's) keeps them apart.
+SHARD_MARK = "@shard"
+
+
+def shard_entry_name(key: str, rank: int, world_size: int) -> str:
+    return f"{key}{SHARD_MARK}{rank}of{world_size}"
+
+
+def parse_shard_entry_name(name: str) -> tuple[str, Optional[tuple[int, int]]]:
+    """(the entry's own name, (rank, number) of its shard, or None for an entry of a whole window)."""
+    key, mark, shard = name.partition(SHARD_MARK)
+    if not mark:
+        return name, None
+    rank, _, world_size = shard.partition("of")
+    return key, (int(rank), int(world_size))
 
 
 class DirectionGather:

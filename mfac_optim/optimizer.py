@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .config import MFACConfig, check_group, check_window_settings, defaults, keyword_signature, unknown_settings
-from .distributed import (DirectionGather, check_shard_position, fsdp_sum, local_shard, shard_position,
-                          sum_over_processes)
+from .distributed import (DirectionGather, check_shard_position, fsdp_group, fsdp_sum, local_shard,
+                          parse_shard_entry_name, shard_entry_name, shard_position, sum_over_processes, window_shard)
 from .layout import Layout
 from .memory import optimizer_state_bytes
 from .phases import phase
@@ -102,12 +102,35 @@ class MFAC(Optimizer):
             last_pre_hook.remove()
             first_post_hook.remove()
 
+    def state_dict(self) -> dict:
+        """As torch.optim's, with an entry for every trained parameter. A process that keeps a shard of the window (`shard=True`, or FSDP2) names its entries
+        with its shard (`window@shard1of2`): a checkpoint of every process's state (DCP's) then keeps them apart,
+        and each process loads its own."""
+        saved = super().state_dict()
+        # Every parameter the window covers has an entry, empty where the window keeps nothing under it (as AdamW
+        # keeps state for each): DCP's set_state_dict refuses a state without one for each trained parameter.
+        index = {id(p): number for number, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        for param in self._params():
+            saved["state"].setdefault(index[id(param)], {})
+        rank, world_size = self.window_shard()
+        if world_size > 1:
+            saved["state"] = {index: {shard_entry_name(key, rank, world_size): value for key, value in entries.items()}
+                              for index, entries in saved["state"].items()}
+        return saved
+
+    def window_shard(self) -> tuple[int, int]:
+        """(rank, number) of the window shard this process keeps (its part of a `shard=True` window, or of the
+        FSDP2 shards); (0, 1) for a whole window."""
+        return window_shard(self._params(), self.param_groups[0]["shard"]) if self._params() else (0, 1)
+
     def _put_loaded_state(self, state_dict: dict) -> None:
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        own = OwnShard(*self.window_shard())
         for index, param in zip(saved_ids, [p for group in self.param_groups for p in group["params"]]):
             if index in state_dict["state"]:
-                self.state[param] = {key: loaded_copy(key, value, param.device)
-                                     for key, value in state_dict["state"][index].items()}
+                entries = own.entries(state_dict["state"][index])
+                self.state[param] = {key: loaded_copy(key, value, param.device) for key, value in entries.items()}
+        own.check_found()
         self._window = None  # made again from the loaded state at the next step
         if self._params() and self._params()[0] in self.state and GradientWindow.saved_in(self._shared_state()):
             GradientWindow.upgrade_saved(self._shared_state())
@@ -163,16 +186,36 @@ class MFAC(Optimizer):
             return loss
         with phase("gradient"):
             grad = self._flat_gradient()
-        # A sum is finite whenever all terms are, unless it overflows: only then is the full check needed. On a GPU
-        # this is a host synchronisation the step needs: skipping it or not is the host's decision.
-        if not torch.isfinite(grad.sum()) and not torch.isfinite(grad).all():
+        finite, stores = self._gradient_checks(grad)
+        if not finite:
             self._skip_nonfinite()
+            return loss
+        if not stores:
             return loss
         window = self._current_window(grad)
         direction = window.insert_and_precondition(grad)
         with phase("update"):
             self._write_update(window.layout, direction)
         return loss
+
+    def _gradient_checks(self, grad: Tensor) -> tuple[bool, bool]:
+        """(whether the gradient is finite, whether it is stored). A window is made from the first step whose
+        gradients have a non-zero entry: zero ones could not tell which rows are used, and would store nothing the
+        steps see but weight decay (DCP's get_state_dict and set_state_dict take a step on zero gradients to make a
+        fresh optimizer's state: it allocates no window). Under FSDP2 each process sees its shards alone, and all must decide alike: the two
+        answers are agreed on by one all-reduce of two numbers."""
+        # A sum is finite whenever all terms are, unless it overflows: only then is the full check needed. On a GPU
+        # this is a host synchronisation the step needs: skipping it or not is the host's decision.
+        finite = bool(torch.isfinite(grad.sum())) or bool(torch.isfinite(grad).all())
+        made = self._window is not None or GradientWindow.saved_in(self.state.get(self._params()[0], {}))
+        # The gradients themselves, before weight decay adds wd · p (DCP's zero step may come with weight decay).
+        stores = made or any(bool(local_shard(p.grad).any()) for p in self._params() if p.grad is not None)
+        group = fsdp_group(self._params())
+        if group is not None:
+            flags = torch.tensor([not finite, stores], dtype=torch.float32, device=grad.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
+            finite, stores = not bool(flags[0]), bool(flags[1])
+        return finite, stores
 
     def _params(self) -> list[Tensor]:
         """The parameters the window covers, in flat order: those of all groups that require grad. A frozen one
@@ -324,6 +367,37 @@ def refuse_zero_redundancy() -> None:
                              "window of their own (not M-FAC over the model): use MFAC(..., shard=True), which "
                              "splits one window across the ranks, instead")
         frame = frame.f_back
+
+
+class OwnShard:
+    """Picks a loaded state's entries of this process's window shard (rank `rank` of `world_size`), under their own
+    names: entries named for another rank are left out, and for another number of processes refused (a window
+    shard holds its process's columns: they cannot be split again)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.saved_shards: set[tuple[int, int]] = set()
+
+    def entries(self, saved: dict) -> dict:
+        own = {}
+        for name, value in saved.items():
+            key, shard = parse_shard_entry_name(name)
+            if shard is None or shard == (self.rank, self.world_size):
+                own[key] = value
+            if shard is not None:
+                self.saved_shards.add(shard)
+                if shard[1] != self.world_size:
+                    raise ValueError(f"MFAC: the optimizer state holds window shards of {shard[1]} processes, and "
+                                     f"this process keeps shard {self.rank} of {self.world_size}: resume on "
+                                     f"{shard[1]} processes, each loading its own shard")
+        return own
+
+    def check_found(self) -> None:
+        if self.saved_shards and (self.rank, self.world_size) not in self.saved_shards:
+            held = ", ".join(str(rank) for rank, _ in sorted(self.saved_shards))
+            raise ValueError(f"MFAC: the optimizer state holds the window shards of rank(s) {held}, not this "
+                             f"process's (rank {self.rank} of {self.world_size}): each process loads the state it "
+                             "saved")
 
 
 def loaded_copy(key: str, value: Tensor, device: torch.device) -> Tensor:

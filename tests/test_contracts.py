@@ -233,3 +233,31 @@ def test_a_float64_model_keeps_float64_state_and_steps_past_fp32_precision(name)
     for wide, narrow in zip(moved[torch.float64][:4], moved[torch.float32][:4]):  # `unused` does not move
         assert not torch.equal(wide, wide.float().double())  # not on fp32's grid
         assert torch.allclose(wide, narrow.double(), rtol=1e-4, atol=1e-6)  # the same step
+
+
+def test_dcp_round_trips_the_window_bit_for_bit_into_a_fresh_optimizer(tmp_path):
+    """get_state_dict, dcp.save, and into a fresh model and optimizer (which have no window yet: DCP's own zero
+    step makes none) dcp.load with MFACLoadPlanner and set_state_dict: the resumed run repeats the uninterrupted one
+    bit for bit, its row-sparse embedding included (whose saved shapes the fresh template could not know)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from mfac_optim import MFACLoadPlanner
+    from test_mfac_optim import make_model_and_optimizer, train_steps
+
+    model, optimizer = make_model_and_optimizer(num_grads=4, damp=1e-4, momentum=0.5)
+    train_steps(model, optimizer, 6, seed=1)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=tmp_path)
+    train_steps(model, optimizer, 5, seed=2)
+
+    resumed_model, resumed = make_model_and_optimizer(seed=7, num_grads=4, damp=1e-4, momentum=0.5)
+    model_state, optimizer_state = get_state_dict(resumed_model, resumed)
+    assert not any(resumed.state.values())  # DCP's zero-gradient step allocated no window
+    state = {"model": model_state, "optim": optimizer_state}
+    dcp.load(state, checkpoint_id=tmp_path, planner=MFACLoadPlanner(resumed))
+    set_state_dict(resumed_model, resumed, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    assert resumed.state[resumed_model.embedding.weight]["row_values"].shape == \
+        optimizer.state[model.embedding.weight]["row_values"].shape
+    train_steps(resumed_model, resumed, 5, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed_model.parameters()))

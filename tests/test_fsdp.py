@@ -2,7 +2,9 @@
 process keeps the window of its own shards, the dot products are summed with one all-reduce, and each process
 updates its shards alone. The weights after 20 steps on a tiny BERT equal one process's; the window per process
 is about 1/N of it; HSDP (2 × 2: replicated across pairs, sharded within each) takes the same steps; a compressed
-window on the shards steps along the exact M-FAC direction over the stored rows of all processes."""
+window on the shards steps along the exact M-FAC direction over the stored rows of all processes; DCP
+(get_state_dict, dcp.save, dcp.load with MFACLoadPlanner, set_state_dict) resumes bit for bit, and a checkpoint of
+2 processes' shards is refused by 4 with one line."""
 from pathlib import Path
 
 import pytest
@@ -72,7 +74,54 @@ def compressed_run(mesh) -> dict:
     return {"directions": directions, "stored": stored}
 
 
-def worker(rank: int, world_size: int, init_file: str, out_dir: str, meshes: list[tuple[int, ...]]) -> None:
+def checkpointed_run(mesh, checkpoint: str) -> dict:
+    """Six steps, a DCP checkpoint, six more; then a fresh model and optimizer resumed from the checkpoint for the
+    same six: the full weights of both."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = sharded_bert(mesh)
+    optimizer = MFAC(model.parameters(), **DENSE)
+    for step in range(6):
+        train_step(model, optimizer, step)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=checkpoint)
+    for step in range(6, 12):
+        train_step(model, optimizer, step)
+    resumed_model = sharded_bert(mesh)
+    resumed = MFAC(resumed_model.parameters(), **DENSE)
+    load_from(checkpoint, resumed_model, resumed)
+    for step in range(6, 12):
+        train_step(resumed_model, resumed, step)
+    return {"weights": {name: p.full_tensor() for name, p in model.named_parameters()},
+            "resumed": {name: p.full_tensor() for name, p in resumed_model.named_parameters()}}
+
+
+def load_from(checkpoint: str, model: torch.nn.Module, optimizer: MFAC) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from mfac_optim import MFACLoadPlanner
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optimizer_state}
+    dcp.load(state, checkpoint_id=checkpoint, planner=MFACLoadPlanner(optimizer))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def other_world_refusal(mesh, checkpoint: str) -> str:
+    from torch.distributed.checkpoint import CheckpointException
+
+    model = sharded_bert(mesh)
+    try:
+        load_from(checkpoint, model, MFAC(model.parameters(), **DENSE))
+    except CheckpointException as error:  # DCP gathers each process's error into one
+        return str(error)
+    return "loaded"
+
+
+def worker(rank: int, world_size: int, init_file: str, out_dir: str, meshes: list[tuple[int, ...]],
+           checkpoint: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)  # several processes on a 2-core machine
@@ -84,14 +133,18 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str, meshes: lis
             results[shape] = dense_run(mesh)
             if shape == (2,):
                 results["compressed"] = compressed_run(mesh)
+                results["checkpointed"] = checkpointed_run(mesh, checkpoint)
+            if shape == (4,):
+                results["other world"] = other_world_refusal(mesh, checkpoint)
         torch.save(results, Path(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def spawn(folder: Path, world_size: int, meshes: list[tuple[int, ...]]) -> list[dict]:
+def spawn(folder: Path, world_size: int, meshes: list[tuple[int, ...]], checkpoint: Path) -> list[dict]:
     folder.mkdir()
-    mp.spawn(worker, args=(world_size, str(folder / "init"), str(folder), meshes), nprocs=world_size, join=True)
+    mp.spawn(worker, args=(world_size, str(folder / "init"), str(folder), meshes, str(checkpoint)),
+             nprocs=world_size, join=True)
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
 
 
@@ -99,9 +152,11 @@ def spawn(folder: Path, world_size: int, meshes: list[tuple[int, ...]]) -> list[
 def runs(tmp_path_factory) -> dict:
     """Each run's results, one per process (two spawns: 2 processes, then 4 for both 4-process meshes)."""
     root = tmp_path_factory.mktemp("fsdp")
-    two, four = spawn(root / "two", 2, [(2,)]), spawn(root / "four", 4, [(4,), (2, 2)])
+    checkpoint = root / "checkpoint"
+    two, four = spawn(root / "two", 2, [(2,)], checkpoint), spawn(root / "four", 4, [(4,), (2, 2)], checkpoint)
     return {run: [process[run] for process in processes]
-            for processes, names in ((two, [(2,), "compressed"]), (four, [(4,), (2, 2)])) for run in names}
+            for processes, names in ((two, [(2,), "compressed", "checkpointed"]), (four, [(4,), (2, 2), "other world"]))
+            for run in names}
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +204,12 @@ def test_a_compressed_window_on_the_shards_steps_along_the_exact_direction(runs)
     assert worst < 1e-9, worst
     kept = (processes[0]["stored"][-1][0] != 0).sum().item()
     assert 0 < kept < processes[0]["stored"][-1].shape[1]  # a compressed row: fewer entries than the shard's
+
+
+def test_dcp_resumes_the_sharded_optimizer_bit_for_bit_and_another_world_size_is_refused(runs):
+    for result in runs["checkpointed"]:
+        assert result["weights"].keys() == result["resumed"].keys()
+        assert all(torch.equal(result["weights"][name], result["resumed"][name]) for name in result["weights"])
+    for message in runs["other world"]:
+        assert "MFAC: the optimizer state holds window shards of 2 processes, and this process keeps shard" in message
+        assert "of 4: resume on 2 processes, each loading its own shard" in message

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import run_glue
 from mfac_optim import MFAC
+from mfac_optim.distributed import parse_shard_entry_name
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -76,6 +77,11 @@ def window_run(shard: bool, density: float) -> dict:
         stored.append(optimizer.stored_gradients())
     return {"directions": directions, "stored": stored,
             "refactorizations": int(optimizer.state[params[0]]["refactorizations"])}
+
+
+def own_names(entries: dict) -> dict:
+    """A process's state entries under their own names (a sharded window's are named with their shard)."""
+    return {parse_shard_entry_name(name)[0]: value for name, value in entries.items()}
 
 
 def snapshot(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -163,7 +169,8 @@ def test_each_process_keeps_its_half_of_the_window(ranks):
     halves = [result["memory"] - replicated for result in ranks]
     assert sum(halves) == pytest.approx(unsharded.memory_bytes() - replicated, rel=0.1)
     assert all(0.4 < half / (unsharded.memory_bytes() - replicated) < 0.6 for half in halves)
-    state = ranks[1]["state"]["state"]  # the embedding is the third parameter in group order
+    state = {index: own_names(entries) for index, entries in ranks[1]["state"]["state"].items()}
+    # the embedding is the third parameter in group order
     assert state[2]["row_values"].shape[2] == WIDTH and int(state[0]["shard_world_size"]) == 2
 
 
@@ -178,7 +185,8 @@ def test_sharded_resume_is_identical(ranks):
 @pytest.mark.slow
 def test_state_of_another_world_size_is_refused(ranks):
     _, optimizer = embedding_model(shard=True)  # no process group here: one unsharded process
-    with pytest.raises(ValueError, match="rank 1 of 2, but this process is rank 0 of 1"):
+    with pytest.raises(ValueError, match="holds window shards of 2 processes, and this process keeps shard 0 of 1: "
+                                         "resume on 2 processes, each loading its own shard"):
         optimizer.load_state_dict(ranks[1]["state"])
 
 
@@ -213,6 +221,9 @@ def test_run_glue_under_torchrun_saves_per_process_state_and_resumes(tmp_path, t
     checkpoint = straight / "checkpoint-2"
     assert not (checkpoint / "optimizer.pt").exists()
     states = [torch.load(checkpoint / f"rank{rank}-of-2-optimizer.pt", weights_only=True) for rank in range(2)]
+    for rank, state in enumerate(states):  # each process's entries are named with its shard
+        assert all(name.endswith(f"@shard{rank}of2") for entries in state["state"].values() for name in entries)
+        state["state"] = {index: own_names(entries) for index, entries in state["state"].items()}
     windows = [next(iter(state["state"].values())) for state in states]
     assert [int(window["shard_rank"]) for window in windows] == [0, 1]
     assert all(int(window["step"]) == 2 for window in windows)

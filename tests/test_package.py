@@ -61,8 +61,8 @@ def test_public_surface_is_what_a_user_needs_and_hf_names_load_lazily():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     names, modules = result.stdout.splitlines()
-    assert names == str(["MFAC", "MFACArgumentError", "MFACArguments", "MFACTrainer", "MFACTrainingArguments",
-                         "memory_bound_bytes"])
+    assert names == str(["MFAC", "MFACArgumentError", "MFACArguments", "MFACLoadPlanner", "MFACTrainer",
+                         "MFACTrainingArguments", "memory_bound_bytes"])
     assert modules == "mfac_optim.hf.trainer MFACArguments.parse"
 
 
