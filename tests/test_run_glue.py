@@ -153,6 +153,9 @@ BAD_INPUTS = [
     (["--task_name", "squad"], "--task_name: unknown task 'squad' (allowed: cola, mnli"),
     (["--train_file", "/nonexistent/train.tsv"], "--train_file: file not found: /nonexistent/train.tsv"),
     (["--train_file", "train.parquet"], "--train_file: 'train.parquet' must end with one of .tsv, .csv, .json, .jsonl"),
+    (["--fsdp", "full_shard", "--use_cpu"], "--fsdp: the Trainer's FSDP (accelerate) runs on GPUs only; on the CPU it "
+                                            "would train as DDP without a word"),
+    (["--optim", "MFAC", "--fsdp", "full_shard"], "--fsdp: "),
 ]
 
 

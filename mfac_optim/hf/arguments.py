@@ -59,6 +59,26 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
 
 
+def check_fsdp(fsdp: Any, use_cpu: bool, mfac: bool) -> None:
+    """--fsdp is refused where it would not do what it says: on the CPU, accelerate makes a multi-process run DDP
+    and drops the FSDP plugin without a word (any optimizer); with M-FAC on GPUs, accelerate's FSDP checkpoints
+    would resume an empty window (its load fills a fresh optimizer's state, which holds no window entries). M-FAC
+    runs on FSDP2 in a loop of one's own: fully_shard, and DCP through MFACLoadPlanner (docs/usage.md)."""
+    import torch
+
+    if not fsdp:
+        return
+    if use_cpu or not torch.cuda.is_available():
+        raise MFACArgumentError("--fsdp: the Trainer's FSDP (accelerate) runs on GPUs only; on the CPU it would train "
+                                "as DDP without a word. For M-FAC on FSDP2 on the CPU, shard the model with "
+                                "fully_shard in a loop of your own (docs/usage.md); for DDP, leave out --fsdp")
+    if mfac:
+        raise MFACArgumentError("--fsdp: with --optim MFAC the Trainer's FSDP checkpoints would resume an empty M-FAC "
+                                "window (accelerate loads into a fresh optimizer's state); run M-FAC on FSDP2 in a "
+                                "loop of your own with DCP and MFACLoadPlanner (docs/usage.md), or under DDP with "
+                                "shard=true")
+
+
 def check_processes_form_ddp(use_cpu: bool) -> None:
     """Without a GPU, the Trainer runs several launched processes as DDP only with --use_cpu; otherwise each
     trains alone on all the data, into the same output_dir."""
@@ -82,6 +102,7 @@ class MFACTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         check_processes_form_ddp(self.use_cpu)
+        check_fsdp(self.fsdp, self.use_cpu, str(self.optim).lower() == MFAC_NAME)
         if str(self.optim).lower() == MFAC_NAME:
             self.mfac = MFACArguments.parse(self.optim_args, self.learning_rate, self.weight_decay)
             warn_if_overridden(self.mfac.lr, "lr", "--learning_rate", self.learning_rate)
