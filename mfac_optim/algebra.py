@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .kernels import cpu_passes
+from .storage import StateEntry
 
 # A solve is accepted while ‖Ky − eᵢ‖∞ ≤ RESIDUAL_TOLERANCE · max(diag K) · ‖y‖∞. Updated factors stay near ε
 # (below 1.5e-15 over 20 wraps with λ = 1e-6 and gradient norms varying 100×: the rank-1 updates are of principal
@@ -133,21 +134,10 @@ class GramSystem:
         return {"factor": torch.zeros_like(gram), "factor_damp": torch.tensor(float("nan"), dtype=torch.float64),
                 "refactorizations": torch.tensor(0, dtype=torch.int64)}
 
-    @property
-    def gram(self) -> Tensor:
-        return self._state["gram"]
-
-    @property
-    def factor(self) -> Tensor:
-        return self._state["factor"]
-
-    @property
-    def factor_damp(self) -> Tensor:
-        return self._state["factor_damp"]
-
-    @property
-    def refactorizations(self) -> Tensor:
-        return self._state["refactorizations"]
+    gram = StateEntry("gram")
+    factor = StateEntry("factor")
+    factor_damp = StateEntry("factor_damp")
+    refactorizations = StateEntry("refactorizations")
 
     def saved(self) -> dict[str, Tensor]:
         return {key: self._state[key] for key in self.KEYS}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .phases import phase
-from .storage import PartPlan, entries, tensor_bytes
+from .storage import PartPlan, StateEntry, entries, tensor_bytes
 
 # Coordinates per block: int16 offsets address 0 … 32767, so every position of a block fits.
 BLOCK = 1 << 15
@@ -99,17 +99,9 @@ class CompressedRows:
         return blocks * plan.num_grads * kept_per_block(plan.density, plan.columns) * (plan.element_size + 2) + \
             (4 + plan.accumulate_size) * blocks * BLOCK
 
-    @property
-    def values(self) -> Tensor:
-        return self._state["compressed_values"]
-
-    @property
-    def offsets(self) -> Tensor:
-        return self._state["compressed_offsets"]
-
-    @property
-    def error(self) -> Tensor:
-        return self._state["error"]
+    values = StateEntry("compressed_values")
+    offsets = StateEntry("compressed_offsets")
+    error = StateEntry("error")
 
     def saved(self) -> dict[str, Tensor]:
         return entries(self._state, self.KEYS)

@@ -53,6 +53,17 @@ def entries(state: dict[str, Tensor], keys: tuple[str, ...]) -> dict[str, Tensor
     return {key: state[key] for key in keys}
 
 
+class StateEntry:
+    """A part's tensor, read at each use from the state dict the part was handed (its `_state`), the tensor's only
+    owner: `indices = StateEntry("row_indices")`."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __get__(self, part: object, owner: type = None) -> Tensor:
+        return self if part is None else part._state[self.key]
+
+
 class DenseRows:
     """The dense part of the window: row j holds the stored gradient j restricted to the dense parameters."""
 
@@ -83,9 +94,7 @@ class DenseRows:
         return plan.columns * (plan.num_grads * plan.element_size + plan.accumulate_size) + \
             plan.num_grads * min(BLOCK_COLUMNS, plan.columns) * plan.accumulate_size
 
-    @property
-    def window(self) -> Tensor:
-        return self._state["window"]
+    window = StateEntry("window")
 
     def replace(self, window: Tensor) -> None:
         """The rows become `window` (wider: a part moved in, or parameters joined)."""
@@ -180,13 +189,8 @@ class RowSparseRows:
     def capacity_bound(cls, max_rows: int, rows: int) -> int:
         return min(rows, -(-max_rows * cls.GROWTH_NUMERATOR // cls.GROWTH_DENOMINATOR))
 
-    @property
-    def indices(self) -> Tensor:
-        return self._state["row_indices"]
-
-    @property
-    def values(self) -> Tensor:
-        return self._state["row_values"]
+    indices = StateEntry("row_indices")
+    values = StateEntry("row_values")
 
     @property
     def columns(self) -> int:
