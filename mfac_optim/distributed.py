@@ -114,6 +114,37 @@ def parse_shard_entry_name(name: str) -> tuple[str, Optional[tuple[int, int]]]:
     return key, (int(rank), int(world_size))
 
 
+class OwnShard:
+    """Picks a loaded state's entries of this process's window shard (rank `rank` of `world_size`), under their own
+    names: entries named for another rank are left out, and for another number of processes refused (a window
+    shard holds its process's columns: they cannot be split again)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.saved_shards: set[tuple[int, int]] = set()
+
+    def entries(self, saved: dict) -> dict:
+        own = {}
+        for name, value in saved.items():
+            key, shard = parse_shard_entry_name(name)
+            if shard is None or shard == (self.rank, self.world_size):
+                own[key] = value
+            if shard is not None:
+                self.saved_shards.add(shard)
+                if shard[1] != self.world_size:
+                    raise ValueError(f"MFAC: the optimizer state holds window shards of {shard[1]} processes, and "
+                                     f"this process keeps shard {self.rank} of {self.world_size}: resume on "
+                                     f"{shard[1]} processes, each loading its own shard")
+        return own
+
+    def check_found(self) -> None:
+        if self.saved_shards and (self.rank, self.world_size) not in self.saved_shards:
+            held = ", ".join(str(rank) for rank, _ in sorted(self.saved_shards))
+            raise ValueError(f"MFAC: the optimizer state holds the window shards of rank(s) {held}, not this "
+                             f"process's (rank {self.rank} of {self.world_size}): each process loads the state it "
+                             "saved")
+
+
 class DirectionGather:
     """All-gathers every process's local direction into the full flat one, in buffers reused across steps (fresh
     allocations of d floats cost page faults every step)."""

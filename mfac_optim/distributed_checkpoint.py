@@ -22,7 +22,8 @@ import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from .optimizer import MFAC, OwnShard
+from .distributed import OwnShard
+from .optimizer import MFAC
 
 Path = tuple[Any, ...]  # a place in a nested state dict: the keys from its root
 

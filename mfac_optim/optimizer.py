@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .config import MFACConfig, check_group, check_window_settings, defaults, keyword_signature, unknown_settings
-from .distributed import (DirectionGather, check_shard_position, fsdp_group, fsdp_sum, local_shard,
-                          parse_shard_entry_name, shard_entry_name, shard_position, sum_over_processes, window_shard)
+from .distributed import (DirectionGather, OwnShard, check_shard_position, fsdp_group, fsdp_sum, local_shard,
+                          shard_entry_name, shard_position, sum_over_processes, window_shard)
 from .layout import Layout
 from .memory import optimizer_state_bytes
 from .phases import phase
@@ -367,37 +367,6 @@ def refuse_zero_redundancy() -> None:
                              "window of their own (not M-FAC over the model): use MFAC(..., shard=True), which "
                              "splits one window across the ranks, instead")
         frame = frame.f_back
-
-
-class OwnShard:
-    """Picks a loaded state's entries of this process's window shard (rank `rank` of `world_size`), under their own
-    names: entries named for another rank are left out, and for another number of processes refused (a window
-    shard holds its process's columns: they cannot be split again)."""
-
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
-        self.saved_shards: set[tuple[int, int]] = set()
-
-    def entries(self, saved: dict) -> dict:
-        own = {}
-        for name, value in saved.items():
-            key, shard = parse_shard_entry_name(name)
-            if shard is None or shard == (self.rank, self.world_size):
-                own[key] = value
-            if shard is not None:
-                self.saved_shards.add(shard)
-                if shard[1] != self.world_size:
-                    raise ValueError(f"MFAC: the optimizer state holds window shards of {shard[1]} processes, and "
-                                     f"this process keeps shard {self.rank} of {self.world_size}: resume on "
-                                     f"{shard[1]} processes, each loading its own shard")
-        return own
-
-    def check_found(self) -> None:
-        if self.saved_shards and (self.rank, self.world_size) not in self.saved_shards:
-            held = ", ".join(str(rank) for rank, _ in sorted(self.saved_shards))
-            raise ValueError(f"MFAC: the optimizer state holds the window shards of rank(s) {held}, not this "
-                             f"process's (rank {self.rank} of {self.world_size}): each process loads the state it "
-                             "saved")
 
 
 def loaded_copy(key: str, value: Tensor, device: torch.device) -> Tensor:
