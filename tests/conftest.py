@@ -22,6 +22,18 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """The files with the most slow tests first, each file's tests kept together (its module fixtures are made
+    once per worker): pytest-xdist hands tests out in this order, so the long ones start early and the short ones
+    fill the gaps, instead of one long test left running alone at the end (alphabetically, test_tune.py's came
+    last)."""
+    slow = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + (item.get_closest_marker("slow") is not None)
+    order = {name: position for position, name in enumerate(sorted(slow, key=lambda name: -slow[name]))}
+    items.sort(key=lambda item: order[item.module.__name__])
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_GLUE = SHARED / "glue"
 SHARED_VOCAB = SHARED / "models" / "bert-mini-config" / "vocab.txt"
