@@ -415,8 +415,7 @@ def test_a_bad_run_glue_flag_is_one_error_line_before_any_trial(small_study, cap
     assert not (small_study.study_dir / "trials").exists()
 
 
-@pytest.mark.slow
-def test_a_metric_the_task_does_not_have_is_one_error_line(small_study, capsys):
+def test_a_metric_the_task_does_not_have_is_one_error_line_before_any_trial(small_study, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tune.main([str(small_study.config), "--space", str(small_study.spaces["adamw"]), "--study_dir",
                    str(small_study.study_dir), "--budget", "1", "--validation_size", "48", "--metric", "f1",
@@ -424,6 +423,10 @@ def test_a_metric_the_task_does_not_have_is_one_error_line(small_study, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--metric f1: not among this run's eval metrics (accuracy)" in err
+    assert not small_study.study_dir.exists()
+    # Without a task (local files of any columns) the first trial's results tell, in the same words.
+    with pytest.raises(tune_trial.MetricError, match=r"--metric f1: not among this run's eval metrics \(accuracy\)"):
+        tune_trial.score({"eval_accuracy": 0.5, "eval_loss": 0.7, "eval_runtime": 1.0}, "f1")
 
 
 @pytest.mark.slow

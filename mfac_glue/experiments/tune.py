@@ -51,6 +51,7 @@ from ..arguments import DataTrainingArguments, parse_arguments
 
 from .. import UsageError, exit_with_usage_error
 from ..json_config import config_flags, read_json_object
+from ..metrics import metric_names
 from ..data import GLUE_ON_THE_HUB, glue_split_from_hub, load_local_datasets
 from ..records import ALL_RESULTS, file_source_record, model_source_record
 from mfac_optim.hf.optim_args import typed_value
@@ -165,6 +166,16 @@ def base_config(config_path: Path, extra: list[str]) -> dict[str, Any]:
 
 def main_metric(task: Optional[str]) -> str:
     return MAIN_METRIC.get(task, "accuracy")
+
+
+def check_metric(metric: str, task: Optional[str]) -> None:
+    """A GLUE task's metrics are known before any trial runs: a --metric it does not report is one line then (with
+    local files and no task, the first trial's results tell)."""
+    if task is None:
+        return
+    reported = metric_names(task, is_regression=task == "stsb")
+    if metric not in (*reported, "loss"):
+        raise UsageError(f"--metric {metric}: not among this run's eval metrics ({', '.join(reported)})")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -513,6 +524,7 @@ def search(args: argparse.Namespace, extra: list[str]) -> int:
     if "validation_file" not in base and (base.get("train_file") is not None or base.get("task_name") is None):
         raise UsageError("--validation_file: needed with --train_file, for the best config's seed runs (the dev set; "
                          "the search never reads it)")
+    check_metric(args.metric or main_metric(base.get("task_name")), base.get("task_name"))
     args.study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported once, by main()
     # Heartbeats and their retries are marked experimental in Optuna 4; they are what shared studies rely on.
