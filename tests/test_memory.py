@@ -85,27 +85,36 @@ MINILM_L6_CONFIG = {**BERT_MINI_CONFIG, "hidden_size": 384, "num_hidden_layers":
 SST2_BATCH, SST2_LENGTH, SST2_STEPS = 32, 128, 6
 
 
+@pytest.fixture(scope="module")
+def sst2_batches(tiny_bert, glue_dir):
+    """SST-2's training sentences, the uncased tokenizer both models use, and the most distinct token ids a batch of
+    them can hold (all 67,349 sentences tokenized: once for every case below)."""
+    from transformers import AutoTokenizer
+
+    from mfac_glue.data import most_ids_in_a_batch, read_glue_tsv
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    train = read_glue_tsv(str(glue_dir / "SST-2" / "train.tsv"), "sst2")
+    return train, tokenizer, most_ids_in_a_batch(train, tokenizer, ("sentence", None), SST2_BATCH, SST2_LENGTH)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shapes", ["bert-mini", "MiniLM-L6"])
 @pytest.mark.parametrize("optim_args", [{"num_grads": 64, "grad_dtype": "bfloat16"},
                                         {"num_grads": 1024, "density": 0.01, "grad_dtype": "bfloat16"}])
-def test_preflight_bound_is_within_1_3_times_what_the_window_holds_on_sst2_batches(shapes, optim_args, tiny_bert,
-                                                                                      glue_dir, tmp_path):
+def test_preflight_bound_is_within_1_3_times_what_the_window_holds_on_sst2_batches(shapes, optim_args, sst2_batches,
+                                                                                      tmp_path):
     # run_glue.py's preflight, from the config alone and the distinct token ids SST-2's batches can hold, against
     # the optimizer run on SST-2 batches as run_glue.py makes them (32 sentences, padded to the longest).
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                              BertForSequenceClassification)
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-    from mfac_glue.data import most_ids_in_a_batch, read_glue_tsv
     from mfac_optim.hf.arguments import MFACTrainingArguments
     from mfac_optim.hf.preflight import mfac_memory_bound
 
     shared_config = SHARED / "models" / "bert-mini-config" / "bert_config.json"
     mini = json.loads(shared_config.read_text()) if shared_config.exists() else BERT_MINI_CONFIG
     config = BertConfig(**(mini if shapes == "bert-mini" else {**mini, **MINILM_L6_CONFIG}), num_labels=2)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)  # the uncased vocabulary both models use
-    train = read_glue_tsv(str(glue_dir / "SST-2" / "train.tsv"), "sst2")
-    ids = most_ids_in_a_batch(train, tokenizer, ("sentence", None), SST2_BATCH, SST2_LENGTH)
+    train, tokenizer, ids = sst2_batches
     arguments = MFACTrainingArguments(output_dir=str(tmp_path), optim="MFAC", optim_args=json.dumps(optim_args),
                                       per_device_train_batch_size=SST2_BATCH, report_to="none")
     bound = mfac_memory_bound(config, AutoModelForSequenceClassification, arguments, SST2_LENGTH, ids_per_batch=ids)
