@@ -7,6 +7,8 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field, fields
+from functools import cache
+from types import MappingProxyType
 from typing import Any, Callable, Union
 
 import torch
@@ -125,15 +127,17 @@ class MFACConfig:
         return {name: getattr(self, name) for name in settings()}
 
 
-def settings() -> dict[str, Setting]:
-    """Every setting's declaration, by name, in the config's order."""
-    return {f.name: f.metadata["setting"] for f in fields(MFACConfig)}
+@cache  # the declaration is fixed: read once (the window asks for its keys at every step)
+def settings() -> MappingProxyType:
+    """Every setting's declaration, by name, in the config's order (read-only: one mapping serves every caller)."""
+    return MappingProxyType({f.name: f.metadata["setting"] for f in fields(MFACConfig)})
 
 
 def defaults() -> dict[str, Any]:
     return {f.name: f.default for f in fields(MFACConfig)}
 
 
+@cache
 def window_keys(*kinds: str) -> tuple[str, ...]:
     """The settings the window makes something of: shared and fixed ones (or only those of `kinds`)."""
     kinds = kinds or (SHARED, FIXED)

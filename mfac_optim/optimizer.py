@@ -103,9 +103,9 @@ class MFAC(Optimizer):
             first_post_hook.remove()
 
     def state_dict(self) -> dict:
-        """As torch.optim's, with an entry for every trained parameter. A process that keeps a shard of the window (`shard=True`, or FSDP2) names its entries
-        with its shard (`window@shard1of2`): a checkpoint of every process's state (DCP's) then keeps them apart,
-        and each process loads its own."""
+        """As torch.optim's, with an entry for every trained parameter. A process that keeps a shard of the window
+        (`shard=True`, or FSDP2) names its entries with its shard (`window@shard1of2`): a checkpoint of every
+        process's state (DCP's) then keeps them apart, and each process loads its own."""
         saved = super().state_dict()
         # Every parameter the window covers has an entry, empty where the window keeps nothing under it (as AdamW
         # keeps state for each): DCP's set_state_dict refuses a state without one for each trained parameter.
@@ -202,8 +202,8 @@ class MFAC(Optimizer):
         """(whether the gradient is finite, whether it is stored). A window is made from the first step whose
         gradients have a non-zero entry: zero ones could not tell which rows are used, and would store nothing the
         steps see but weight decay (DCP's get_state_dict and set_state_dict take a step on zero gradients to make a
-        fresh optimizer's state: it allocates no window). Under FSDP2 each process sees its shards alone, and all must decide alike: the two
-        answers are agreed on by one all-reduce of two numbers."""
+        fresh optimizer's state: it allocates no window). Under FSDP2 each process sees its shards alone, and all
+        must decide alike: the two answers are agreed on by one all-reduce of two numbers."""
         # A sum is finite whenever all terms are, unless it overflows: only then is the full check needed. On a GPU
         # this is a host synchronisation the step needs: skipping it or not is the host's decision.
         finite = bool(torch.isfinite(grad.sum())) or bool(torch.isfinite(grad).all())
@@ -291,7 +291,7 @@ class MFAC(Optimizer):
         over their local shards when FSDP2 has sharded them (then the window is this process's alone: each keeps
         the window of its own shards and updates them, and only the dot products are summed)."""
         shard = self.param_groups[0]["shard"]
-        if shard and fsdp_sum(self._params()) is not None:
+        if shard and fsdp_group(self._params()) is not None:
             raise ValueError("Invalid shard: True (FSDP2 has sharded the parameters already, and each process keeps "
                              "the window of its own shards; leave shard at False)")
         rank, world_size = shard_position(shard)

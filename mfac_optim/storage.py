@@ -230,7 +230,8 @@ class RowSparseRows:
         # Growth happens only when `needed` exceeds the capacity, so the capacity stays below 5/4 of the most rows
         # one gradient has touched (capacity_bound).
         old_indices, old_values = self.indices, self.values
-        capacity = min(self.num_rows, max(needed, old_indices.shape[1] * self.GROWTH_NUMERATOR // self.GROWTH_DENOMINATOR))
+        grown = old_indices.shape[1] * self.GROWTH_NUMERATOR // self.GROWTH_DENOMINATOR
+        capacity = min(self.num_rows, max(needed, grown))
         indices, values = self._slots(old_indices.shape[0], capacity, self.columns, old_values.dtype, old_values.device)
         indices[:, :old_indices.shape[1]] = old_indices
         values[:, :old_values.shape[1]] = old_values

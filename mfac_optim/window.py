@@ -179,8 +179,8 @@ class GradientWindow:
                               density=settings.density)
         dense = kind.from_state(dense_plan, shared, passes)
         sparse = {block.index: RowSparseRows.from_state(
-            row_sparse_plan(block, 0, settings.num_grads, settings.dtype, accumulate), param_states[block.index], passes)
-            for block in layout.sparse_blocks}
+            row_sparse_plan(block, 0, settings.num_grads, settings.dtype, accumulate), param_states[block.index],
+            passes) for block in layout.sparse_blocks}
         system = GramSystem(shared, settings.damp)
         check_saved_window_matches(dense, layout.dense_size, system, settings)
         return cls(layout, settings, shared, dense, sparse, system, passes, sum_shards)

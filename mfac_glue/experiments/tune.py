@@ -59,7 +59,7 @@ from .search_space import SearchSpace, load_search_space, widened_range
 from .study_folder import STORAGE_VARIABLE, StudyFolder, storage_for_display, tuned_name
 from .sweep import DEFAULT_SEEDS, split_at_double_dash
 from .tune_report import TRAINED_FRACTION, WIDENED, format_params, report, successive_halving, trial_cost
-from .tune_trial import PRUNED_EXIT, MetricError, score
+from .tune_trial import PRUNED_EXIT, MetricError, not_reported, score
 
 TRIAL_MODULE = "mfac_glue.experiments.tune_trial"  # each trial runs in a process of its own
 DEFAULT_BUDGET = 6.0  # full-run equivalents per optimizer
@@ -175,7 +175,7 @@ def check_metric(metric: str, task: Optional[str]) -> None:
         return
     reported = metric_names(task, is_regression=task == "stsb")
     if metric not in (*reported, "loss"):
-        raise UsageError(f"--metric {metric}: not among this run's eval metrics ({', '.join(reported)})")
+        raise UsageError(str(not_reported(metric, reported)))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import math
 import os
 import runpy
 import sys
+from typing import Iterable
 
 import optuna
 from transformers import TrainerCallback
@@ -35,12 +36,17 @@ class MetricError(ValueError):
     """The metric to select by is not among a run's results, or is NaN where no score stands for NaN."""
 
 
+def not_reported(metric: str, reported: Iterable[str]) -> MetricError:
+    """The error of a --metric that a run does not report: before any trial (a GLUE task's metrics are known), or
+    from a trial's results."""
+    return MetricError(f"--metric {metric}: not among this run's eval metrics ({', '.join(reported)})")
+
+
 def score(metrics: dict, metric: str) -> float:
     """The trial's score from an evaluation's metrics."""
     key = f"eval_{metric}"
     if key not in metrics:
-        available = sorted(name.removeprefix("eval_") for name in eval_metrics(metrics))
-        raise MetricError(f"--metric {metric}: not among this run's eval metrics ({', '.join(available)})")
+        raise not_reported(metric, sorted(name.removeprefix("eval_") for name in eval_metrics(metrics)))
     value = metrics[key]
     if math.isnan(value):
         if metric not in SCORE_OF_UNDEFINED:
