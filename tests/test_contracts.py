@@ -159,10 +159,10 @@ def test_an_embedding_alone_trains(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_a_compiled_step_steps_as_the_eager_one(name):
-    model, optimizer = make(name)
-    compiled_model, compiled_optimizer = make(name)
+def test_a_compiled_step_steps_as_the_eager_one():
+    # MFAC alone: AdamW's compiled step is torch's own test, and costs 20 s of generated C++ code here.
+    model, optimizer = make("MFAC")
+    compiled_model, compiled_optimizer = make("MFAC")
     compiled_step = torch.compile(compiled_optimizer.step)
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):

@@ -496,11 +496,20 @@ def test_training_clock_leaves_out_evaluations_and_checkpoint_saves(monkeypatch)
     assert state.log_history[-1]["train_seconds"] == 40.0 + 7.0 + 2.0
 
 
-def test_trainer_builds_mfac_with_decay_groups_and_resumes_bit_identically(tmp_path, tiny_bert, glue_dir):
+def test_trainer_builds_mfac_with_decay_groups_and_resumes_bit_identically(tmp_path, tiny_bert, glue_dir,
+                                                                          monkeypatch):
+    counted = []  # the training rows the memory preflight tokenized: the 64 kept, not the file's 67,349
+
+    def most_ids_in_a_batch(dataset, *args):
+        counted.append(len(dataset))
+        return glue_data.most_ids_in_a_batch(dataset, *args)
+
+    monkeypatch.setattr(run_glue, "most_ids_in_a_batch", most_ids_in_a_batch)
     common = ["--optim", "MFAC", "--optim_args", '{"num_grads": 4, "damp": 1e-4, "momentum": 0.9}',
               "--weight_decay", "0.01", "--max_steps", "6", "--learning_rate", "1e-3"]
     straight, _ = run(tmp_path / "a", tiny_bert, glue_dir, "sst2", "SST-2", *common,
                       "--save_strategy", "steps", "--save_steps", "3")
+    assert counted == [64]
     saved = torch.load(straight / "checkpoint-3" / "optimizer.pt", weights_only=True)
     assert [group["weight_decay"] for group in saved["param_groups"]] == [0.01, 0.0]
     assert {group["num_grads"] for group in saved["param_groups"]} == {4}
