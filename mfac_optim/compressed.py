@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import huge_pages
 from .phases import phase
 from .storage import PartPlan, StateEntry, entries, tensor_bytes
 
@@ -75,7 +76,8 @@ class CompressedRows:
     @classmethod
     def allocate(cls, plan: PartPlan, state: dict[str, Tensor], device: torch.device, passes) -> CompressedRows:
         blocks, kept = num_blocks(plan.columns), kept_per_block(plan.density, plan.columns)
-        state["compressed_values"] = torch.zeros(blocks, plan.num_grads, kept, dtype=plan.dtype, device=device)
+        state["compressed_values"] = huge_pages.zeros((blocks, plan.num_grads, kept), dtype=plan.dtype,
+                                                     device=device)
         # Empty slots point at distinct positions (their values are zero): had they all pointed at one, the combine
         # pass would chain its read-modify-writes through that single address.
         state["compressed_offsets"] = torch.arange(kept, dtype=torch.int16, device=device).repeat(

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import huge_pages
 from .kernels.torch_passes import BLOCK_COLUMNS
 from .layout import nonzero_rows, row_sparse_pays
 
@@ -77,7 +78,7 @@ class DenseRows:
 
     @classmethod
     def allocate(cls, plan: PartPlan, state: dict[str, Tensor], device: torch.device, passes) -> DenseRows:
-        state["window"] = torch.zeros(plan.num_grads, plan.columns, dtype=plan.dtype, device=device)
+        state["window"] = huge_pages.zeros((plan.num_grads, plan.columns), dtype=plan.dtype, device=device)
         return cls(state, plan, passes)
 
     @classmethod
@@ -176,7 +177,7 @@ class RowSparseRows:
     @staticmethod
     def _slots(num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
         return (torch.zeros(num_grads, capacity, dtype=torch.int64, device=device),
-                torch.zeros(num_grads, capacity, columns, dtype=dtype, device=device))
+                huge_pages.zeros((num_grads, capacity, columns), dtype=dtype, device=device))
 
     @classmethod
     def bound_bytes(cls, plan: PartPlan) -> int:

@@ -184,3 +184,38 @@ def test_resuming_takes_the_window_once_not_twice(tmp_path):
         sampler.join()
     assert resumed.memory_bytes() / 2**30 == pytest.approx(window_gib)  # all of the state came back
     assert peak[0] - base < 1.3 * window_gib, (peak[0] - base, window_gib)
+
+
+# --- huge pages --------------------------------------------------------------------------------------------------
+def transparent_huge_pages() -> str:
+    """The kernel's transparent huge page mode (always, madvise, never), or "absent"."""
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return setting.read_text().split("[")[1].split("]")[0] if setting.exists() else "absent"
+
+
+def huge_page_bytes_under(tensor: torch.Tensor) -> int:
+    """The bytes on huge pages in this process's mappings that overlap `tensor`'s memory (/proc/self/smaps; asking
+    for huge pages splits a mapping where the request starts and ends)."""
+    first, last = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(bound, 16) for bound in head.split("-"))
+            inside = start < last and first < end
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(transparent_huge_pages() not in ("always", "madvise"), reason="no transparent huge pages")
+@pytest.mark.parametrize("density, key", [(1.0, "window"), (0.5, "compressed_values")])
+def test_the_window_sits_on_huge_pages(density, key):
+    param = torch.nn.Parameter(torch.zeros(1 << 20))
+    optimizer = MFAC([param], num_grads=8, grad_dtype="bfloat16", density=density)
+    param.grad = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
+    optimizer.step()
+    window = optimizer.state[param][key]
+    assert window.nbytes >= 8 << 20
+    # All but the partial huge pages at its two ends (the kernel backs only whole, aligned 2 MiB pages).
+    assert huge_page_bytes_under(window) >= window.nbytes - (4 << 20)
