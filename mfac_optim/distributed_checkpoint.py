@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Iterator, Optional
 
+import torch
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from . import huge_pages
 from .distributed import OwnShard
 from .optimizer import MFAC
 
@@ -69,7 +69,7 @@ class MFACLoadPlanner(DefaultLoadPlanner):
             parameter, name = key[len(head):].rsplit(".", 1)
             if not own.entries({name: None}):  # another process's shard
                 continue
-            tensor = huge_pages.empty(item.size, dtype=item.properties.dtype)
+            tensor = torch.empty(item.size, dtype=item.properties.dtype)
             state.setdefault(parameter, {})[name] = tensor
             self.state_dict[key], self.mappings[key] = tensor, (*place, "state", parameter, name)
 

@@ -3,10 +3,11 @@
 A dense pass reads every slot's row in segments a whole row length apart, so with 4 KiB pages nearly every segment
 starts on a page the TLB does not hold and a stream the prefetcher has to start again. On Linux with transparent
 huge pages in "madvise" mode (a common default) memory is put on 2 MiB pages only where it is asked for, before it
-is first touched. Asked for, the window's two passes read 10–15% faster on this project's CPU machine
-(docs/benchmarks.md). Where the request is refused (another system, huge pages off), the tensor is the same, on
-4 KiB pages. The window's parts are made here, and so are the tensors a distributed checkpoint loads into; a window
-read by `torch.load` keeps the pages it was read into (moving it would need a second copy of it).
+is first touched; memory the allocator hands out again, already touched, is moved onto them in place afterwards
+(MADV_COLLAPSE, Linux 6.1 and later). Asked for, the window's two passes read 10–15% faster on this project's CPU
+machine (docs/benchmarks.md). Where the request is refused (another system, huge pages off, an older kernel for
+reused memory), the tensor is the same, on 4 KiB pages. The window's parts are made here, and so are the copies
+`load_state_dict` takes of a loaded state.
 """
 from __future__ import annotations
 
@@ -14,41 +15,54 @@ import ctypes
 import functools
 import mmap
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch import Tensor
 
-MADV_HUGEPAGE = 14  # <linux/mman.h>
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # <linux/mman.h>
 HUGE_PAGE_BYTES = 2 << 20  # smaller tensors could not fill one huge page
 
 
-def empty(shape: Sequence[int], dtype: torch.dtype, device: Optional[torch.device] = None) -> torch.Tensor:
-    """`torch.empty(shape)`, on torch's default device unless `device` is given; on the CPU, a tensor of at least
-    one huge page is asked onto huge pages."""
-    tensor = torch.empty(shape, dtype=dtype, device=device)
-    if tensor.device.type == "cpu" and tensor.nbytes >= HUGE_PAGE_BYTES:
-        ask_for_huge_pages(tensor)
+def zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`torch.zeros(shape)`, on huge pages when on the CPU and at least one huge page large."""
+    return on_huge_pages(torch.empty(shape, dtype=dtype, device=device), Tensor.zero_)
+
+
+def copy(value: Tensor, device: torch.device) -> Tensor:
+    """A contiguous copy of `value` on `device`, on huge pages as `zeros` makes them."""
+    return on_huge_pages(torch.empty(value.shape, dtype=value.dtype, device=device), lambda new: new.copy_(value))
+
+
+def on_huge_pages(tensor: Tensor, first_touch: Callable[[Tensor], Tensor]) -> Tensor:
+    """`first_touch(tensor)`, with huge pages asked for before it and the memory moved onto them after it where the
+    first request could not apply (memory already touched)."""
+    large = tensor.device.type == "cpu" and tensor.nbytes >= HUGE_PAGE_BYTES
+    if large:
+        advise(tensor, MADV_HUGEPAGE)
+    first_touch(tensor)
+    if large:
+        advise(tensor, MADV_COLLAPSE)  # quick where the pages are huge already
     return tensor
 
 
-def zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`torch.zeros(shape)`, asked onto huge pages as `empty` asks before its first touch."""
-    return empty(shape, dtype=dtype, device=device).zero_()
-
-
-def ask_for_huge_pages(tensor: torch.Tensor) -> bool:
-    """Advises the kernel to back the whole pages of `tensor`'s memory with huge pages; True if it accepted."""
+def advise(tensor: Tensor, advice: int) -> bool:
+    """madvise over the whole pages of `tensor`'s memory; True if the kernel took the advice."""
     madvise = libc_madvise()
     if madvise is None:
         return False
     start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    return last > first and madvise(first, last - first, MADV_HUGEPAGE) == 0
+    return last > first and madvise(first, last - first, advice) == 0
 
 
 @functools.cache
 def libc_madvise() -> Optional[Callable[[int, int, int], int]]:
-    if not sys.platform.startswith("linux"):
+    """libc's madvise on Linux, unless its administrator turned transparent huge pages off (MADV_COLLAPSE would
+    not ask)."""
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not sys.platform.startswith("linux") or not setting.exists() or "[never]" in setting.read_text():
         return None
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import huge_pages
 from .config import MFACConfig, check_group, check_window_settings, defaults, keyword_signature, unknown_settings
 from .distributed import (DirectionGather, OwnShard, check_shard_position, fsdp_group, fsdp_sum, local_shard,
                           shard_entry_name, shard_position, sum_over_processes, window_shard)
@@ -371,10 +372,10 @@ def refuse_zero_redundancy() -> None:
 
 def loaded_copy(key: str, value: Tensor, device: torch.device) -> Tensor:
     """A loaded state entry, copied: on the CPU where the host reads it at every step, else on the parameter's
-    device; contiguous, as the window's passes read it."""
+    device; contiguous, as the window's passes read it, and on huge pages where the window's own are."""
     if key in COUNTERS or key in GradientWindow.HOST_KEYS:
         return value.clone(memory_format=torch.contiguous_format)
-    return value.to(device=device, copy=True, memory_format=torch.contiguous_format)
+    return huge_pages.copy(value, device)
 
 
 def trained(group: dict) -> list[Tensor]:

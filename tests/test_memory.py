@@ -1,7 +1,9 @@
 """The memory bound that refuses a window before a model loads, against what the optimizer then holds, on real
 shapes (bert-mini: 11.2M parameters, its word embedding stored row-sparse): measured ≤ bound ≤ 1.5 × measured; and
 run_glue.py's preflight on SST-2's batches (bert-mini and MiniLM-L6 shapes, dense and compressed): within 1.3×."""
+import io
 import json
+import mmap
 from pathlib import Path
 
 import pytest
@@ -187,6 +189,9 @@ def test_resuming_takes_the_window_once_not_twice(tmp_path):
 
 
 # --- huge pages --------------------------------------------------------------------------------------------------
+MADV_NOHUGEPAGE = 15  # <linux/mman.h>
+
+
 def transparent_huge_pages() -> str:
     """The kernel's transparent huge page mode (always, madvise, never), or "absent"."""
     setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -219,3 +224,35 @@ def test_the_window_sits_on_huge_pages(density, key):
     assert window.nbytes >= 8 << 20
     # All but the partial huge pages at its two ends (the kernel backs only whole, aligned 2 MiB pages).
     assert huge_page_bytes_under(window) >= window.nbytes - (4 << 20)
+
+
+@pytest.mark.skipif(transparent_huge_pages() not in ("always", "madvise"), reason="no transparent huge pages")
+def test_memory_already_touched_is_moved_onto_huge_pages_and_keeps_its_values():
+    from mfac_optim import huge_pages
+
+    # Memory touched on 4 KiB pages, as an allocator may hand it out again: fresh, kept off huge pages, then written.
+    memory = mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    reused = torch.frombuffer(memory, dtype=torch.float32)
+    assert huge_pages.advise(reused, MADV_NOHUGEPAGE)
+    reused.normal_(generator=torch.Generator().manual_seed(0))
+    assert huge_page_bytes_under(reused) == 0
+    expected = reused.clone()
+    assert huge_pages.on_huge_pages(reused, lambda tensor: tensor) is reused
+    assert torch.equal(reused, expected) and huge_page_bytes_under(reused) >= reused.nbytes - (4 << 20)
+
+
+@pytest.mark.skipif(transparent_huge_pages() not in ("always", "madvise"), reason="no transparent huge pages")
+def test_a_loaded_window_is_copied_onto_huge_pages():
+    param = torch.nn.Parameter(torch.zeros(1 << 20))
+    optimizer = MFAC([param], num_grads=8, grad_dtype="bfloat16")
+    param.grad = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
+    optimizer.step()
+    saved = io.BytesIO()
+    torch.save(optimizer.state_dict(), saved)
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    resumed = MFAC([param], num_grads=8, grad_dtype="bfloat16")
+    resumed.load_state_dict(state)  # copies, as torch.optim does
+    loaded, copied = state["state"][0]["window"], resumed.state[param]["window"]
+    assert copied.data_ptr() != loaded.data_ptr() and torch.equal(copied, loaded)
+    assert huge_page_bytes_under(copied) >= copied.nbytes - (4 << 20)
