@@ -4,8 +4,8 @@ A dense pass reads every slot's row in segments a whole row length apart, so wit
 starts on a page the TLB does not hold and a stream the prefetcher has to start again. On Linux with transparent
 huge pages in "madvise" mode (a common default) memory is put on 2 MiB pages only where it is asked for, before it
 is first touched; memory the allocator hands out again, already touched, is moved onto them in place afterwards
-(MADV_COLLAPSE, Linux 6.1 and later). Asked for, the window's two passes read 10–15% faster on this project's CPU
-machine (docs/benchmarks.md). Where the request is refused (another system, huge pages off, an older kernel for
+(MADV_COLLAPSE, Linux 6.1 and later). On this project's CPU machine a dense step took about 5% less time on huge
+pages (docs/benchmarks.md). Where the request is refused (another system, huge pages off, an older kernel for
 reused memory), the tensor is the same, on 4 KiB pages. The window's parts are made here, and so are the copies
 `load_state_dict` takes of a loaded state.
 """
