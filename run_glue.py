@@ -174,6 +174,11 @@ def main(argv=None, callbacks=None):
             label_list.sort()  # Let's sort it for determinism
             num_labels = len(label_list)
 
+    # M-FAC fork: the --max_*_samples rows are cut before tokenizing, not after (the same rows and features; HF's
+    # order tokenizes a whole training file to keep 64 of its rows), and before the memory preflight below, which
+    # tokenizes the training rows kept. The labels above are still the whole training file's.
+    raw_datasets = first_rows_of_each_split(raw_datasets, data_args)
+
     # Load pretrained model and tokenizer
     #
     # In distributed training, the .from_pretrained methods guarantee that only one local process can concurrently
@@ -181,15 +186,15 @@ def main(argv=None, callbacks=None):
     # M-FAC fork: a config.json without "model_type" (prajjwal1/bert-mini) gets the type transformers 4 inferred.
     # Before the weights load, LoRA's target modules are checked against the model, and an M-FAC window that cannot
     # fit in the training device's memory is refused (its embedding rows bounded by the distinct token ids a step's
-    # batches of the training rows kept, --max_train_samples' first rows, can hold). Config and tokenizer load quietly,
-    # so that a refusal is the first line; the arguments and the config are logged after it.
+    # batches of the training rows kept can hold). Config and tokenizer load quietly, so that a refusal is the first
+    # line; the arguments and the config are logged after it.
     with quiet_transformers_logging():
         config = load_config(model_args, num_labels=num_labels, finetuning_task=data_args.task_name)
         tokenizer = load_tokenizer(model_args)
         preflight = check_before_loading_weights(
             config, AutoModelForSequenceClassification, model_args, training_args, data_args.max_seq_length,
             ids_per_batch=(lambda: most_ids_in_a_batch(
-                first_rows_of_each_split(raw_datasets, data_args)["train"], tokenizer,
+                raw_datasets["train"], tokenizer,
                 sentence_keys(data_args.task_name, raw_datasets["train"].column_names),
                 examples_per_gradient(training_args), data_args.max_seq_length))
             if training_args.do_train and "train" in raw_datasets else None,
@@ -270,9 +275,6 @@ def main(argv=None, callbacks=None):
             result["label"] = [(label_to_id[l] if l != -1 else -1) for l in examples["label"]]
         return result
 
-    # M-FAC fork: the --max_*_samples rows are cut before tokenizing, not after (the same rows and features; HF's
-    # order tokenizes a whole training file to keep 64 of its rows).
-    raw_datasets = first_rows_of_each_split(raw_datasets, data_args)
     with training_args.main_process_first(desc="dataset map pre-processing"):
         raw_datasets = raw_datasets.map(
             preprocess_function,
