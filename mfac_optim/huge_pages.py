@@ -57,12 +57,19 @@ def advise(tensor: Tensor, advice: int) -> bool:
     return last > first and madvise(first, last - first, advice) == 0
 
 
+def transparent_huge_pages() -> str:
+    """The kernel's transparent huge page mode (always, madvise, never), or "absent" (not Linux, or no THP)."""
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not sys.platform.startswith("linux") or not setting.exists():
+        return "absent"
+    return setting.read_text().split("[")[1].split("]")[0]
+
+
 @functools.cache
 def libc_madvise() -> Optional[Callable[[int, int, int], int]]:
-    """libc's madvise on Linux, unless its administrator turned transparent huge pages off (MADV_COLLAPSE would
-    not ask)."""
-    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not sys.platform.startswith("linux") or not setting.exists() or "[never]" in setting.read_text():
+    """libc's madvise where the kernel has transparent huge pages, unless its administrator turned them off
+    (MADV_COLLAPSE would not ask)."""
+    if transparent_huge_pages() in ("never", "absent"):
         return None
     madvise = ctypes.CDLL(None, use_errno=True).madvise
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import BERT_MINI_CONFIG, SHARED
-from mfac_optim import MFAC, memory_bound_bytes
+from mfac_optim import MFAC, huge_pages, memory_bound_bytes
+from mfac_optim.huge_pages import transparent_huge_pages
 
 BATCH, TOKENS, NUM_GRADS = 8, 32, 8
 
@@ -192,12 +193,6 @@ def test_resuming_takes_the_window_once_not_twice(tmp_path):
 MADV_NOHUGEPAGE = 15  # <linux/mman.h>
 
 
-def transparent_huge_pages() -> str:
-    """The kernel's transparent huge page mode (always, madvise, never), or "absent"."""
-    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    return setting.read_text().split("[")[1].split("]")[0] if setting.exists() else "absent"
-
-
 def huge_page_bytes_under(tensor: torch.Tensor) -> int:
     """The bytes on huge pages in this process's mappings that overlap `tensor`'s memory (/proc/self/smaps; asking
     for huge pages splits a mapping where the request starts and ends)."""
@@ -228,8 +223,6 @@ def test_the_window_sits_on_huge_pages(density, key):
 
 @pytest.mark.skipif(transparent_huge_pages() not in ("always", "madvise"), reason="no transparent huge pages")
 def test_memory_already_touched_is_moved_onto_huge_pages_and_keeps_its_values():
-    from mfac_optim import huge_pages
-
     # Memory touched on 4 KiB pages, as an allocator may hand it out again: fresh, kept off huge pages, then written.
     memory = mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     reused = torch.frombuffer(memory, dtype=torch.float32)
