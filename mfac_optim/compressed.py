@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import huge_pages
 from .phases import phase
-from .storage import PartPlan, StateEntry, entries, tensor_bytes
+from .storage import PartPlan, StateEntry, StoredPart, tensor_bytes
 
 # Coordinates per block: int16 offsets address 0 … 32767, so every position of a block fits.
 BLOCK = 1 << 15
@@ -56,7 +56,7 @@ def kept_in_last_block(density: float, size: int) -> int:
     return kept_of(density, last_block_size(size))
 
 
-class CompressedRows:
+class CompressedRows(StoredPart):
     """The window over `size` local coordinates (zero-padded to whole blocks) as top-k entries per block per slot,
     and the error buffer of the error feedback, in the window's state dict. Same interface as the other storage
     kinds (storage.py); `plan.columns` is the window's local size."""
@@ -85,14 +85,6 @@ class CompressedRows:
         state["error"] = torch.zeros(blocks * BLOCK, dtype=torch.float32, device=device)
         return cls(state, plan, passes)
 
-    @classmethod
-    def from_state(cls, plan: PartPlan, state: dict[str, Tensor], passes) -> CompressedRows:
-        return cls(state, plan, passes)
-
-    @classmethod
-    def saved_in(cls, state: dict[str, Tensor]) -> bool:
-        return cls.KEYS[0] in state
-
     @staticmethod
     def bound_bytes(plan: PartPlan) -> int:
         """Values and int16 offsets of the kept entries, the fp32 error buffer and the combine's result, both over
@@ -104,9 +96,6 @@ class CompressedRows:
     values = StateEntry("compressed_values")
     offsets = StateEntry("compressed_offsets")
     error = StateEntry("error")
-
-    def saved(self) -> dict[str, Tensor]:
-        return entries(self._state, self.KEYS)
 
     @property
     def dtype(self) -> torch.dtype:

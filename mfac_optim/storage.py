@@ -9,8 +9,8 @@ of a step: the dot products of every slot with the newly stored one, and the com
 A part keeps no tensor of its own: its entries live in the optimizer's state dict it is handed (the window's under
 the first parameter, a row-sparse part's under its parameter), which it reads at every pass and into which it
 writes a tensor it replaces. Every kind answers the same class methods, from a `PartPlan` (what it is made for):
-`allocate` (empty, into a state dict), `from_state` (over saved entries) and `bound_bytes` (its memory before any
-gradient exists: memory.py adds up the plans' bounds). The passes are the window's backend's (kernels.passes_for),
+`allocate` (empty, into a state dict), `from_state` (over saved entries, shared through `StoredPart`) and
+`bound_bytes` (its memory before any gradient exists: memory.py adds up the plans' bounds). The passes are the window's backend's (kernels.passes_for),
 picked once per window.
 """
 from __future__ import annotations
@@ -50,10 +50,6 @@ class PartPlan:
         return self.accumulate_dtype.itemsize
 
 
-def entries(state: dict[str, Tensor], keys: tuple[str, ...]) -> dict[str, Tensor]:
-    return {key: state[key] for key in keys}
-
-
 class StateEntry:
     """A part's tensor, read at each use from the state dict the part was handed (its `_state`), the tensor's only
     owner: `indices = StateEntry("row_indices")`."""
@@ -65,7 +61,26 @@ class StateEntry:
         return self if part is None else part._state[self.key]
 
 
-class DenseRows:
+class StoredPart:
+    """What the storage kinds share: their entries are `KEYS` of the state dict a part is handed (its `_state`); the
+    first key marks a saved part of the kind. A kind's `__init__(state, plan, passes)` only reads what is there."""
+
+    KEYS: tuple[str, ...] = ()
+    _state: dict[str, Tensor]
+
+    @classmethod
+    def from_state(cls, plan: PartPlan, state: dict[str, Tensor], passes):
+        return cls(state, plan, passes)
+
+    @classmethod
+    def saved_in(cls, state: dict[str, Tensor]) -> bool:
+        return cls.KEYS[0] in state
+
+    def saved(self) -> dict[str, Tensor]:
+        return {key: self._state[key] for key in self.KEYS}
+
+
+class DenseRows(StoredPart):
     """The dense part of the window: row j holds the stored gradient j restricted to the dense parameters."""
 
     KEYS = ("window",)
@@ -80,14 +95,6 @@ class DenseRows:
     def allocate(cls, plan: PartPlan, state: dict[str, Tensor], device: torch.device, passes) -> DenseRows:
         state["window"] = huge_pages.zeros((plan.num_grads, plan.columns), dtype=plan.dtype, device=device)
         return cls(state, plan, passes)
-
-    @classmethod
-    def from_state(cls, plan: PartPlan, state: dict[str, Tensor], passes) -> DenseRows:
-        return cls(state, plan, passes)
-
-    @classmethod
-    def saved_in(cls, state: dict[str, Tensor]) -> bool:
-        return cls.KEYS[0] in state
 
     @staticmethod
     def bound_bytes(plan: PartPlan) -> int:
@@ -108,9 +115,6 @@ class DenseRows:
 
     def covers(self, columns: int) -> bool:
         return self.window.shape[1] == columns
-
-    def saved(self) -> dict[str, Tensor]:
-        return entries(self._state, self.KEYS)
 
     def to_dense(self) -> Tensor:
         return self.window
@@ -137,7 +141,7 @@ class DenseRows:
         return self._direction
 
 
-class RowSparseRows:
+class RowSparseRows(StoredPart):
     """The window restricted to one matrix parameter whose gradients are zero outside a few rows (a word
     embedding: only the rows of the batch's tokens). Slot j keeps (row indices, row values), its rows increasing,
     padded to a common capacity with row 0 and zero values, which add nothing to any dot product or combination, so
@@ -166,14 +170,6 @@ class RowSparseRows:
         state.update(zip(cls.KEYS, cls._slots(plan.num_grads, plan.capacity, plan.columns, plan.dtype, device)))
         return cls(state, plan, passes)
 
-    @classmethod
-    def from_state(cls, plan: PartPlan, state: dict[str, Tensor], passes) -> RowSparseRows:
-        return cls(state, plan, passes)
-
-    @classmethod
-    def saved_in(cls, state: dict[str, Tensor]) -> bool:
-        return cls.KEYS[0] in state
-
     @staticmethod
     def _slots(num_grads: int, capacity: int, columns: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
         return (torch.zeros(num_grads, capacity, dtype=torch.int64, device=device),
@@ -200,9 +196,6 @@ class RowSparseRows:
     @property
     def dtype(self) -> torch.dtype:
         return self.values.dtype
-
-    def saved(self) -> dict[str, Tensor]:
-        return entries(self._state, self.KEYS)
 
     def forget(self) -> None:
         """Its entries leave the parameter's state (the part moved to dense storage)."""
