@@ -10,8 +10,8 @@ A part keeps no tensor of its own: its entries live in the optimizer's state dic
 the first parameter, a row-sparse part's under its parameter), which it reads at every pass and into which it
 writes a tensor it replaces. Every kind answers the same class methods, from a `PartPlan` (what it is made for):
 `allocate` (empty, into a state dict), `from_state` (over saved entries, shared through `StoredPart`) and
-`bound_bytes` (its memory before any gradient exists: memory.py adds up the plans' bounds). The passes are the window's backend's (kernels.passes_for),
-picked once per window.
+`bound_bytes` (its memory before any gradient exists: memory.py adds up the plans' bounds). The passes are the
+window's backend's (kernels.passes_for), picked once per window.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class StoredPart:
     _state: dict[str, Tensor]
 
     @classmethod
-    def from_state(cls, plan: PartPlan, state: dict[str, Tensor], passes):
+    def from_state(cls, plan: PartPlan, state: dict[str, Tensor], passes) -> StoredPart:
         return cls(state, plan, passes)
 
     @classmethod
