@@ -420,7 +420,9 @@ def test_equal_wall_clock_reads_each_group_at_the_others_training_seconds(tmp_pa
     assert rows["mfac"].at_reference_seconds is None
     # M-FAC trains 78 s: each Adam run has long finished, at its final score (0.80, 0.82).
     assert rows["mfac"].reference_at_own_seconds == pytest.approx(0.81)
-    assert compare.score_at_seconds(groups["mfac"], "eval_accuracy", 52.0) == pytest.approx((0.75 + 0.62) / 2)
+    # On the mean clock M-FAC evaluates at 26, 52 and 78 s: at 52 s its mean is the second evaluation's.
+    assert compare.score_at_seconds(groups["mfac"], "eval_accuracy", 52.0) == pytest.approx((0.75 + 0.77) / 2)
+    assert compare.score_at_seconds(groups["mfac"], "eval_accuracy", 51.0) == pytest.approx((0.60 + 0.62) / 2)
     assert (rows["adam"].at_reference_seconds, rows["adam"].reference_at_own_seconds) == (None, None)
 
 
@@ -532,22 +534,27 @@ def test_time_to_result_series_and_plot(tmp_path):
 
 def test_runs_that_shared_the_cpu_are_left_out_of_the_times_not_the_scores(tmp_path, capsys):
     # Three seeds: the second shared the cores (load 3.4 at its second evaluation); the third recorded no load.
+    # Each scores 0.1 below its final score at its first evaluation.
     runs = []
-    for seed, (clock, loads, score) in enumerate((((10.0, 20.0), (1.9, 2.1), 0.8), ((30.0, 60.0), (2.0, 3.4), 0.9),
+    for seed, (clock, loads, score) in enumerate((((10.0, 20.0), (1.9, 2.1), 0.8), ((30.0, 60.0), (2.0, 3.4), 0.95),
                                                   ((14.0, 28.0), None, 0.7))):
         run = make_run(tmp_path / f"seed{seed}", seed, score, MFAC_RECORD)
-        history = [{"eval_accuracy": score, "step": 50 * (index + 1), "train_seconds": seconds,
+        history = [{"eval_accuracy": score - 0.1 * (index == 0), "step": 50 * (index + 1), "train_seconds": seconds,
                     **({"load_average": loads[index]} if loads else {})} for index, seconds in enumerate(clock)]
         history.append({"train_runtime": clock[-1] + 5.0, "train_seconds": clock[-1], "step": 100})
         (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
         runs.append(compare.load_run(run))
     assert [run.had_the_cpu(2.5) for run in runs] == [True, False, False]
     assert all(run.had_the_cpu(None) for run in runs)
-    seconds, means, _ = compare.time_series(compare.timed_runs(runs, 2.5), "eval_accuracy")
-    assert seconds == pytest.approx([10.0, 20.0]) and means == pytest.approx([0.8, 0.8])
+    # The curve's scores are every seed's, its seconds the one run's that had the cores.
+    seconds, means, _ = compare.time_series(runs, "eval_accuracy", 2.5)
+    assert seconds == pytest.approx([10.0, 20.0]) and means == pytest.approx([2.15 / 3, 2.45 / 3])
     rows = compare.table_rows({"all": runs}, "all", 0.01, 0, max_load=2.5)
-    # The scores are every seed's; the time is the one run's that had the cores.
-    assert rows[0].summary.mean == pytest.approx(0.8) and rows[0].train_seconds == pytest.approx(20.0)
+    assert rows[0].summary.mean == pytest.approx(2.45 / 3) and rows[0].train_seconds == pytest.approx(20.0)
+    # So the reference reaches its own final mean (0.817, above the timed run's 0.8) at its end.
+    assert rows[0].seconds_to_reference == pytest.approx(20.0)
+    assert compare.score_at_seconds(runs, "eval_accuracy", 15.0, 2.5) == pytest.approx(2.15 / 3)
+    assert compare.score_at_seconds(runs, "eval_accuracy", 9.0, 2.5) is None
     assert compare.train_seconds_cell(rows[0]) == "20 (1 of 3 runs)"
     everyone = compare.table_rows({"all": runs}, "all", 0.01, 0)[0]
     assert everyone.train_seconds == pytest.approx((20.0 + 60.0 + 28.0) / 3)

@@ -29,11 +29,12 @@ to result, as AlgoPerf scores it), the equal-wall-clock reading (the group's mea
 training seconds, and the reference's at the group's, from the evaluations during training), and the highest
 1-minute load average seen at its evaluations (above the core count, the runs shared the CPU and their times are
 not comparable).
-With `--max_load L`, a run whose load average went above L at any evaluation counts as having shared the CPU: the
-training time and the time plot leave it out (the table says from how many runs its time comes); its scores
-count as any other's. `--summary` prints one line per group: each metric's mean ± std and its difference from
-the reference with Welch's interval and the verdict. `--controls FILE...` adds each task's scores without
-training (controls.py --output) as rows of its table and dashed lines of its time plot.
+With `--max_load L`, a run whose load average went above L at any evaluation counts as having shared the CPU: its
+clock is left out of the training time, the time to result, the equal-wall-clock reading and the time plot's
+seconds (the table says from how many runs its time comes); its scores count as any other's, on the curves too.
+`--summary` prints one line per group: each metric's mean ± std and its difference from the reference with Welch's
+interval and the verdict. `--controls FILE...` adds each task's scores without training (controls.py --output) as
+rows of its table and dashed lines of its time plot.
 `--plot` draws the training loss and the main eval metric over steps per group; `--time_plot` the main eval
 metric against training seconds (evaluations excluded), both as the mean over seeds with a band of ± one
 standard deviation.
@@ -361,9 +362,9 @@ class Row:
     timed: int  # how many of the group's runs the training time comes from (those that had the CPU)
     optimizer_bytes: Optional[float]  # mean optimizer state after the first step
     max_load: Optional[float]  # the highest 1-minute load average at any evaluation of the group's runs
-    seconds_to_reference: Optional[float]  # when the timed runs' mean first reached the reference's (seconds_to_reach)
+    seconds_to_reference: Optional[float]  # when the group's mean first reached the reference's (seconds_to_reach)
     # Equal wall-clock: this group's mean score at the reference's training seconds, and the reference's at this
-    # group's (score_at_seconds; timed runs only).
+    # group's (score_at_seconds).
     at_reference_seconds: Optional[float] = None
     reference_at_own_seconds: Optional[float] = None
     power: Optional[tuple[float, ...]] = None  # the t test's power for each of PLANNING_EFFECTS at this n and σ
@@ -375,40 +376,37 @@ class Row:
         return verdict(self.difference, self.rule) if self.difference is not None else ""
 
 
-def seconds_to_reach(runs: list[Run], key: str, target: float) -> Optional[float]:
+def seconds_to_reach(runs: list[Run], key: str, target: float, max_load: Optional[float] = None) -> Optional[float]:
     """Time to result as AlgoPerf scores it: the mean training seconds at the first evaluation where the runs' mean
     `key` reaches `target` (GLUE's metrics: higher is better), up to the rounding of a mean; inf if none does,
-    None without training clocks."""
-    seconds, means, _ = time_series(runs, key)
+    None without training clocks. Seconds and scores as `time_series` pairs them."""
+    seconds, means, _ = time_series(runs, key, max_load)
     if not seconds:
         return None
     return next((time for time, mean in zip(seconds, means) if mean >= target - TARGET_ROUNDING), math.inf)
 
 
-def score_at_seconds(runs: list[Run], key: str, seconds: Optional[float]) -> Optional[float]:
-    """The runs' mean `key` at `seconds` of training: each run's last evaluation at or before then (its final one
-    when it trained for less). None without clocks, or when a run had not evaluated yet."""
-    if seconds is None or not runs:
+def score_at_seconds(runs: list[Run], key: str, seconds: Optional[float],
+                     max_load: Optional[float] = None) -> Optional[float]:
+    """The runs' mean `key` at `seconds` of training: at the last evaluation whose mean clock (`time_series`) is at
+    or before then, the final one when they trained for less. None without clocks, or before the first evaluation."""
+    clock, means, _ = time_series(runs, key, max_load)
+    if seconds is None:
         return None
-    scores = []
-    for run in runs:
-        clocked = [(entry[TRAIN_SECONDS], entry[key]) for entry in run.log_history
-                   if TRAIN_SECONDS in entry and key in entry]
-        reached = [score for time, score in clocked if time <= seconds + TARGET_ROUNDING]
-        if not reached:
-            return None
-        scores.append(reached[-1])
-    return statistics.mean(scores)
+    reached = [mean for time, mean in zip(clock, means) if time <= seconds + TARGET_ROUNDING]
+    return reached[-1] if reached else None
 
 
-def equal_wall_clock(runs: list[Run], reference: list[Run], key: str,
-                     is_reference: bool) -> tuple[Optional[float], Optional[float]]:
-    """The group's mean `key` at the reference's mean training seconds, and the reference's at the group's (timed
-    runs only; nothing for the reference itself)."""
+def equal_wall_clock(runs: list[Run], reference: list[Run], key: str, is_reference: bool,
+                     max_load: Optional[float] = None) -> tuple[Optional[float], Optional[float]]:
+    """The group's mean `key` at the reference's mean training seconds, and the reference's at the group's (the
+    seconds from the runs that had the CPU; nothing for the reference itself)."""
     if is_reference:
         return None, None
-    own_seconds, reference_seconds = (mean_of([run.train_seconds for run in group]) for group in (runs, reference))
-    return score_at_seconds(runs, key, reference_seconds), score_at_seconds(reference, key, own_seconds)
+    own_seconds, reference_seconds = (mean_of([run.train_seconds for run in timed_runs(group, max_load)])
+                                      for group in (runs, reference))
+    return (score_at_seconds(runs, key, reference_seconds, max_load),
+            score_at_seconds(reference, key, own_seconds, max_load))
 
 
 def mean_result(runs: list[Run], key: str) -> Optional[float]:
@@ -468,7 +466,6 @@ def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resa
     metrics = sorted({metric for runs in groups.values() for run in runs for metric in run.metrics})
     bootstraps: dict[str, Optional[dict[str, tuple[float, float]]]] = {}  # per group, every metric in one pass
     rows = []
-    reference_timed = timed_runs(groups[reference], max_load)
     for metric in metrics:
         baseline = summarize(groups[reference], metric)
         for label, runs in groups.items():
@@ -490,8 +487,9 @@ def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resa
                             mean_of([run.train_seconds for run in timed]), len(timed),
                             mean_result(runs, "optimizer_state_bytes"),
                             max(loads) if loads else None,
-                            seconds_to_reach(timed, metric, baseline.mean) if baseline is not None else None,
-                            *equal_wall_clock(timed, reference_timed, metric, label == reference), rule=rule))
+                            seconds_to_reach(runs, metric, baseline.mean, max_load) if baseline is not None else None,
+                            *equal_wall_clock(runs, groups[reference], metric, label == reference, max_load),
+                            rule=rule))
     compared = [row for row in rows if row.difference is not None]
     for row, adjusted in zip(compared, zip(*(holm([row.difference.p_values[test] for row in compared])
                                              for test in range(3)))):
@@ -686,22 +684,25 @@ def plot(grouped: dict[str, TaskGroups], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def time_series(runs: list[Run], key: str) -> tuple[list[float], list[float], list[float]]:
-    """At each evaluation step every run logged: the mean training seconds up to it, and the mean and sample std
-    of `key` over the runs."""
+def time_series(runs: list[Run], key: str,
+                max_load: Optional[float] = None) -> tuple[list[float], list[float], list[float]]:
+    """At each evaluation step every run logged: the mean training seconds up to it over the runs that had the CPU
+    (`max_load`), and the mean and sample std of `key` over all the runs: sharing the cores slows a run's clock,
+    not its scores, so a group's curve ends at its final mean. Empty when no run had the CPU."""
     steps, means, stds = series(runs, key)
     clocks = [{entry["step"]: entry[TRAIN_SECONDS] for entry in run.log_history if TRAIN_SECONDS in entry and key in entry}
-              for run in runs]
-    timed = [index for index, step in enumerate(steps) if all(step in clock for clock in clocks)]
+              for run in timed_runs(runs, max_load)]
+    timed = [index for index, step in enumerate(steps) if clocks and all(step in clock for clock in clocks)]
     seconds = [statistics.mean(clock[steps[index]] for clock in clocks) for index in timed]
     return seconds, [means[index] for index in timed], [stds[index] for index in timed]
 
 
 def time_plot(grouped: dict[str, TaskGroups], path: Path, max_load: Optional[float] = None,
               controls: Optional[dict[str, Controls]] = None) -> None:
-    """Per task, the main eval metric against training seconds (evaluations excluded), one line per group over
-    the runs that had the CPU (`max_load`), and a dashed line per control: the time-to-result view. Beside it the
-    second half of each group's evaluations, on a scale where differences of a point show."""
+    """Per task, the main eval metric against training seconds (evaluations excluded), one line per group (its
+    scores from every run, its seconds from those that had the CPU: `max_load`), and a dashed line per control:
+    the time-to-result view. Beside it the second half of each group's evaluations, on a scale where differences
+    of a point show."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -713,13 +714,13 @@ def time_plot(grouped: dict[str, TaskGroups], path: Path, max_load: Optional[flo
         name = main_metric.removeprefix("eval_")
         for label, runs in task_groups.groups.items():
             timed = timed_runs(runs, max_load)
-            seconds, means, stds = time_series(timed, main_metric)
+            seconds, means, stds = time_series(runs, main_metric, max_load)
             if not seconds:
                 continue
             color = None
             for axis, first in ((whole, 0), (second_half, len(seconds) // 2)):
                 line, = axis.plot(seconds[first:], [100 * mean for mean in means[first:]], marker="o", markersize=3,
-                                  color=color, label=f"{label} (n={len(timed)})")
+                                  color=color, label=f"{label} (n={len(runs)}, clock from {len(timed)})")
                 color = line.get_color()
                 axis.fill_between(seconds[first:], [100 * (m - s) for m, s in zip(means[first:], stds[first:])],
                                   [100 * (m + s) for m, s in zip(means[first:], stds[first:])], color=color, alpha=0.2)
