@@ -390,9 +390,9 @@ def score_at_seconds(runs: list[Run], key: str, seconds: Optional[float],
                      max_load: Optional[float] = None) -> Optional[float]:
     """The runs' mean `key` at `seconds` of training: at the last evaluation whose mean clock (`time_series`) is at
     or before then, the final one when they trained for less. None without clocks, or before the first evaluation."""
-    clock, means, _ = time_series(runs, key, max_load)
     if seconds is None:
         return None
+    clock, means, _ = time_series(runs, key, max_load)
     reached = [mean for time, mean in zip(clock, means) if time <= seconds + TARGET_ROUNDING]
     return reached[-1] if reached else None
 
@@ -403,10 +403,14 @@ def equal_wall_clock(runs: list[Run], reference: list[Run], key: str, is_referen
     seconds from the runs that had the CPU; nothing for the reference itself)."""
     if is_reference:
         return None, None
-    own_seconds, reference_seconds = (mean_of([run.train_seconds for run in timed_runs(group, max_load)])
-                                      for group in (runs, reference))
+    own_seconds, reference_seconds = (mean_train_seconds(group, max_load) for group in (runs, reference))
     return (score_at_seconds(runs, key, reference_seconds, max_load),
             score_at_seconds(reference, key, own_seconds, max_load))
+
+
+def mean_train_seconds(runs: list[Run], max_load: Optional[float]) -> Optional[float]:
+    """The mean training time of the runs that had the CPU (`max_load`)."""
+    return mean_of([run.train_seconds for run in timed_runs(runs, max_load)])
 
 
 def mean_result(runs: list[Run], key: str) -> Optional[float]:
@@ -484,7 +488,7 @@ def table_rows(groups: dict[str, list[Run]], reference: str, margin: float, resa
             loads = [run.max_load for run in runs if run.max_load is not None]
             timed = timed_runs(runs, max_load)
             rows.append(Row(metric.removeprefix("eval_"), label, summary, difference, label == reference,
-                            mean_of([run.train_seconds for run in timed]), len(timed),
+                            mean_train_seconds(runs, max_load), len(timed),
                             mean_result(runs, "optimizer_state_bytes"),
                             max(loads) if loads else None,
                             seconds_to_reach(runs, metric, baseline.mean, max_load) if baseline is not None else None,
